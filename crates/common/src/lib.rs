@@ -1,0 +1,14 @@
+//! What the order service and the inventory consumer share: the event contract
+//! between them, the database schema (migrations) and its set-up, the broker
+//! topology names, telemetry and shutdown signals.
+
+pub mod broker;
+pub mod db;
+pub mod events;
+pub mod shutdown;
+pub mod telemetry;
+
+/// The schema of the whole system, from `migrations/`. Both services run it at
+/// start-up (sqlx serialises concurrent runs with an advisory lock), so it does not
+/// matter which starts first. Tests pass it to `#[sqlx::test(migrator = ...)]`.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");

@@ -1,0 +1,101 @@
+//! `Idempotency-Key` for `POST /orders`: a retry with the same key and body gets
+//! the first response again and creates nothing.
+//!
+//! The key's row is inserted in the order's own transaction. Of two concurrent
+//! requests with one key, the second insert waits on the first's unique-index
+//! entry; when the first commits, the second finds the key taken, rolls its order
+//! back and answers with the stored response. A crash before commit leaves neither
+//! the order nor the key, so the retry simply creates the order.
+
+use axum::http::{HeaderMap, StatusCode};
+use serde_json::Value;
+use sqlx::{PgPool, Postgres, Transaction};
+use uuid::Uuid;
+
+use crate::error::{ApiError, Result};
+use crate::orders::CreateOrder;
+
+pub const HEADER: &str = "idempotency-key";
+const MAX_KEY_LEN: usize = 255;
+
+/// A validated key: 1 to 255 visible ASCII characters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyKey(String);
+
+impl IdempotencyKey {
+    /// The request's key, if it sent one.
+    pub fn from_headers(headers: &HeaderMap) -> Result<Option<Self>> {
+        let Some(value) = headers.get(HEADER) else { return Ok(None) };
+        let key = value
+            .to_str()
+            .ok()
+            .filter(|key| !key.is_empty() && key.len() <= MAX_KEY_LEN)
+            .filter(|key| key.bytes().all(|byte| byte.is_ascii_graphic()))
+            .ok_or_else(|| {
+                ApiError::BadIdempotencyKey(format!(
+                    "Idempotency-Key must be 1 to {MAX_KEY_LEN} visible ASCII characters"
+                ))
+            })?;
+        Ok(Some(Self(key.to_owned())))
+    }
+}
+
+/// The response stored with a key.
+#[derive(Debug, sqlx::FromRow)]
+pub struct SavedResponse {
+    request: sqlx::types::Json<CreateOrder>,
+    pub order_id: Uuid,
+    response_status: i16,
+    pub response_body: Value,
+}
+
+impl SavedResponse {
+    /// The stored response if `request` is the one it answered, else an error.
+    pub fn replay_for(self, request: &CreateOrder) -> Result<(StatusCode, Uuid, Value)> {
+        if self.request.0 != *request {
+            return Err(ApiError::IdempotencyKeyReused);
+        }
+        let status = u16::try_from(self.response_status)
+            .ok()
+            .and_then(|status| StatusCode::from_u16(status).ok())
+            .unwrap_or(StatusCode::CREATED);
+        Ok((status, self.order_id, self.response_body))
+    }
+}
+
+pub async fn load(db: &PgPool, key: &IdempotencyKey) -> Result<Option<SavedResponse>> {
+    Ok(sqlx::query_as(
+        "SELECT request, order_id, response_status, response_body
+         FROM idempotency_keys WHERE idempotency_key = $1",
+    )
+    .bind(&key.0)
+    .fetch_optional(db)
+    .await?)
+}
+
+/// Stores the key with its response in `tx`. `false` means another request holds
+/// the key already (it committed while this one ran): roll back and replay it.
+pub async fn save(
+    tx: &mut Transaction<'_, Postgres>,
+    key: &IdempotencyKey,
+    request: &CreateOrder,
+    order_id: Uuid,
+    status: StatusCode,
+    body: &Value,
+) -> Result<bool> {
+    let inserted = sqlx::query(
+        "INSERT INTO idempotency_keys
+             (idempotency_key, request, order_id, response_status, response_body)
+         VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (idempotency_key) DO NOTHING",
+    )
+    .bind(&key.0)
+    .bind(sqlx::types::Json(request))
+    .bind(order_id)
+    .bind(i16::try_from(status.as_u16()).unwrap_or(201))
+    .bind(body)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    Ok(inserted == 1)
+}

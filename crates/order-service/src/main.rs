@@ -1,0 +1,14 @@
+//! `order-service`: the HTTP API that takes orders and, in the same process, the
+//! relay pool that publishes their events. See `order-service --help`.
+
+use clap::Parser;
+use order_service::{Application, Config};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Config::parse();
+    common::telemetry::init();
+    let shutdown = common::shutdown::on_signal();
+    let app = Application::build(config).await?;
+    app.run_until_stopped(shutdown).await
+}

@@ -1,0 +1,275 @@
+//! Orders: validating a request, and writing the order, its lines and its
+//! `OrderPlaced` event in the caller's transaction.
+
+use chrono::{DateTime, Utc};
+use common::events::{ORDER_AGGREGATE, OrderPlaced, OrderPlacedLine};
+use serde::{Deserialize, Serialize};
+use sqlx::{PgPool, Postgres, Transaction};
+use uuid::Uuid;
+
+use crate::error::{ApiError, Result};
+
+/// Most lines one order may have.
+pub const MAX_ITEMS: usize = 100;
+/// Largest quantity of one line.
+pub const MAX_QUANTITY: i64 = 1_000;
+/// Longest customer id or SKU accepted.
+pub const MAX_ID_LEN: usize = 100;
+
+/// The body of `POST /orders`. Unknown fields are refused, so a typo such as
+/// `"item"` is an error rather than an empty order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateOrder {
+    pub customer_id: String,
+    pub items: Vec<CreateOrderItem>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateOrderItem {
+    pub sku: String,
+    /// Wider than a line's `i32` so that an absurd quantity gets our own message.
+    pub quantity: i64,
+}
+
+/// A line that passed validation; its price is not known until the catalogue is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidLine {
+    pub sku: String,
+    pub quantity: i32,
+}
+
+impl CreateOrder {
+    /// Checks everything that can be checked without the database.
+    pub fn validate(&self) -> Result<Vec<ValidLine>> {
+        let customer_id = self.customer_id.trim();
+        if customer_id.is_empty() || customer_id.len() > MAX_ID_LEN {
+            return Err(ApiError::validation(
+                "invalid_customer_id",
+                format!("customer_id must be 1 to {MAX_ID_LEN} characters"),
+            ));
+        }
+        if self.items.is_empty() {
+            return Err(ApiError::validation("empty_items", "items must hold at least one item"));
+        }
+        if self.items.len() > MAX_ITEMS {
+            return Err(ApiError::validation(
+                "too_many_items",
+                format!("items holds {} items, at most {MAX_ITEMS} are allowed", self.items.len()),
+            ));
+        }
+        let mut lines: Vec<ValidLine> = Vec::with_capacity(self.items.len());
+        for (index, item) in self.items.iter().enumerate() {
+            if item.sku.is_empty() || item.sku.len() > MAX_ID_LEN {
+                return Err(ApiError::validation(
+                    "invalid_sku",
+                    format!("items[{index}].sku must be 1 to {MAX_ID_LEN} characters"),
+                ));
+            }
+            let quantity = i32::try_from(item.quantity)
+                .ok()
+                .filter(|quantity| (1..=MAX_QUANTITY).contains(&i64::from(*quantity)))
+                .ok_or_else(|| {
+                    ApiError::validation(
+                        "invalid_quantity",
+                        format!(
+                            "items[{index}].quantity must be between 1 and {MAX_QUANTITY}, got {}",
+                            item.quantity
+                        ),
+                    )
+                })?;
+            if lines.iter().any(|line| line.sku == item.sku) {
+                return Err(ApiError::validation(
+                    "duplicate_sku",
+                    format!("items[{index}].sku {:?} appears more than once", item.sku),
+                ));
+            }
+            lines.push(ValidLine { sku: item.sku.clone(), quantity });
+        }
+        Ok(lines)
+    }
+}
+
+/// An order as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Order {
+    pub id: Uuid,
+    pub customer_id: String,
+    /// PENDING until the inventory consumer has processed it, then COMPLETED or REJECTED.
+    pub status: String,
+    pub total_cents: i64,
+    pub items: Vec<OrderLine>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
+pub struct OrderLine {
+    pub sku: String,
+    pub quantity: i32,
+    pub unit_price_cents: i64,
+}
+
+/// Writes a PENDING order, its lines priced from the catalogue, and its
+/// `OrderPlaced` outbox event, all in `tx`. An unknown SKU is a validation error;
+/// the caller's transaction is then dropped and nothing is written.
+#[tracing::instrument(skip_all, fields(order_id))]
+pub async fn place(
+    tx: &mut Transaction<'_, Postgres>,
+    customer_id: &str,
+    lines: &[ValidLine],
+) -> Result<Order> {
+    let skus: Vec<&str> = lines.iter().map(|line| line.sku.as_str()).collect();
+    let prices: Vec<(String, i64)> =
+        sqlx::query_as("SELECT sku, price_cents FROM inventory WHERE sku = ANY($1)")
+            .bind(&skus)
+            .fetch_all(&mut **tx)
+            .await?;
+    let mut items = Vec::with_capacity(lines.len());
+    for (index, line) in lines.iter().enumerate() {
+        let Some((_, price)) = prices.iter().find(|(sku, _)| *sku == line.sku) else {
+            return Err(ApiError::validation(
+                "unknown_sku",
+                format!("items[{index}].sku {:?} is not in the catalogue", line.sku),
+            ));
+        };
+        items.push(OrderLine {
+            sku: line.sku.clone(),
+            quantity: line.quantity,
+            unit_price_cents: *price,
+        });
+    }
+    let total_cents =
+        items.iter().map(|item| i64::from(item.quantity) * item.unit_price_cents).sum();
+
+    let id = Uuid::now_v7();
+    tracing::Span::current().record("order_id", tracing::field::display(id));
+    let (created_at, updated_at): (DateTime<Utc>, DateTime<Utc>) = sqlx::query_as(
+        "INSERT INTO orders (id, customer_id, total_cents) VALUES ($1, $2, $3)
+         RETURNING created_at, updated_at",
+    )
+    .bind(id)
+    .bind(customer_id)
+    .bind(total_cents)
+    .fetch_one(&mut **tx)
+    .await?;
+
+    let quantities: Vec<i32> = items.iter().map(|item| item.quantity).collect();
+    let unit_prices: Vec<i64> = items.iter().map(|item| item.unit_price_cents).collect();
+    sqlx::query(
+        "INSERT INTO order_lines (order_id, sku, quantity, unit_price_cents)
+         SELECT $1, * FROM unnest($2::text[], $3::int[], $4::bigint[])",
+    )
+    .bind(id)
+    .bind(&skus)
+    .bind(&quantities)
+    .bind(&unit_prices)
+    .execute(&mut **tx)
+    .await?;
+
+    let event = OrderPlaced {
+        order_id: id,
+        customer_id: customer_id.to_owned(),
+        lines: items
+            .iter()
+            .map(|item| OrderPlacedLine { sku: item.sku.clone(), quantity: item.quantity })
+            .collect(),
+        total_cents,
+    };
+    outbox::enqueue(
+        tx,
+        &outbox::NewEvent {
+            aggregate_type: ORDER_AGGREGATE.to_owned(),
+            aggregate_id: id.to_string(),
+            event_type: OrderPlaced::EVENT_TYPE.to_owned(),
+            payload: serde_json::to_value(&event).map_err(anyhow::Error::from)?,
+            headers: serde_json::Map::new(),
+        },
+    )
+    .await?;
+
+    Ok(Order {
+        id,
+        customer_id: customer_id.to_owned(),
+        status: "PENDING".to_owned(),
+        total_cents,
+        items,
+        created_at,
+        updated_at,
+    })
+}
+
+/// Reads one order with its lines.
+pub async fn find(db: &PgPool, id: Uuid) -> Result<Option<Order>> {
+    let Some((customer_id, status, total_cents, created_at, updated_at)) = sqlx::query_as::<
+        _,
+        (String, String, i64, DateTime<Utc>, DateTime<Utc>),
+    >(
+        "SELECT customer_id, status, total_cents, created_at, updated_at FROM orders WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_optional(db)
+    .await?
+    else {
+        return Ok(None);
+    };
+    let items = sqlx::query_as(
+        "SELECT sku, quantity, unit_price_cents FROM order_lines WHERE order_id = $1 ORDER BY sku",
+    )
+    .bind(id)
+    .fetch_all(db)
+    .await?;
+    Ok(Some(Order { id, customer_id, status, total_cents, items, created_at, updated_at }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(items: &[(&str, i64)]) -> CreateOrder {
+        CreateOrder {
+            customer_id: "c-1".to_owned(),
+            items: items
+                .iter()
+                .map(|(sku, quantity)| CreateOrderItem {
+                    sku: (*sku).to_owned(),
+                    quantity: *quantity,
+                })
+                .collect(),
+        }
+    }
+
+    fn code_of(result: Result<Vec<ValidLine>>) -> &'static str {
+        match result {
+            Err(ApiError::Validation { code, .. }) => code,
+            other => panic!("expected a validation error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn accepts_a_normal_order() {
+        let lines =
+            request(&[("SKU-001", 2), ("SKU-002", MAX_QUANTITY)]).validate().expect("valid");
+        assert_eq!(lines[1], ValidLine { sku: "SKU-002".to_owned(), quantity: 1_000 });
+    }
+
+    #[test]
+    fn names_each_problem() {
+        assert_eq!(code_of(request(&[]).validate()), "empty_items");
+        assert_eq!(code_of(request(&[("SKU-001", 0)]).validate()), "invalid_quantity");
+        assert_eq!(code_of(request(&[("SKU-001", -3)]).validate()), "invalid_quantity");
+        assert_eq!(
+            code_of(request(&[("SKU-001", MAX_QUANTITY + 1)]).validate()),
+            "invalid_quantity"
+        );
+        assert_eq!(code_of(request(&[("SKU-001", i64::MAX)]).validate()), "invalid_quantity");
+        assert_eq!(code_of(request(&[("", 1)]).validate()), "invalid_sku");
+        assert_eq!(code_of(request(&[("SKU-001", 1), ("SKU-001", 1)]).validate()), "duplicate_sku");
+        let too_many: Vec<(&str, i64)> = vec![("SKU-001", 1); MAX_ITEMS + 1];
+        assert_eq!(code_of(request(&too_many).validate()), "too_many_items");
+        let mut blank_customer = request(&[("SKU-001", 1)]);
+        blank_customer.customer_id = "  ".to_owned();
+        assert_eq!(code_of(blank_customer.validate()), "invalid_customer_id");
+    }
+}

@@ -1,0 +1,28 @@
+//! The consumer side of exactly-once effect: remember which messages were applied,
+//! in the same transaction as their effect.
+
+use sqlx::{Postgres, Transaction};
+use uuid::Uuid;
+
+/// Records that `consumer` applies the messages `ids` in `tx`, and returns the ids
+/// that were NOT seen before: only those may have an effect. A duplicate (already
+/// committed, or repeated within `ids`) is left out.
+///
+/// A concurrent transaction recording the same id makes this one wait until it
+/// ends, so two deliveries of one message can never both be "new".
+pub async fn claim_new(
+    tx: &mut Transaction<'_, Postgres>,
+    consumer: &str,
+    ids: &[Uuid],
+) -> sqlx::Result<Vec<Uuid>> {
+    sqlx::query_scalar(
+        "INSERT INTO processed_messages (consumer, message_id)
+         SELECT $1, id FROM unnest($2::uuid[]) AS t(id)
+         ON CONFLICT DO NOTHING
+         RETURNING message_id",
+    )
+    .bind(consumer)
+    .bind(ids)
+    .fetch_all(&mut **tx)
+    .await
+}

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The one test command: checks that Postgres and RabbitMQ answer (starting the
+# local ones if they are installed but stopped), then runs the format check,
+# clippy with warnings as errors, and the whole test suite against them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/services.sh
+
+ensure_services
+
+# Tests create a fresh database each (#[sqlx::test]) through this server and a
+# fresh set of exchanges and queues each on this broker.
+export DATABASE_URL=${DATABASE_URL:-postgres://postgres:postgres@$PG_HOST:$PG_PORT/outbox_test}
+export AMQP_URL=${AMQP_URL:-amqp://guest:guest@$AMQP_HOST:$AMQP_PORT/%2f}
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo test"
+cargo test --workspace --locked -- "$@"
