@@ -10,7 +10,7 @@ ensure_services
 
 # Tests create a fresh database each (#[sqlx::test]) through this server and a
 # fresh set of exchanges and queues each on this broker.
-export DATABASE_URL=${DATABASE_URL:-postgres://postgres:postgres@$PG_HOST:$PG_PORT/outbox_test}
+export DATABASE_URL=${DATABASE_URL:-postgres://postgres:postgres@$PG_HOST:$PG_PORT/postgres}
 export AMQP_URL=${AMQP_URL:-amqp://guest:guest@$AMQP_HOST:$AMQP_PORT/%2f}
 
 echo "== cargo fmt --check"

@@ -51,10 +51,10 @@ async fn ensure_database_exists(url: &str) -> anyhow::Result<()> {
     if !exists {
         tracing::info!(url = %redact(url), "database does not exist, creating it");
         // Two services starting together may race to create it: losing is fine.
-        if let Err(error) = sqlx::Postgres::create_database(url).await {
-            if !sqlx::Postgres::database_exists(url).await.unwrap_or(false) {
-                return Err(error).context("cannot create the database");
-            }
+        if let Err(error) = sqlx::Postgres::create_database(url).await
+            && !sqlx::Postgres::database_exists(url).await.unwrap_or(false)
+        {
+            return Err(error).context("cannot create the database");
         }
     }
     Ok(())

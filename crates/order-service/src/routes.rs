@@ -51,10 +51,10 @@ async fn create_order(
     let key = IdempotencyKey::from_headers(&headers)?;
     let lines = request.validate()?;
 
-    if let Some(key) = &key {
-        if let Some(saved) = idempotency::load(&state.db, key).await? {
-            return Ok(replayed(saved.replay_for(&request)?));
-        }
+    if let Some(key) = &key
+        && let Some(saved) = idempotency::load(&state.db, key).await?
+    {
+        return Ok(replayed(saved.replay_for(&request)?));
     }
 
     let mut tx = state.db.begin().await?;

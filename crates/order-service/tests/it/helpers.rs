@@ -1,0 +1,74 @@
+//! `spawn_app`: an order-service on port 0 over a test's own database.
+
+use clap::Parser;
+use order_service::{Application, Config};
+use serde_json::Value;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+pub struct TestApp {
+    pub address: String,
+    pub db: PgPool,
+    pub client: reqwest::Client,
+    shutdown: CancellationToken,
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+pub async fn spawn_app(db: PgPool) -> TestApp {
+    let config = Config::parse_from(["order-service", "--listen-addr", "127.0.0.1:0"]);
+    let app = Application::build_with_pool(config, db.clone()).await.expect("app builds");
+    let address = format!("http://127.0.0.1:{}", app.port());
+    let shutdown = CancellationToken::new();
+    tokio::spawn(app.run_until_stopped(shutdown.clone()));
+    TestApp { address, db, client: reqwest::Client::new(), shutdown }
+}
+
+impl TestApp {
+    pub async fn post_order(&self, body: &Value) -> reqwest::Response {
+        self.client
+            .post(format!("{}/orders", self.address))
+            .json(body)
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    pub async fn post_order_with_key(&self, key: &str, body: &Value) -> reqwest::Response {
+        self.client
+            .post(format!("{}/orders", self.address))
+            .header("Idempotency-Key", key)
+            .json(body)
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    /// Rows in each table a POST /orders writes to.
+    pub async fn row_counts(&self) -> RowCounts {
+        let (orders, lines, events, keys) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM orders), (SELECT count(*) FROM order_lines),
+                    (SELECT count(*) FROM outbox), (SELECT count(*) FROM idempotency_keys)",
+        )
+        .fetch_one(&self.db)
+        .await
+        .expect("counts");
+        RowCounts { orders, lines, events, keys }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct RowCounts {
+    pub orders: i64,
+    pub lines: i64,
+    pub events: i64,
+    pub keys: i64,
+}
+
+impl RowCounts {
+    pub const NONE: Self = Self { orders: 0, lines: 0, events: 0, keys: 0 };
+}

@@ -1,0 +1,5 @@
+//! Integration tests of order-service against the real Postgres (and, for the
+//! relay, RabbitMQ). One test binary; each test gets a fresh database.
+
+mod helpers;
+mod orders;
