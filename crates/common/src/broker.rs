@@ -1,10 +1,16 @@
-//! Names of the RabbitMQ topology both sides declare at start-up, as
-//! command-line/environment settings with defaults that match each other.
+//! The RabbitMQ settings both services share: where the broker is and the names of
+//! the topology both sides declare at start-up, with defaults that match.
 
-/// The exchange, queue and dead-letter names. Flattened into both services'
-/// configuration, so one environment configures both sides alike.
+use outbox::amqp::ConsumerQueue;
+
+/// Flattened into both services' configuration, so one environment configures
+/// both sides alike.
 #[derive(Debug, Clone, clap::Args)]
-pub struct BrokerNames {
+pub struct BrokerConfig {
+    /// AMQP URL of RabbitMQ.
+    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    pub amqp_url: String,
+
     /// Durable topic exchange the order events are published to.
     #[arg(long, env = "EXCHANGE", default_value = "orders")]
     pub exchange: String,
@@ -24,4 +30,31 @@ pub struct BrokerNames {
     /// Queue holding dead-lettered messages for inspection.
     #[arg(long, env = "DEAD_LETTER_QUEUE", default_value = "inventory.order-placed.dead")]
     pub dead_letter_queue: String,
+}
+
+impl BrokerConfig {
+    /// The inventory consumer's queue with its binding and dead-lettering.
+    pub fn inventory_topology(&self) -> ConsumerQueue<'_> {
+        ConsumerQueue {
+            exchange: &self.exchange,
+            queue: &self.inventory_queue,
+            binding_key: &self.inventory_binding,
+            dead_letter_exchange: &self.dead_letter_exchange,
+            dead_letter_queue: &self.dead_letter_queue,
+        }
+    }
+
+    /// Names no other test uses (every exchange and queue gets `suffix`), so tests
+    /// can share one broker. Broker URL from `AMQP_URL`, else the local default.
+    pub fn for_test(suffix: &str) -> Self {
+        Self {
+            amqp_url: std::env::var("AMQP_URL")
+                .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned()),
+            exchange: format!("test.orders.{suffix}"),
+            inventory_queue: format!("test.inventory.{suffix}"),
+            inventory_binding: "order.OrderPlaced".to_owned(),
+            dead_letter_exchange: format!("test.orders.dlx.{suffix}"),
+            dead_letter_queue: format!("test.inventory.dead.{suffix}"),
+        }
+    }
 }

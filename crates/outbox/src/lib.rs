@@ -10,6 +10,7 @@
 //! The tables are created by the workspace's migrations (`outbox`,
 //! `processed_messages`).
 
+pub mod amqp;
 pub mod inbox;
 
 mod enqueue;
