@@ -34,13 +34,13 @@ pub struct BrokerConfig {
 
 impl BrokerConfig {
     /// The inventory consumer's queue with its binding and dead-lettering.
-    pub fn inventory_topology(&self) -> ConsumerQueue<'_> {
+    pub fn inventory_topology(&self) -> ConsumerQueue {
         ConsumerQueue {
-            exchange: &self.exchange,
-            queue: &self.inventory_queue,
-            binding_key: &self.inventory_binding,
-            dead_letter_exchange: &self.dead_letter_exchange,
-            dead_letter_queue: &self.dead_letter_queue,
+            exchange: self.exchange.clone(),
+            queue: self.inventory_queue.clone(),
+            binding_key: self.inventory_binding.clone(),
+            dead_letter_exchange: self.dead_letter_exchange.clone(),
+            dead_letter_queue: self.dead_letter_queue.clone(),
         }
     }
 

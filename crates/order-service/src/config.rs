@@ -1,18 +1,32 @@
 //! Configuration, by flag or environment variable; `--help` lists every setting.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
+use common::broker::BrokerConfig;
 use common::db::DbConfig;
+use outbox::relay::RelayConfig;
+use uuid::Uuid;
 
 #[derive(Debug, Clone, clap::Parser)]
 #[command(name = "order-service", version, about)]
 pub struct Config {
+    /// Without a subcommand the service runs (API and relay).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// Address the HTTP API listens on (port 0 picks a free port).
-    #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:8080")]
+    #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:8080", global = true)]
     pub listen_addr: SocketAddr,
 
     #[command(flatten)]
     pub db: DbConfig,
+
+    #[command(flatten)]
+    pub broker: BrokerConfig,
+
+    #[command(flatten)]
+    pub relay: RelayArgs,
 
     /// Largest request body accepted, in bytes (larger bodies get 413).
     #[arg(long, env = "BODY_LIMIT_BYTES", default_value_t = 64 * 1024)]
@@ -21,4 +35,80 @@ pub struct Config {
     /// How long one request may take before it is answered 408.
     #[arg(long, env = "REQUEST_TIMEOUT_MS", default_value_t = 10_000)]
     pub request_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Inspect and replay events in the outbox.
+    #[command(subcommand)]
+    Outbox(OutboxCommand),
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum OutboxCommand {
+    /// List dead events (those that reached the attempt limit), oldest first, as JSON lines.
+    Dead {
+        /// Most events to list.
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+    },
+    /// Make a dead event (or all of them) pending again, with a fresh attempt budget.
+    Replay {
+        /// The event's message id.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<Uuid>,
+        /// Replay every dead event.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+/// The in-process relay pool.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RelayArgs {
+    /// Relay workers publishing outbox events (0 runs the API without a relay).
+    #[arg(long, env = "RELAY_WORKERS", default_value_t = 2)]
+    pub relay_workers: usize,
+
+    /// Most events a worker publishes per transaction.
+    #[arg(long, env = "RELAY_BATCH_SIZE", default_value_t = 200)]
+    pub relay_batch_size: i64,
+
+    /// How often an idle worker polls for due events when no notification came.
+    #[arg(long, env = "RELAY_POLL_INTERVAL_MS", default_value_t = 500)]
+    pub relay_poll_interval_ms: u64,
+
+    /// Failed publish attempts after which an event is marked dead.
+    #[arg(long, env = "RELAY_MAX_ATTEMPTS", default_value_t = 10)]
+    pub relay_max_attempts: i32,
+
+    /// How long the broker has to confirm a batch.
+    #[arg(long, env = "RELAY_CONFIRM_TIMEOUT_MS", default_value_t = 10_000)]
+    pub relay_confirm_timeout_ms: u64,
+
+    /// Delay before the first retry of a failed event; it doubles with each attempt.
+    #[arg(long, env = "RELAY_RETRY_BASE_MS", default_value_t = 1_000)]
+    pub relay_retry_base_ms: u64,
+
+    /// Longest delay between two attempts of an event.
+    #[arg(long, env = "RELAY_RETRY_MAX_MS", default_value_t = 300_000)]
+    pub relay_retry_max_ms: u64,
+}
+
+impl Config {
+    pub fn relay_config(&self) -> RelayConfig {
+        let relay = &self.relay;
+        RelayConfig {
+            amqp_url: self.broker.amqp_url.clone(),
+            exchange: self.broker.exchange.clone(),
+            queues: vec![self.broker.inventory_topology()],
+            workers: relay.relay_workers,
+            batch_size: relay.relay_batch_size.max(1),
+            poll_interval: Duration::from_millis(relay.relay_poll_interval_ms),
+            max_attempts: relay.relay_max_attempts.max(1),
+            confirm_timeout: Duration::from_millis(relay.relay_confirm_timeout_ms),
+            retry_base: Duration::from_millis(relay.relay_retry_base_ms),
+            retry_max: Duration::from_millis(relay.relay_retry_max_ms),
+        }
+    }
 }

@@ -8,6 +8,9 @@ use order_service::{Application, Config};
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
     common::telemetry::init();
+    if let Some(order_service::Command::Outbox(command)) = &config.command {
+        return order_service::run_outbox_command(&config, command).await;
+    }
     let shutdown = common::shutdown::on_signal();
     let app = Application::build(config).await?;
     app.run_until_stopped(shutdown).await

@@ -1,5 +1,6 @@
 //! The HTTP API: routes, handlers and the layers around them.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{FromRequest, Path, State};
@@ -7,6 +8,9 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use outbox::metrics::RelayMetrics;
+use outbox::relay::RelayStatus;
+use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use tower_http::timeout::TimeoutLayer;
@@ -21,6 +25,10 @@ use crate::orders::{self, CreateOrder};
 #[derive(Clone)]
 pub struct AppState {
     pub db: PgPool,
+    /// The in-process relay's broker connectivity; `None` when it is disabled.
+    pub relay: Option<RelayStatus>,
+    pub relay_metrics: RelayMetrics,
+    pub registry: Arc<Registry>,
 }
 
 pub fn router(state: AppState, body_limit_bytes: usize, request_timeout: Duration) -> Router {
@@ -29,6 +37,7 @@ pub fn router(state: AppState, body_limit_bytes: usize, request_timeout: Duratio
         .route("/orders/{id}", get(get_order))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .layer(axum::extract::DefaultBodyLimit::max(body_limit_bytes))
         .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, request_timeout))
         .layer(TraceLayer::new_for_http())
@@ -104,8 +113,9 @@ async fn healthz() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
 
-/// `GET /readyz`: ready to take orders, which needs the database only. Orders are
-/// accepted while the broker is down (their events wait in the outbox).
+/// `GET /readyz`: ready to take orders, which needs the database only. The broker's
+/// state is reported but does not count: orders are accepted while the broker is
+/// down, their events wait in the outbox.
 async fn readyz(State(state): State<AppState>) -> Response {
     let database_up =
         tokio::time::timeout(Duration::from_secs(2), sqlx::query("SELECT 1").execute(&state.db))
@@ -115,6 +125,21 @@ async fn readyz(State(state): State<AppState>) -> Response {
     let body = json!({
         "status": if database_up { "ready" } else { "not_ready" },
         "database": if database_up { "up" } else { "down" },
+        "broker": match &state.relay {
+            None => "relay disabled",
+            Some(relay) if relay.broker_connected() => "up",
+            Some(_) => "down",
+        },
     });
     (status, Json(body)).into_response()
+}
+
+/// `GET /metrics`: Prometheus text format, with the backlog read at scrape time.
+async fn metrics(State(state): State<AppState>) -> Result<Response> {
+    state.relay_metrics.refresh_backlog(&state.db).await?;
+    let mut body = String::new();
+    prometheus_client::encoding::text::encode(&mut body, &state.registry)
+        .map_err(anyhow::Error::from)?;
+    let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+    Ok(([(header::CONTENT_TYPE, content_type)], body).into_response())
 }

@@ -26,35 +26,35 @@ pub async fn declare_exchange(channel: &Channel, exchange: &str) -> lapin::Resul
 /// A consumer's queue, bound to the events exchange, with a dead-letter exchange
 /// and queue for the messages it rejects.
 #[derive(Debug, Clone)]
-pub struct ConsumerQueue<'a> {
-    pub exchange: &'a str,
-    pub queue: &'a str,
-    pub binding_key: &'a str,
-    pub dead_letter_exchange: &'a str,
-    pub dead_letter_queue: &'a str,
+pub struct ConsumerQueue {
+    pub exchange: String,
+    pub queue: String,
+    pub binding_key: String,
+    pub dead_letter_exchange: String,
+    pub dead_letter_queue: String,
 }
 
-impl ConsumerQueue<'_> {
+impl ConsumerQueue {
     /// Declares the exchange, the dead-letter exchange and queue, and the queue
     /// with its binding. Redeclaring with the same arguments is a no-op.
     pub async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
         let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
-        declare_exchange(channel, self.exchange).await?;
+        declare_exchange(channel, &self.exchange).await?;
         channel
             .exchange_declare(
-                self.dead_letter_exchange.into(),
+                self.dead_letter_exchange.as_str().into(),
                 ExchangeKind::Fanout,
                 ExchangeDeclareOptions { durable: true, ..ExchangeDeclareOptions::default() },
                 FieldTable::default(),
             )
             .await?;
         channel
-            .queue_declare(self.dead_letter_queue.into(), durable, FieldTable::default())
+            .queue_declare(self.dead_letter_queue.as_str().into(), durable, FieldTable::default())
             .await?;
         channel
             .queue_bind(
-                self.dead_letter_queue.into(),
-                self.dead_letter_exchange.into(),
+                self.dead_letter_queue.as_str().into(),
+                self.dead_letter_exchange.as_str().into(),
                 "".into(),
                 QueueBindOptions::default(),
                 FieldTable::default(),
@@ -64,14 +64,14 @@ impl ConsumerQueue<'_> {
         let mut arguments = FieldTable::default();
         arguments.insert(
             "x-dead-letter-exchange".into(),
-            AMQPValue::LongString(LongString::from(self.dead_letter_exchange)),
+            AMQPValue::LongString(LongString::from(self.dead_letter_exchange.as_str())),
         );
-        channel.queue_declare(self.queue.into(), durable, arguments).await?;
+        channel.queue_declare(self.queue.as_str().into(), durable, arguments).await?;
         channel
             .queue_bind(
-                self.queue.into(),
-                self.exchange.into(),
-                self.binding_key.into(),
+                self.queue.as_str().into(),
+                self.exchange.as_str().into(),
+                self.binding_key.as_str().into(),
                 QueueBindOptions::default(),
                 FieldTable::default(),
             )

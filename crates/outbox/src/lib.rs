@@ -2,8 +2,9 @@
 //!
 //! - [`enqueue`] writes an event inside the caller's transaction, so the event
 //!   exists exactly when the business change it describes does.
-//! - The relay (see [`relay`]) moves committed events to RabbitMQ with publisher
-//!   confirms and deletes only what the broker confirmed.
+//! - [`relay::Relay`] moves committed events to RabbitMQ with publisher confirms
+//!   and deletes only what the broker confirmed; [`store`] has its SQL, including
+//!   listing and replaying dead events.
 //! - [`inbox`] lets a consumer apply each message once although it may be
 //!   delivered more than once.
 //!
@@ -12,8 +13,13 @@
 
 pub mod amqp;
 pub mod inbox;
+pub mod metrics;
+pub mod publisher;
+pub mod relay;
+pub mod store;
 
 mod enqueue;
+mod listener;
 
 pub use enqueue::{NewEvent, enqueue};
 

@@ -1,6 +1,7 @@
 //! `spawn_app`: an order-service on port 0 over a test's own database.
 
 use clap::Parser;
+use common::broker::BrokerConfig;
 use order_service::{Application, Config};
 use serde_json::Value;
 use sqlx::PgPool;
@@ -19,8 +20,33 @@ impl Drop for TestApp {
     }
 }
 
+/// The API alone, without a relay (nothing is published).
 pub async fn spawn_app(db: PgPool) -> TestApp {
-    let config = Config::parse_from(["order-service", "--listen-addr", "127.0.0.1:0"]);
+    spawn_with_args(db, &["--relay-workers", "0"]).await
+}
+
+/// The API with its relay, publishing to this test's own exchange and queues.
+pub async fn spawn_app_with_relay(db: PgPool, broker: &BrokerConfig) -> TestApp {
+    let args = [
+        "--amqp-url",
+        &broker.amqp_url,
+        "--exchange",
+        &broker.exchange,
+        "--inventory-queue",
+        &broker.inventory_queue,
+        "--dead-letter-exchange",
+        &broker.dead_letter_exchange,
+        "--dead-letter-queue",
+        &broker.dead_letter_queue,
+        "--relay-poll-interval-ms",
+        "100",
+    ];
+    spawn_with_args(db, &args).await
+}
+
+async fn spawn_with_args(db: PgPool, args: &[&str]) -> TestApp {
+    let base = ["order-service", "--listen-addr", "127.0.0.1:0"];
+    let config = Config::parse_from(base.iter().chain(args));
     let app = Application::build_with_pool(config, db.clone()).await.expect("app builds");
     let address = format!("http://127.0.0.1:{}", app.port());
     let shutdown = CancellationToken::new();

@@ -1,0 +1,128 @@
+//! The in-process relay: placed orders reach the inventory queue, and the API
+//! keeps taking orders while the broker is away.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::broker::BrokerConfig;
+use common::events::OrderPlaced;
+use lapin::options::{BasicGetOptions, ExchangeDeleteOptions, QueueDeleteOptions};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::helpers::spawn_app_with_relay;
+
+fn order() -> Value {
+    json!({"customer_id": "bob", "items": [{"sku": "SKU-003", "quantity": 1}]})
+}
+
+async fn delete_topology(broker: &BrokerConfig) {
+    let connection = outbox::amqp::connect(&broker.amqp_url, "cleanup").await.expect("broker");
+    let channel = connection.create_channel().await.expect("channel");
+    for queue in [&broker.inventory_queue, &broker.dead_letter_queue] {
+        let _ = channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
+    }
+    for exchange in [&broker.exchange, &broker.dead_letter_exchange] {
+        let _ = channel
+            .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+            .await;
+    }
+    let _ = connection.close(200, "done".into()).await;
+}
+
+#[sqlx::test(migrator = "common::MIGRATOR")]
+async fn placed_orders_reach_the_inventory_queue(db: PgPool) {
+    let broker = BrokerConfig::for_test(&Uuid::new_v4().simple().to_string());
+    let app = spawn_app_with_relay(db, &broker).await;
+
+    let mut placed = HashSet::new();
+    for _ in 0..5 {
+        let response = app.post_order(&order()).await;
+        assert_eq!(response.status(), 201);
+        let body: Value = response.json().await.expect("json");
+        placed.insert(body["id"].as_str().expect("id").parse::<Uuid>().expect("uuid"));
+    }
+
+    // The relay declared the inventory queue, so the events were routed to it.
+    let connection = outbox::amqp::connect(&broker.amqp_url, "test").await.expect("broker");
+    let channel = connection.create_channel().await.expect("channel");
+    let mut received = HashSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while received.len() < placed.len() && tokio::time::Instant::now() < deadline {
+        let got = channel
+            .basic_get(broker.inventory_queue.as_str().into(), BasicGetOptions { no_ack: true })
+            .await
+            .expect("basic_get");
+        match got {
+            Some(message) => {
+                let event: OrderPlaced =
+                    serde_json::from_slice(&message.delivery.data).expect("event");
+                assert_eq!(
+                    message.delivery.properties.kind().as_ref().map(|k| k.as_str()),
+                    Some("OrderPlaced")
+                );
+                received.insert(event.order_id);
+            }
+            None => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    assert_eq!(received, placed);
+
+    let metrics = app
+        .client
+        .get(format!("{}/metrics", app.address))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(metrics.contains("outbox_events_published_total 5"), "{metrics}");
+    assert!(metrics.contains("outbox_backlog_events 0"), "{metrics}");
+    let ready: Value = app
+        .client
+        .get(format!("{}/readyz", app.address))
+        .send()
+        .await
+        .expect("readyz")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(ready["broker"], "up");
+
+    let _ = connection.close(200, "done".into()).await;
+    delete_topology(&broker).await;
+}
+
+#[sqlx::test(migrator = "common::MIGRATOR")]
+async fn orders_are_accepted_while_the_broker_is_down(db: PgPool) {
+    let mut broker = BrokerConfig::for_test(&Uuid::new_v4().simple().to_string());
+    // Nothing listens on port 1.
+    broker.amqp_url = "amqp://guest:guest@127.0.0.1:1/%2f".to_owned();
+    let app = spawn_app_with_relay(db, &broker).await;
+
+    for _ in 0..3 {
+        assert_eq!(app.post_order(&order()).await.status(), 201);
+    }
+
+    let waiting: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE attempts = 0")
+        .fetch_one(&app.db)
+        .await
+        .expect("count");
+    assert_eq!(waiting, 3, "the events wait in the outbox");
+    let ready = app.client.get(format!("{}/readyz", app.address)).send().await.expect("readyz");
+    assert_eq!(ready.status(), 200, "ready to take orders without the broker");
+    let ready: Value = ready.json().await.expect("json");
+    assert_eq!(ready["broker"], "down");
+    let metrics = app
+        .client
+        .get(format!("{}/metrics", app.address))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(metrics.contains("outbox_backlog_events 3"), "{metrics}");
+}

@@ -1,0 +1,359 @@
+//! The relay pool: workers that move committed events from the outbox to the
+//! broker, deleting an event only after the broker confirmed it.
+//!
+//! One pass of a worker ([`relay_batch`]) is one transaction:
+//! claim due events with `FOR UPDATE SKIP LOCKED`, publish them all, await their
+//! confirms, delete the confirmed ones, record a failed attempt (with backoff) for
+//! the others, commit. A crash anywhere before the commit leaves every claimed
+//! event in the outbox, to be published again: delivery is at-least-once, and
+//! consumers deduplicate on the message id.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use sqlx::PgPool;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::amqp::ConsumerQueue;
+use crate::metrics::RelayMetrics;
+use crate::publisher::{Outcome, Publisher};
+use crate::store::{self, Failure};
+
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    pub amqp_url: String,
+    /// The topic exchange events are published to (`<aggregate>.<event>` routing keys).
+    pub exchange: String,
+    /// Consumer queues to declare (idempotently) on every connect, so that events
+    /// published before their consumer first starts are routed, not returned.
+    pub queues: Vec<ConsumerQueue>,
+    /// Concurrent workers; each has its own broker connection and claims its own rows.
+    pub workers: usize,
+    /// Most events one worker claims and publishes per transaction.
+    pub batch_size: i64,
+    /// How often an idle worker looks for due events without being notified
+    /// (retries whose backoff ended, or notifications lost with a connection).
+    pub poll_interval: Duration,
+    /// Failed attempts after which an event is marked dead.
+    pub max_attempts: i32,
+    /// How long to wait for the broker to confirm a batch.
+    pub confirm_timeout: Duration,
+    /// Delay before the first retry of a failed event; doubles with every attempt.
+    pub retry_base: Duration,
+    /// Longest delay between two attempts of one event.
+    pub retry_max: Duration,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned(),
+            exchange: "events".to_owned(),
+            queues: Vec::new(),
+            workers: 2,
+            batch_size: 200,
+            poll_interval: Duration::from_millis(500),
+            max_attempts: 10,
+            confirm_timeout: Duration::from_secs(10),
+            retry_base: Duration::from_secs(1),
+            retry_max: Duration::from_secs(300),
+        }
+    }
+}
+
+impl RelayConfig {
+    /// The delay before the next attempt of an event that has failed `attempts`
+    /// times before this failure: exponential, capped, with "equal jitter" (a
+    /// random point in the upper half) so that events failing together do not
+    /// retry in lockstep.
+    pub fn retry_delay(&self, attempts: i32) -> Duration {
+        let exponent = attempts.clamp(0, 30) as u32;
+        let ceiling = self.retry_base.saturating_mul(1 << exponent).min(self.retry_max);
+        ceiling.mul_f64(rand::random_range(0.5..=1.0))
+    }
+}
+
+/// A running relay pool.
+pub struct Relay {
+    tasks: JoinSet<()>,
+    status: RelayStatus,
+}
+
+/// Cheap, cloneable view of the pool's broker connectivity, for readiness checks.
+#[derive(Debug, Clone, Default)]
+pub struct RelayStatus {
+    connected_workers: Arc<AtomicUsize>,
+}
+
+impl RelayStatus {
+    /// Whether at least one worker holds a usable broker channel.
+    pub fn broker_connected(&self) -> bool {
+        self.connected_workers.load(Ordering::Relaxed) > 0
+    }
+}
+
+impl Relay {
+    /// Starts the listener and `config.workers` workers. They run until `shutdown`
+    /// is cancelled; a worker then finishes (or rolls back) its batch and stops.
+    pub fn spawn(
+        db: PgPool,
+        config: RelayConfig,
+        metrics: RelayMetrics,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let wakeup = Arc::new(Notify::new());
+        let status = RelayStatus::default();
+        let config = Arc::new(config);
+        let mut tasks = JoinSet::new();
+        tasks.spawn(crate::listener::run(db.clone(), wakeup.clone(), shutdown.clone()));
+        for worker in 0..config.workers {
+            tasks.spawn(
+                Worker {
+                    name: format!("outbox-relay-{worker}"),
+                    db: db.clone(),
+                    config: config.clone(),
+                    metrics: metrics.clone(),
+                    wakeup: wakeup.clone(),
+                    status: status.clone(),
+                    shutdown: shutdown.clone(),
+                }
+                .run(),
+            );
+        }
+        tracing::info!(workers = config.workers, batch_size = config.batch_size, "relay started");
+        Self { tasks, status }
+    }
+
+    pub fn status(&self) -> RelayStatus {
+        self.status.clone()
+    }
+
+    /// Waits until every task has stopped (after the shutdown token was cancelled).
+    pub async fn join(mut self) {
+        while let Some(result) = self.tasks.join_next().await {
+            if let Err(error) = result {
+                tracing::error!(%error, "relay task panicked");
+            }
+        }
+        tracing::info!("relay stopped");
+    }
+}
+
+struct Worker {
+    name: String,
+    db: PgPool,
+    config: Arc<RelayConfig>,
+    metrics: RelayMetrics,
+    wakeup: Arc<Notify>,
+    status: RelayStatus,
+    shutdown: CancellationToken,
+}
+
+impl Worker {
+    async fn run(self) {
+        let mut publisher: Option<Publisher> = None;
+        let mut trouble = Backoff::new();
+        while !self.shutdown.is_cancelled() {
+            if !publisher.as_ref().is_some_and(Publisher::is_usable) {
+                publisher = self.reconnect(publisher.take()).await;
+                let Some(_) = &publisher else {
+                    self.pause(trouble.next()).await;
+                    continue;
+                };
+            }
+            let Some(current) = &publisher else { continue };
+
+            // Register for a wake-up before looking for work, so that a commit
+            // landing between the claim and the wait is not missed.
+            let wakeup = self.wakeup.notified();
+            tokio::pin!(wakeup);
+            wakeup.as_mut().enable();
+
+            match relay_batch(&self.db, current, &self.config, &self.metrics).await {
+                // There may be more: claim again without sleeping.
+                Ok(pass) if pass.claimed > 0 => trouble.reset(),
+                Ok(_) => {
+                    trouble.reset();
+                    tokio::select! {
+                        () = wakeup => {}
+                        () = tokio::time::sleep(self.config.poll_interval) => {}
+                        () = self.shutdown.cancelled() => {}
+                    }
+                }
+                Err(error) => {
+                    let retry_in = trouble.next();
+                    tracing::warn!(worker = %self.name, error = format!("{error:#}"),
+                        retry_in_ms = retry_in.as_millis() as u64, "relay pass failed; retrying");
+                    self.pause(retry_in).await;
+                }
+            }
+        }
+        if let Some(publisher) = publisher.take() {
+            self.disconnected();
+            publisher.close().await;
+        }
+    }
+
+    async fn reconnect(&self, old: Option<Publisher>) -> Option<Publisher> {
+        if let Some(old) = old {
+            self.disconnected();
+            tracing::warn!(worker = %self.name, "broker channel lost; reconnecting");
+            old.close().await;
+        }
+        let connecting = Publisher::connect(
+            &self.config.amqp_url,
+            &self.name,
+            &self.config.exchange,
+            &self.config.queues,
+            self.config.confirm_timeout,
+        );
+        match connecting.await {
+            Ok(publisher) => {
+                self.status.connected_workers.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(worker = %self.name, "connected to the broker");
+                Some(publisher)
+            }
+            Err(error) => {
+                tracing::warn!(worker = %self.name, %error,
+                    "cannot reach the broker; events wait in the outbox");
+                None
+            }
+        }
+    }
+
+    fn disconnected(&self) {
+        self.status.connected_workers.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    async fn pause(&self, duration: Duration) {
+        tokio::select! {
+            () = tokio::time::sleep(duration) => {}
+            () = self.shutdown.cancelled() => {}
+        }
+    }
+}
+
+/// What one pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pass {
+    pub claimed: usize,
+    pub published: usize,
+    pub failed: usize,
+    pub dead: u64,
+}
+
+/// One pass: claim a batch, publish it, delete what was confirmed, record the
+/// failures, commit. Public so tests can drive the relay step by step.
+pub async fn relay_batch(
+    db: &PgPool,
+    publisher: &Publisher,
+    config: &RelayConfig,
+    metrics: &RelayMetrics,
+) -> anyhow::Result<Pass> {
+    use anyhow::Context;
+
+    let mut tx = db.begin().await.context("cannot begin the claim transaction")?;
+    let events =
+        store::claim_due(&mut tx, config.batch_size).await.context("cannot claim events")?;
+    if events.is_empty() {
+        return Ok(Pass::default());
+    }
+    // A broker error here drops `tx`, which rolls back: the events stay as they were.
+    let outcomes = publisher.publish(&events).await.context("cannot publish to the broker")?;
+
+    let mut confirmed = Vec::with_capacity(events.len());
+    let mut failures = Vec::new();
+    for (event, outcome) in events.iter().zip(outcomes) {
+        match outcome {
+            Outcome::Confirmed => confirmed.push(event.id),
+            Outcome::Failed(error) => {
+                tracing::warn!(message_id = %event.id, attempts = event.attempts + 1, %error,
+                    "event not published");
+                failures.push(Failure {
+                    id: event.id,
+                    error,
+                    retry_in_ms: config.retry_delay(event.attempts).as_millis() as i64,
+                });
+            }
+            Outcome::Unknown => {}
+        }
+    }
+    store::delete(&mut tx, &confirmed).await.context("cannot delete published events")?;
+    let dead = if failures.is_empty() {
+        0
+    } else {
+        store::record_failures(&mut tx, &failures, config.max_attempts)
+            .await
+            .context("cannot record failed attempts")?
+    };
+    tx.commit().await.context("cannot commit the relay pass")?;
+
+    metrics.published.inc_by(confirmed.len() as u64);
+    metrics.publish_failures.inc_by(failures.len() as u64);
+    metrics.dead.inc_by(dead);
+    if dead > 0 {
+        tracing::error!(dead, "events reached the attempt limit and were marked dead");
+    }
+    Ok(Pass { claimed: events.len(), published: confirmed.len(), failed: failures.len(), dead })
+}
+
+/// Growing pauses after infrastructure errors (broker or database unreachable).
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_secs(10);
+
+    fn new() -> Self {
+        Self { next: Self::FIRST }
+    }
+
+    fn next(&mut self) -> Duration {
+        let current = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        current
+    }
+
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delays_double_within_jitter_and_stop_at_the_cap() {
+        let config = RelayConfig {
+            retry_base: Duration::from_millis(100),
+            retry_max: Duration::from_secs(2),
+            ..RelayConfig::default()
+        };
+        for _ in 0..100 {
+            for attempts in 0..4 {
+                let ceiling = Duration::from_millis(100 << attempts);
+                let delay = config.retry_delay(attempts);
+                assert!(delay >= ceiling / 2 && delay <= ceiling, "{attempts}: {delay:?}");
+            }
+            let capped = config.retry_delay(20);
+            assert!(capped >= Duration::from_secs(1) && capped <= Duration::from_secs(2));
+        }
+    }
+
+    #[test]
+    fn infrastructure_backoff_grows_to_its_cap_and_resets() {
+        let mut backoff = Backoff::new();
+        let delays: Vec<Duration> = (0..10).map(|_| backoff.next()).collect();
+        assert_eq!(delays[0], Duration::from_millis(100));
+        assert_eq!(delays[1], Duration::from_millis(200));
+        assert_eq!(delays[9], Backoff::MAX);
+        backoff.reset();
+        assert_eq!(backoff.next(), Backoff::FIRST);
+    }
+}

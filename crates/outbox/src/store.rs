@@ -1,0 +1,157 @@
+//! The SQL of the relay over the `outbox` table. Every function that changes rows
+//! takes the caller's transaction: claiming, deleting what the broker confirmed
+//! and recording failures all commit together.
+
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+use sqlx::types::Json;
+use sqlx::{PgPool, Postgres, Transaction};
+use uuid::Uuid;
+
+/// An event claimed for publishing.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct OutboxEvent {
+    pub id: Uuid,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub event_type: String,
+    /// The JSON payload as text: it is sent as is, never parsed by the relay.
+    pub payload: String,
+    pub headers: Json<Map<String, Value>>,
+    pub created_at: DateTime<Utc>,
+    pub attempts: i32,
+}
+
+impl OutboxEvent {
+    /// `<aggregate_type>.<event_type>`, e.g. `order.OrderPlaced`.
+    pub fn routing_key(&self) -> String {
+        format!("{}.{}", self.aggregate_type, self.event_type)
+    }
+}
+
+/// Locks up to `limit` due events, oldest first, skipping rows other workers hold.
+///
+/// It must run inside a transaction: outside one the row locks would end with the
+/// statement, and two workers could claim and publish the same rows.
+pub async fn claim_due(
+    tx: &mut Transaction<'_, Postgres>,
+    limit: i64,
+) -> sqlx::Result<Vec<OutboxEvent>> {
+    sqlx::query_as(
+        "SELECT id, aggregate_type, aggregate_id, event_type, payload::text AS payload,
+                headers, created_at, attempts
+         FROM outbox
+         WHERE state = 'pending' AND next_attempt_at <= now()
+         ORDER BY next_attempt_at, id
+         LIMIT $1
+         FOR UPDATE SKIP LOCKED",
+    )
+    .bind(limit)
+    .fetch_all(&mut **tx)
+    .await
+}
+
+/// Removes the events the broker confirmed.
+pub async fn delete(tx: &mut Transaction<'_, Postgres>, ids: &[Uuid]) -> sqlx::Result<()> {
+    sqlx::query("DELETE FROM outbox WHERE id = ANY($1)").bind(ids).execute(&mut **tx).await?;
+    Ok(())
+}
+
+/// A publish that did not succeed and when to try again.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub id: Uuid,
+    pub error: String,
+    pub retry_in_ms: i64,
+}
+
+/// Counts a failed attempt for each event; an event reaching `max_attempts` is
+/// marked dead, which takes it out of every later claim.
+/// Returns how many became dead.
+pub async fn record_failures(
+    tx: &mut Transaction<'_, Postgres>,
+    failures: &[Failure],
+    max_attempts: i32,
+) -> sqlx::Result<u64> {
+    let ids: Vec<Uuid> = failures.iter().map(|failure| failure.id).collect();
+    let errors: Vec<&str> = failures.iter().map(|failure| failure.error.as_str()).collect();
+    let delays: Vec<i64> = failures.iter().map(|failure| failure.retry_in_ms).collect();
+    let dead: Vec<bool> = sqlx::query_scalar(
+        "UPDATE outbox AS o
+         SET attempts = o.attempts + 1,
+             last_error = f.error,
+             next_attempt_at = now() + f.delay_ms * interval '1 millisecond',
+             state = CASE WHEN o.attempts + 1 >= $4 THEN 'dead' ELSE 'pending' END
+         FROM unnest($1::uuid[], $2::text[], $3::bigint[]) AS f(id, error, delay_ms)
+         WHERE o.id = f.id
+         RETURNING o.state = 'dead'",
+    )
+    .bind(&ids)
+    .bind(&errors)
+    .bind(&delays)
+    .bind(max_attempts)
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(dead.into_iter().filter(|dead| *dead).count() as u64)
+}
+
+/// A dead event, as shown to an operator.
+#[derive(Debug, Clone, sqlx::FromRow, serde::Serialize)]
+pub struct DeadEvent {
+    pub id: Uuid,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub event_type: String,
+    pub attempts: i32,
+    pub last_error: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// The oldest `limit` dead events.
+pub async fn dead_events(db: &PgPool, limit: i64) -> sqlx::Result<Vec<DeadEvent>> {
+    sqlx::query_as(
+        "SELECT id, aggregate_type, aggregate_id, event_type, attempts, last_error, created_at
+         FROM outbox WHERE state = 'dead' ORDER BY created_at, id LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(db)
+    .await
+}
+
+/// Makes dead events pending again with a fresh attempt budget, due now, and wakes
+/// the relay. `None` replays every dead event. Returns how many were revived.
+pub async fn replay_dead(db: &PgPool, id: Option<Uuid>) -> sqlx::Result<u64> {
+    let mut tx = db.begin().await?;
+    let revived = sqlx::query(
+        "UPDATE outbox
+         SET state = 'pending', attempts = 0, next_attempt_at = now(), last_error = NULL
+         WHERE state = 'dead' AND ($1::uuid IS NULL OR id = $1)",
+    )
+    .bind(id)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    sqlx::query("SELECT pg_notify($1, '')").bind(crate::NOTIFY_CHANNEL).execute(&mut *tx).await?;
+    tx.commit().await?;
+    Ok(revived)
+}
+
+/// What waits in the outbox: pending events, the age of the oldest, dead events.
+#[derive(Debug, Clone, Copy, PartialEq, sqlx::FromRow)]
+pub struct Backlog {
+    pub pending: i64,
+    pub oldest_pending_age_seconds: f64,
+    pub dead: i64,
+}
+
+pub async fn backlog(db: &PgPool) -> sqlx::Result<Backlog> {
+    sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE state = 'pending') AS pending,
+                coalesce(extract(epoch FROM now() - min(created_at) FILTER (WHERE state = 'pending')), 0)::float8
+                    AS oldest_pending_age_seconds,
+                count(*) FILTER (WHERE state = 'dead') AS dead
+         FROM outbox",
+    )
+    .fetch_one(db)
+    .await
+}

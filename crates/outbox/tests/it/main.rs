@@ -1,0 +1,5 @@
+//! Integration tests of the outbox relay against the real Postgres and RabbitMQ.
+//! Each test has its own database (`#[sqlx::test]`) and its own exchange and queue.
+
+mod helpers;
+mod relay;
