@@ -53,9 +53,9 @@ impl ApiError {
                 (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused")
             }
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
-            Self::Database(sqlx::Error::PoolTimedOut) => {
-                (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable")
-            }
+            Self::Database(
+                sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_),
+            ) => (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable"),
             Self::Database(_) | Self::Internal(_) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal")
             }
