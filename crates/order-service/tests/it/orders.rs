@@ -282,3 +282,18 @@ async fn health_and_readiness(db: PgPool) {
     assert_eq!(ready.status(), 200);
     assert_eq!(ready.json::<Value>().await.expect("json")["database"], "up");
 }
+
+#[sqlx::test(migrator = "common::MIGRATOR")]
+async fn a_database_outage_is_a_503_and_not_ready(db: PgPool) {
+    let app = spawn_app(db).await;
+    app.db.close().await; // the app shares this pool: it can no longer reach Postgres
+
+    let response = app.post_order(&two_line_order()).await;
+    assert_eq!(response.status(), 503);
+    let error: Value = response.json().await.expect("json");
+    assert_eq!(error["error"], "database_unavailable");
+
+    let ready = app.client.get(format!("{}/readyz", app.address)).send().await.expect("get");
+    assert_eq!(ready.status(), 503);
+    assert_eq!(ready.json::<Value>().await.expect("json")["database"], "down");
+}
