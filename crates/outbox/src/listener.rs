@@ -33,6 +33,7 @@ pub async fn run(db: PgPool, wakeup: Arc<Notify>, shutdown: CancellationToken) {
 }
 
 async fn listen(db: &PgPool, wakeup: &Notify, shutdown: &CancellationToken) -> sqlx::Result<()> {
+    // Holds one of the pool's connections for as long as it listens.
     let mut listener = PgListener::connect_with(db).await?;
     listener.listen(NOTIFY_CHANNEL).await?;
     // Anything committed while nobody listened is found by this wake-up.

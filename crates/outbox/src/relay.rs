@@ -159,12 +159,11 @@ impl Worker {
         while !self.shutdown.is_cancelled() {
             if !publisher.as_ref().is_some_and(Publisher::is_usable) {
                 publisher = self.reconnect(publisher.take()).await;
-                let Some(_) = &publisher else {
-                    self.pause(trouble.next()).await;
-                    continue;
-                };
             }
-            let Some(current) = &publisher else { continue };
+            let Some(current) = &publisher else {
+                self.pause(trouble.next()).await;
+                continue;
+            };
 
             // Register for a wake-up before looking for work, so that a commit
             // landing between the claim and the wait is not missed.
