@@ -12,6 +12,7 @@
 //! `processed_messages`).
 
 pub mod amqp;
+pub mod backoff;
 pub mod inbox;
 pub mod metrics;
 pub mod publisher;

@@ -18,6 +18,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::amqp::ConsumerQueue;
+use crate::backoff::Backoff;
 use crate::metrics::RelayMetrics;
 use crate::publisher::{Outcome, Publisher};
 use crate::store::{self, Failure};
@@ -161,7 +162,7 @@ impl Worker {
                 publisher = self.reconnect(publisher.take()).await;
             }
             let Some(current) = &publisher else {
-                self.pause(trouble.next()).await;
+                self.pause(trouble.next_pause()).await;
                 continue;
             };
 
@@ -183,7 +184,7 @@ impl Worker {
                     }
                 }
                 Err(error) => {
-                    let retry_in = trouble.next();
+                    let retry_in = trouble.next_pause();
                     tracing::warn!(worker = %self.name, error = format!("{error:#}"),
                         retry_in_ms = retry_in.as_millis() as u64, "relay pass failed; retrying");
                     self.pause(retry_in).await;
@@ -299,30 +300,6 @@ pub async fn relay_batch(
     Ok(Pass { claimed: events.len(), published: confirmed.len(), failed: failures.len(), dead })
 }
 
-/// Growing pauses after infrastructure errors (broker or database unreachable).
-struct Backoff {
-    next: Duration,
-}
-
-impl Backoff {
-    const FIRST: Duration = Duration::from_millis(100);
-    const MAX: Duration = Duration::from_secs(10);
-
-    fn new() -> Self {
-        Self { next: Self::FIRST }
-    }
-
-    fn next(&mut self) -> Duration {
-        let current = self.next;
-        self.next = (self.next * 2).min(Self::MAX);
-        current
-    }
-
-    fn reset(&mut self) {
-        self.next = Self::FIRST;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -343,16 +320,5 @@ mod tests {
             let capped = config.retry_delay(20);
             assert!(capped >= Duration::from_secs(1) && capped <= Duration::from_secs(2));
         }
-    }
-
-    #[test]
-    fn infrastructure_backoff_grows_to_its_cap_and_resets() {
-        let mut backoff = Backoff::new();
-        let delays: Vec<Duration> = (0..10).map(|_| backoff.next()).collect();
-        assert_eq!(delays[0], Duration::from_millis(100));
-        assert_eq!(delays[1], Duration::from_millis(200));
-        assert_eq!(delays[9], Backoff::MAX);
-        backoff.reset();
-        assert_eq!(backoff.next(), Backoff::FIRST);
     }
 }

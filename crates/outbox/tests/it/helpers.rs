@@ -1,9 +1,6 @@
-//! A test's own broker names and queue, events to relay, and a TCP proxy that can
-//! take the broker away and bring it back.
+//! A test's own broker names and queue, and events to relay.
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -14,14 +11,8 @@ use lapin::types::FieldTable;
 use lapin::{Channel, Connection, message::Delivery};
 use outbox::relay::RelayConfig;
 use sqlx::PgPool;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Mutex;
-use tokio_util::sync::CancellationToken;
+use test_support::amqp_url;
 use uuid::Uuid;
-
-pub fn amqp_url() -> String {
-    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
-}
 
 /// An exchange and an exclusive queue that exist for one test only.
 pub struct TestBroker {
@@ -166,90 +157,4 @@ pub async fn enqueue_events(
 
 pub async fn outbox_rows(db: &PgPool) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(db).await.expect("count")
-}
-
-/// Polls `check` until it holds or `within` passes; returns whether it held.
-pub async fn eventually<F, Fut>(within: Duration, mut check: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + within;
-    while tokio::time::Instant::now() < deadline {
-        if check().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    check().await
-}
-
-/// A TCP proxy in front of RabbitMQ. `down()` cuts every proxied connection and
-/// refuses new ones until `up()`: an outage the relay cannot tell from a real one.
-pub struct BrokerProxy {
-    pub port: u16,
-    up: Arc<AtomicBool>,
-    connections: Arc<Mutex<CancellationToken>>,
-    stop: CancellationToken,
-}
-
-impl BrokerProxy {
-    pub async fn start() -> Self {
-        let broker = url::Url::parse(&amqp_url()).expect("AMQP_URL is a URL");
-        let target = format!(
-            "{}:{}",
-            broker.host_str().unwrap_or("127.0.0.1"),
-            broker.port().unwrap_or(5672)
-        );
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
-        let port = listener.local_addr().expect("addr").port();
-        let up = Arc::new(AtomicBool::new(true));
-        let connections = Arc::new(Mutex::new(CancellationToken::new()));
-        let stop = CancellationToken::new();
-        let (accept_up, accept_connections, accept_stop) =
-            (up.clone(), connections.clone(), stop.clone());
-        tokio::spawn(async move {
-            loop {
-                let accepted = tokio::select! {
-                    () = accept_stop.cancelled() => return,
-                    accepted = listener.accept() => accepted,
-                };
-                let Ok((mut inbound, _)) = accepted else { continue };
-                if !accept_up.load(Ordering::SeqCst) {
-                    continue; // dropping `inbound` refuses the connection
-                }
-                let cut = accept_connections.lock().await.clone();
-                let target = target.clone();
-                tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(target).await else { return };
-                    tokio::select! {
-                        () = cut.cancelled() => {}
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                    }
-                });
-            }
-        });
-        Self { port, up, connections, stop }
-    }
-
-    pub fn url(&self) -> String {
-        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
-    }
-
-    pub async fn down(&self) {
-        self.up.store(false, Ordering::SeqCst);
-        let mut connections = self.connections.lock().await;
-        connections.cancel();
-        *connections = CancellationToken::new();
-    }
-
-    pub fn up(&self) {
-        self.up.store(true, Ordering::SeqCst);
-    }
-}
-
-impl Drop for BrokerProxy {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
 }

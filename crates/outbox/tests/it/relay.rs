@@ -11,9 +11,9 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::helpers::{
-    BrokerProxy, TestBroker, delivery_counts, enqueue_events, eventually, message_id, outbox_rows,
-};
+use test_support::{BrokerProxy, eventually};
+
+use crate::helpers::{TestBroker, delivery_counts, enqueue_events, message_id, outbox_rows};
 
 const MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
 
