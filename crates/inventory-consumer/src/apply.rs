@@ -1,0 +1,163 @@
+//! The effect of a batch of `OrderPlaced` events, applied in the caller's
+//! transaction: each new event reserves its order's stock (all lines or none) and
+//! decides the order; an event seen before has no effect.
+//!
+//! Set-based on purpose: a batch costs a fixed handful of statements whatever its
+//! size, which is where the consumer's throughput comes from. Rows are locked in a
+//! fixed order (orders by id, then inventory by sku), so concurrent batches wait
+//! for each other instead of deadlocking.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use sqlx::{Postgres, Transaction};
+use uuid::Uuid;
+
+use crate::message::Message;
+
+/// What applying one message did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Stock reserved for every line; the order is COMPLETED.
+    Completed,
+    /// Some line's stock was short; nothing reserved, the order is REJECTED.
+    Rejected,
+    /// This message id was applied before: no effect.
+    Duplicate,
+    /// A new message for an order that is no longer PENDING (decided by another
+    /// message): recorded, no effect.
+    AlreadyDecided,
+    /// No such order: the message is poison and is not recorded, so a replay
+    /// after the order appears (a restored database, say) is still applied.
+    UnknownOrder,
+}
+
+impl Outcome {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Completed => "completed",
+            Self::Rejected => "rejected",
+            Self::Duplicate => "duplicate",
+            Self::AlreadyDecided => "already_decided",
+            Self::UnknownOrder => "unknown_order",
+        }
+    }
+}
+
+/// Applies `messages` in `tx` as `consumer` and returns each one's outcome, in
+/// order. Messages are decided in the order given, so within a batch the earlier
+/// of two orders competing for the last units of stock gets them.
+pub async fn apply_batch(
+    tx: &mut Transaction<'_, Postgres>,
+    consumer: &str,
+    messages: &[Message],
+) -> sqlx::Result<Vec<Outcome>> {
+    // 1. Lock the orders. This also serialises two deliveries of one message:
+    //    the second waits here until the first commits.
+    let mut order_ids: Vec<Uuid> = messages.iter().map(|m| m.event.order_id).collect();
+    order_ids.sort_unstable();
+    order_ids.dedup();
+    let rows: Vec<(Uuid, String)> =
+        sqlx::query_as("SELECT id, status FROM orders WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+            .bind(&order_ids)
+            .fetch_all(&mut **tx)
+            .await?;
+    let mut status: HashMap<Uuid, String> = rows.into_iter().collect();
+
+    // 2. Record the message ids of known orders; only the new ones take effect.
+    let mut known_ids: Vec<Uuid> =
+        messages.iter().filter(|m| status.contains_key(&m.event.order_id)).map(|m| m.id).collect();
+    known_ids.sort_unstable();
+    let mut new_ids: HashSet<Uuid> =
+        outbox::inbox::claim_new(tx, consumer, &known_ids).await?.into_iter().collect();
+
+    // 3. Lock the stock the new messages ask for.
+    let mut skus: Vec<&str> = messages
+        .iter()
+        .filter(|m| new_ids.contains(&m.id))
+        .flat_map(|m| m.event.lines.iter().map(|line| line.sku.as_str()))
+        .collect();
+    skus.sort_unstable();
+    skus.dedup();
+    let mut available: HashMap<String, i64> = sqlx::query_as(
+        "SELECT sku, available::int8 FROM inventory WHERE sku = ANY($1) ORDER BY sku FOR UPDATE",
+    )
+    .bind(&skus)
+    .fetch_all(&mut **tx)
+    .await?
+    .into_iter()
+    .collect();
+
+    // 4. Decide each message in order, against the stock left by those before it.
+    let mut outcomes = Vec::with_capacity(messages.len());
+    let mut reserved: BTreeMap<&str, i64> = BTreeMap::new();
+    let mut decided: Vec<(Uuid, &'static str)> = Vec::new();
+    for message in messages {
+        let order_id = message.event.order_id;
+        let Some(order_status) = status.get_mut(&order_id) else {
+            outcomes.push(Outcome::UnknownOrder);
+            continue;
+        };
+        // `remove` also makes a message repeated within the batch a duplicate.
+        if !new_ids.remove(&message.id) {
+            outcomes.push(Outcome::Duplicate);
+            continue;
+        }
+        if order_status != "PENDING" {
+            outcomes.push(Outcome::AlreadyDecided);
+            continue;
+        }
+        let needed = quantities(message);
+        let in_stock = needed
+            .iter()
+            .all(|(sku, quantity)| available.get(*sku).is_some_and(|left| left >= quantity));
+        let outcome = if in_stock {
+            for (sku, quantity) in needed {
+                *available.get_mut(sku).expect("checked above") -= quantity;
+                *reserved.entry(sku).or_default() += quantity;
+            }
+            Outcome::Completed
+        } else {
+            Outcome::Rejected
+        };
+        let new_status = if outcome == Outcome::Completed { "COMPLETED" } else { "REJECTED" };
+        new_status.clone_into(order_status);
+        decided.push((order_id, new_status));
+        outcomes.push(outcome);
+    }
+
+    // 5. Write the decisions: one statement for the stock, one for the orders.
+    if !reserved.is_empty() {
+        let (skus, quantities): (Vec<&str>, Vec<i64>) = reserved.into_iter().unzip();
+        sqlx::query(
+            "UPDATE inventory SET available = available - r.quantity
+             FROM unnest($1::text[], $2::int8[]) AS r(sku, quantity)
+             WHERE inventory.sku = r.sku",
+        )
+        .bind(&skus)
+        .bind(&quantities)
+        .execute(&mut **tx)
+        .await?;
+    }
+    if !decided.is_empty() {
+        let (ids, statuses): (Vec<Uuid>, Vec<&str>) = decided.into_iter().unzip();
+        sqlx::query(
+            "UPDATE orders SET status = d.status, updated_at = now()
+             FROM unnest($1::uuid[], $2::text[]) AS d(id, status)
+             WHERE orders.id = d.id",
+        )
+        .bind(&ids)
+        .bind(&statuses)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(outcomes)
+}
+
+/// The quantity the message asks of each sku (an sku on two lines counts once).
+fn quantities(message: &Message) -> BTreeMap<&str, i64> {
+    let mut needed = BTreeMap::new();
+    for line in &message.event.lines {
+        *needed.entry(line.sku.as_str()).or_default() += i64::from(line.quantity);
+    }
+    needed
+}

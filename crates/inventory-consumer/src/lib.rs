@@ -1,0 +1,108 @@
+//! The inventory consumer: applies each `OrderPlaced` event exactly once although
+//! RabbitMQ may deliver it more than once. For every new event it reserves the
+//! order's stock and sets the order COMPLETED, or REJECTED when stock is short.
+//!
+//! [`Application::build`] connects and binds; [`Application::run_until_stopped`]
+//! consumes (several [`worker::Worker`]s, each on its own channel) and serves
+//! `/healthz`, `/readyz` and `/metrics` until the shutdown token is cancelled.
+
+pub mod apply;
+pub mod config;
+pub mod http;
+pub mod message;
+pub mod metrics;
+pub mod worker;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+
+use anyhow::Context;
+use prometheus_client::registry::Registry;
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+use metrics::ConsumerMetrics;
+use worker::{Worker, WorkerConfig};
+
+pub struct Application {
+    listener: TcpListener,
+    db: PgPool,
+    config: Config,
+    metrics: ConsumerMetrics,
+    registry: Registry,
+}
+
+impl Application {
+    /// Connects to Postgres (creating the database and applying migrations) and
+    /// binds the HTTP socket.
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let db = config.db.connect_and_migrate().await?;
+        Self::build_with_pool(config, db).await
+    }
+
+    /// Like [`Application::build`] with a pool the caller prepared (tests pass the
+    /// per-test database of `#[sqlx::test]`).
+    pub async fn build_with_pool(config: Config, db: PgPool) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(config.listen_addr)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen_addr))?;
+        let mut registry = Registry::default();
+        let metrics = ConsumerMetrics::register(&mut registry);
+        Ok(Self { listener, db, config, metrics, registry })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().map(|addr| addr.port()).unwrap_or(0)
+    }
+
+    /// A handle on the counters, which tests read to know what was settled.
+    pub fn metrics(&self) -> ConsumerMetrics {
+        self.metrics.clone()
+    }
+
+    /// Consumes and serves until `shutdown` is cancelled, then lets each worker
+    /// finish the batch in hand and closes its channel: whatever it received but
+    /// did not ack goes back to the queue.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let config = &self.config;
+        let worker_config = Arc::new(WorkerConfig {
+            amqp_url: config.broker.amqp_url.clone(),
+            topology: config.broker.inventory_topology(),
+            consumer_name: config.consumer_name.clone(),
+            prefetch: config.prefetch.max(1),
+            batch_size: config.batch_size.max(1),
+        });
+        let connected = Arc::new(AtomicUsize::new(0));
+        let mut workers = JoinSet::new();
+        for index in 0..config.concurrency.max(1) {
+            let worker = Worker {
+                name: format!("{}-{index}", config.consumer_name),
+                db: self.db.clone(),
+                config: worker_config.clone(),
+                metrics: self.metrics.clone(),
+                connected: connected.clone(),
+                shutdown: shutdown.clone(),
+            };
+            workers.spawn(worker.run());
+        }
+
+        let state = http::HttpState {
+            db: self.db.clone(),
+            connected_workers: connected,
+            registry: Arc::new(self.registry),
+        };
+        tracing::info!(addr = %self.listener.local_addr()?, "inventory-consumer listening");
+        let served = axum::serve(self.listener, http::router(state))
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+            .await
+            .context("HTTP server failed");
+        shutdown.cancel();
+        while workers.join_next().await.is_some() {}
+        self.db.close().await;
+        tracing::info!("inventory-consumer stopped");
+        served
+    }
+}

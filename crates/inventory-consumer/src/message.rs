@@ -1,0 +1,43 @@
+//! Turning a delivery into an `OrderPlaced` event, or into the reason it is poison.
+//!
+//! A message that fails here can never succeed, however often it is retried, so it
+//! is rejected without requeue and the broker moves it to the dead-letter queue.
+
+use common::events::OrderPlaced;
+use lapin::message::Delivery;
+use uuid::Uuid;
+
+/// A delivery's event, identified by the message id the outbox gave it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub id: Uuid,
+    pub event: OrderPlaced,
+}
+
+/// Decodes and checks a delivery; the error is the reason it is poison.
+pub fn decode(delivery: &Delivery) -> Result<Message, String> {
+    let properties = &delivery.properties;
+    let id = properties.message_id().as_ref().ok_or("the message has no message_id")?;
+    let id = Uuid::parse_str(id.as_str())
+        .map_err(|_| format!("message_id {:?} is not a UUID", id.as_str()))?;
+    match properties.kind() {
+        Some(kind) if kind.as_str() == OrderPlaced::EVENT_TYPE => {}
+        Some(kind) => return Err(format!("unknown event type {:?}", kind.as_str())),
+        None => return Err("the message has no type".to_owned()),
+    }
+    let event: OrderPlaced = serde_json::from_slice(&delivery.data)
+        .map_err(|error| format!("the body is not a valid OrderPlaced event: {error}"))?;
+    check(&event)?;
+    Ok(Message { id, event })
+}
+
+/// What serde cannot check: an event the order service would never have written.
+fn check(event: &OrderPlaced) -> Result<(), String> {
+    if event.lines.is_empty() {
+        return Err("the event has no lines".to_owned());
+    }
+    if let Some(line) = event.lines.iter().find(|line| line.quantity <= 0) {
+        return Err(format!("line {} has quantity {}", line.sku, line.quantity));
+    }
+    Ok(())
+}

@@ -1,0 +1,275 @@
+//! A test's own topology with a publisher and a dead-letter reader, the consumer
+//! run in-process, and orders written straight into the database.
+
+use std::time::Duration;
+
+use clap::Parser;
+use common::broker::BrokerConfig;
+use common::events::{OrderPlaced, OrderPlacedLine};
+use inventory_consumer::message::Message;
+use inventory_consumer::metrics::ConsumerMetrics;
+use inventory_consumer::{Application, Config};
+use lapin::options::{
+    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::ShortString;
+use lapin::{BasicProperties, Channel, Connection};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// This test's exchange, queue and dead-letter queue, and a channel to publish
+/// to them as the relay would.
+pub struct TestBroker {
+    pub config: BrokerConfig,
+    connection: Connection,
+    channel: Channel,
+}
+
+impl TestBroker {
+    pub async fn new() -> Self {
+        let config = BrokerConfig::for_test(&Uuid::new_v4().simple().to_string());
+        let connection =
+            outbox::amqp::connect(&config.amqp_url, "consumer-test").await.expect("broker");
+        let channel = connection.create_channel().await.expect("channel");
+        channel.confirm_select(ConfirmSelectOptions::default()).await.expect("confirms");
+        config.inventory_topology().declare(&channel).await.expect("topology");
+        Self { config, connection, channel }
+    }
+
+    /// Publishes `message` as the relay does.
+    pub async fn publish(&self, message: &Message) {
+        let body = serde_json::to_vec(&message.event).expect("json");
+        let id = message.id.to_string();
+        self.publish_raw(Some(&id), Some(OrderPlaced::EVENT_TYPE), &body).await;
+    }
+
+    /// Publishes a message with these properties and body, and waits for the
+    /// broker's confirm.
+    pub async fn publish_raw(&self, message_id: Option<&str>, kind: Option<&str>, body: &[u8]) {
+        let mut properties = BasicProperties::default().with_delivery_mode(2);
+        if let Some(id) = message_id {
+            properties = properties.with_message_id(ShortString::from(id));
+        }
+        if let Some(kind) = kind {
+            properties = properties.with_type(ShortString::from(kind));
+        }
+        let confirm = self
+            .channel
+            .basic_publish(
+                self.config.exchange.as_str().into(),
+                self.config.inventory_binding.as_str().into(),
+                BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() },
+                body,
+                properties,
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+        assert!(confirm.is_ack(), "the broker did not confirm a test message");
+    }
+
+    /// Takes up to `count` dead-lettered messages, waiting at most `within`.
+    pub async fn dead_letters(
+        &self,
+        count: usize,
+        within: Duration,
+    ) -> Vec<lapin::message::Delivery> {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut dead = Vec::new();
+        while dead.len() < count && tokio::time::Instant::now() < deadline {
+            let got = self
+                .channel
+                .basic_get(
+                    self.config.dead_letter_queue.as_str().into(),
+                    BasicGetOptions { no_ack: true },
+                )
+                .await
+                .expect("basic.get");
+            match got {
+                Some(message) => dead.push(message.delivery),
+                None => tokio::time::sleep(Duration::from_millis(25)).await,
+            }
+        }
+        dead
+    }
+
+    /// Messages ready in the inventory queue (not counting unacked ones).
+    pub async fn ready_messages(&self) -> u32 {
+        let options = lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..lapin::options::QueueDeclareOptions::default()
+        };
+        self.channel
+            .queue_declare(
+                self.config.inventory_queue.as_str().into(),
+                options,
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .expect("queue exists")
+            .message_count()
+    }
+
+    pub async fn delete(self) {
+        let config = &self.config;
+        for queue in [&config.inventory_queue, &config.dead_letter_queue] {
+            let _ = self
+                .channel
+                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+        for exchange in [&config.exchange, &config.dead_letter_exchange] {
+            let _ = self
+                .channel
+                .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+                .await;
+        }
+        let _ = self.connection.close(200, "test done".into()).await;
+    }
+}
+
+/// The consumer, in-process, until dropped.
+pub struct TestConsumer {
+    pub metrics: ConsumerMetrics,
+    pub address: String,
+    shutdown: CancellationToken,
+    stopped: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl TestConsumer {
+    /// Starts a consumer of `broker`'s queue; `args` add or override flags.
+    pub async fn spawn(db: PgPool, broker: &BrokerConfig, args: &[&str]) -> Self {
+        let config = Config::parse_from(
+            consumer_args(broker)
+                .iter()
+                .map(String::as_str)
+                .chain(["--listen-addr", "127.0.0.1:0"].into_iter().chain(args.iter().copied())),
+        );
+        let app = Application::build_with_pool(config, db).await.expect("consumer builds");
+        let address = format!("http://127.0.0.1:{}", app.port());
+        let metrics = app.metrics();
+        let shutdown = CancellationToken::new();
+        let stopped = tokio::spawn(app.run_until_stopped(shutdown.clone()));
+        Self { metrics, address, shutdown, stopped }
+    }
+
+    /// Messages settled so far, whatever their outcome.
+    pub fn settled(&self) -> u64 {
+        ["completed", "rejected", "duplicate", "already_decided", "poison"]
+            .into_iter()
+            .map(|outcome| self.metrics.count(outcome))
+            .sum()
+    }
+
+    /// Waits until `count` messages are settled; panics after `within`.
+    pub async fn wait_settled(&self, count: u64, within: Duration) {
+        let settled = test_support::eventually(within, || async { self.settled() >= count }).await;
+        assert!(settled, "{} of {count} messages settled in {within:?}", self.settled());
+    }
+
+    /// Shuts the consumer down and waits until it has stopped.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.stopped.await.expect("consumer task").expect("consumer stops cleanly");
+    }
+}
+
+/// The command line (program name first) pointing a consumer at `broker`'s topology.
+pub fn consumer_args(broker: &BrokerConfig) -> Vec<String> {
+    [
+        "inventory-consumer",
+        "--amqp-url",
+        &broker.amqp_url,
+        "--exchange",
+        &broker.exchange,
+        "--inventory-queue",
+        &broker.inventory_queue,
+        "--dead-letter-exchange",
+        &broker.dead_letter_exchange,
+        "--dead-letter-queue",
+        &broker.dead_letter_queue,
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .collect()
+}
+
+/// Writes PENDING orders (one per entry of `orders`: its lines as sku and
+/// quantity) and returns the OrderPlaced message of each.
+pub async fn insert_orders(db: &PgPool, orders: &[Vec<(&str, i32)>]) -> Vec<Message> {
+    let mut tx = db.begin().await.expect("begin");
+    let mut messages = Vec::with_capacity(orders.len());
+    for lines in orders {
+        let order_id = Uuid::now_v7();
+        sqlx::query("INSERT INTO orders (id, customer_id, total_cents) VALUES ($1, 'test', 0)")
+            .bind(order_id)
+            .execute(&mut *tx)
+            .await
+            .expect("insert order");
+        for (sku, quantity) in lines {
+            sqlx::query(
+                "INSERT INTO order_lines (order_id, sku, quantity, unit_price_cents)
+                 VALUES ($1, $2, $3, 0)",
+            )
+            .bind(order_id)
+            .bind(sku)
+            .bind(quantity)
+            .execute(&mut *tx)
+            .await
+            .expect("insert line");
+        }
+        let event = OrderPlaced {
+            order_id,
+            customer_id: "test".to_owned(),
+            lines: lines
+                .iter()
+                .map(|(sku, quantity)| OrderPlacedLine {
+                    sku: (*sku).to_owned(),
+                    quantity: *quantity,
+                })
+                .collect(),
+            total_cents: 0,
+        };
+        messages.push(Message { id: Uuid::now_v7(), event });
+    }
+    tx.commit().await.expect("commit");
+    messages
+}
+
+pub async fn order_status(db: &PgPool, order_id: Uuid) -> String {
+    sqlx::query_scalar("SELECT status FROM orders WHERE id = $1")
+        .bind(order_id)
+        .fetch_one(db)
+        .await
+        .expect("order exists")
+}
+
+pub async fn available(db: &PgPool, sku: &str) -> i64 {
+    sqlx::query_scalar("SELECT available::int8 FROM inventory WHERE sku = $1")
+        .bind(sku)
+        .fetch_one(db)
+        .await
+        .expect("sku exists")
+}
+
+/// Stock of `sku` held by COMPLETED orders, by their lines.
+pub async fn reserved(db: &PgPool, sku: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT coalesce(sum(l.quantity), 0)::int8 FROM order_lines l
+         JOIN orders o ON o.id = l.order_id WHERE o.status = 'COMPLETED' AND l.sku = $1",
+    )
+    .bind(sku)
+    .fetch_one(db)
+    .await
+    .expect("reserved")
+}
+
+pub async fn processed_count(db: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM processed_messages")
+        .fetch_one(db)
+        .await
+        .expect("count")
+}

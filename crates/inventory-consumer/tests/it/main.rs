@@ -1,0 +1,8 @@
+//! Integration tests of the inventory consumer against the real Postgres and
+//! RabbitMQ. Each test has its own database (`#[sqlx::test]`) and its own
+//! exchanges and queues.
+
+mod consumer;
+mod crash;
+mod end_to_end;
+mod helpers;
