@@ -44,6 +44,22 @@ impl BrokerConfig {
         }
     }
 
+    /// The command-line flags that configure a service with these settings, for
+    /// tests and benchmarks that start one.
+    pub fn to_args(&self) -> Vec<String> {
+        [
+            ("--amqp-url", &self.amqp_url),
+            ("--exchange", &self.exchange),
+            ("--inventory-queue", &self.inventory_queue),
+            ("--inventory-binding", &self.inventory_binding),
+            ("--dead-letter-exchange", &self.dead_letter_exchange),
+            ("--dead-letter-queue", &self.dead_letter_queue),
+        ]
+        .into_iter()
+        .flat_map(|(flag, value)| [flag.to_owned(), value.clone()])
+        .collect()
+    }
+
     /// Names no other test uses (every exchange and queue gets `suffix`), so tests
     /// can share one broker. Broker URL from `AMQP_URL`, else the local default.
     pub fn for_test(suffix: &str) -> Self {

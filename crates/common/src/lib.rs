@@ -5,6 +5,7 @@
 pub mod broker;
 pub mod db;
 pub mod events;
+pub mod http;
 pub mod shutdown;
 pub mod telemetry;
 

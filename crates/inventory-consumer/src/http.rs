@@ -2,15 +2,14 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use prometheus_client::registry::Registry;
-use serde_json::{Value, json};
+use serde_json::json;
 use sqlx::PgPool;
 
 #[derive(Clone)]
@@ -22,23 +21,15 @@ pub struct HttpState {
 
 pub fn router(state: HttpState) -> Router {
     Router::new()
-        .route("/healthz", get(healthz))
+        .route("/healthz", get(common::http::healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(state)
 }
 
-/// `GET /healthz`: the process is alive.
-async fn healthz() -> Json<Value> {
-    Json(json!({ "status": "ok" }))
-}
-
 /// `GET /readyz`: consuming, which needs both the database and the broker.
 async fn readyz(State(state): State<HttpState>) -> Response {
-    let database_up =
-        tokio::time::timeout(Duration::from_secs(2), sqlx::query("SELECT 1").execute(&state.db))
-            .await
-            .is_ok_and(|result| result.is_ok());
+    let database_up = common::http::database_answers(&state.db).await;
     let workers = state.connected_workers.load(Ordering::Relaxed);
     let ready = database_up && workers > 0;
     let body = json!({
@@ -53,11 +44,5 @@ async fn readyz(State(state): State<HttpState>) -> Response {
 
 /// `GET /metrics`: Prometheus text format.
 async fn metrics(State(state): State<HttpState>) -> Response {
-    let mut body = String::new();
-    if let Err(error) = prometheus_client::encoding::text::encode(&mut body, &state.registry) {
-        tracing::error!(%error, "cannot encode metrics");
-        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
-    }
-    let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-    ([(header::CONTENT_TYPE, content_type)], body).into_response()
+    common::http::metrics_response(&state.registry)
 }

@@ -35,7 +35,7 @@ pub fn router(state: AppState, body_limit_bytes: usize, request_timeout: Duratio
     Router::new()
         .route("/orders", post(create_order))
         .route("/orders/{id}", get(get_order))
-        .route("/healthz", get(healthz))
+        .route("/healthz", get(common::http::healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .layer(axum::extract::DefaultBodyLimit::max(body_limit_bytes))
@@ -108,19 +108,11 @@ async fn get_order(
     Ok(Json(order))
 }
 
-/// `GET /healthz`: the process is alive.
-async fn healthz() -> Json<Value> {
-    Json(json!({ "status": "ok" }))
-}
-
 /// `GET /readyz`: ready to take orders, which needs the database only. The broker's
 /// state is reported but does not count: orders are accepted while the broker is
 /// down, their events wait in the outbox.
 async fn readyz(State(state): State<AppState>) -> Response {
-    let database_up =
-        tokio::time::timeout(Duration::from_secs(2), sqlx::query("SELECT 1").execute(&state.db))
-            .await
-            .is_ok_and(|result| result.is_ok());
+    let database_up = common::http::database_answers(&state.db).await;
     let status = if database_up { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let body = json!({
         "status": if database_up { "ready" } else { "not_ready" },
@@ -137,9 +129,5 @@ async fn readyz(State(state): State<AppState>) -> Response {
 /// `GET /metrics`: Prometheus text format, with the backlog read at scrape time.
 async fn metrics(State(state): State<AppState>) -> Result<Response> {
     state.relay_metrics.refresh_backlog(&state.db).await?;
-    let mut body = String::new();
-    prometheus_client::encoding::text::encode(&mut body, &state.registry)
-        .map_err(anyhow::Error::from)?;
-    let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-    Ok(([(header::CONTENT_TYPE, content_type)], body).into_response())
+    Ok(common::http::metrics_response(&state.registry))
 }

@@ -15,21 +15,9 @@ use crate::helpers::{TestBroker, TestConsumer};
 async fn orders_posted_to_the_api_all_reach_completed(db: PgPool) {
     let broker = TestBroker::new().await;
     let config = &broker.config;
-    let api_config = order_service::Config::parse_from([
-        "order-service",
-        "--listen-addr",
-        "127.0.0.1:0",
-        "--amqp-url",
-        &config.amqp_url,
-        "--exchange",
-        &config.exchange,
-        "--inventory-queue",
-        &config.inventory_queue,
-        "--dead-letter-exchange",
-        &config.dead_letter_exchange,
-        "--dead-letter-queue",
-        &config.dead_letter_queue,
-    ]);
+    let mut args = vec!["order-service".to_owned(), "--listen-addr".into(), "127.0.0.1:0".into()];
+    args.extend(config.to_args());
+    let api_config = order_service::Config::parse_from(args);
     let api = order_service::Application::build_with_pool(api_config, db.clone())
         .await
         .expect("order-service builds");

@@ -179,22 +179,9 @@ impl TestConsumer {
 
 /// The command line (program name first) pointing a consumer at `broker`'s topology.
 pub fn consumer_args(broker: &BrokerConfig) -> Vec<String> {
-    [
-        "inventory-consumer",
-        "--amqp-url",
-        &broker.amqp_url,
-        "--exchange",
-        &broker.exchange,
-        "--inventory-queue",
-        &broker.inventory_queue,
-        "--dead-letter-exchange",
-        &broker.dead_letter_exchange,
-        "--dead-letter-queue",
-        &broker.dead_letter_queue,
-    ]
-    .into_iter()
-    .map(str::to_owned)
-    .collect()
+    let mut args = vec!["inventory-consumer".to_owned()];
+    args.extend(broker.to_args());
+    args
 }
 
 /// Writes PENDING orders (one per entry of `orders`: its lines as sku and

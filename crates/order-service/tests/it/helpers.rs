@@ -27,21 +27,9 @@ pub async fn spawn_app(db: PgPool) -> TestApp {
 
 /// The API with its relay, publishing to this test's own exchange and queues.
 pub async fn spawn_app_with_relay(db: PgPool, broker: &BrokerConfig) -> TestApp {
-    let args = [
-        "--amqp-url",
-        &broker.amqp_url,
-        "--exchange",
-        &broker.exchange,
-        "--inventory-queue",
-        &broker.inventory_queue,
-        "--dead-letter-exchange",
-        &broker.dead_letter_exchange,
-        "--dead-letter-queue",
-        &broker.dead_letter_queue,
-        "--relay-poll-interval-ms",
-        "100",
-    ];
-    spawn_with_args(db, &args).await
+    let mut args = broker.to_args();
+    args.extend(["--relay-poll-interval-ms".to_owned(), "100".to_owned()]);
+    spawn_with_args(db, &args.iter().map(String::as_str).collect::<Vec<_>>()).await
 }
 
 async fn spawn_with_args(db: PgPool, args: &[&str]) -> TestApp {
