@@ -1,0 +1,176 @@
+//! The report: what was sent, how it was answered, how fast, and whether every
+//! order was decided. Serialised as the `--json` object, or printed as a table.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Requests sent; always `ok + client_errors + server_errors + transport_errors`.
+    pub sent: u64,
+    /// Answered 2xx.
+    pub ok: u64,
+    /// Answered 4xx.
+    pub client_errors: u64,
+    /// Answered 5xx, or any other status that is neither 2xx nor 4xx.
+    pub server_errors: u64,
+    /// Not answered: connection refused or reset, timed out, body cut short.
+    pub transport_errors: u64,
+    /// 2xx answers whose body held no order id; their orders cannot be followed.
+    pub unreadable_bodies: u64,
+    /// Answers by HTTP status code.
+    pub status_codes: BTreeMap<String, u64>,
+    /// From the first request to the last answer.
+    pub elapsed_seconds: f64,
+    /// `sent / elapsed_seconds`.
+    pub throughput_rps: f64,
+    /// Of every answered request; in open-loop mode measured from the time the
+    /// request was due.
+    pub latency_ms: Latency,
+    /// Whether convergence was waited for (false with `--no-wait`).
+    pub waited: bool,
+    /// Every order answered 2xx is COMPLETED or REJECTED. False when not waited for.
+    pub converged: bool,
+    /// Time spent waiting after the load: the time to converge when `converged`,
+    /// the timeout otherwise; `null` when not waited for.
+    pub converge_seconds: Option<f64>,
+    /// From an order's creation to its decision, of the orders decided.
+    pub e2e_lag_ms: Lag,
+    /// The created orders by status as last read (empty when not waited for).
+    pub status_counts: BTreeMap<String, u64>,
+    /// Created orders the database does not hold.
+    pub not_found: u64,
+    /// The first few error answers, to say why a run failed.
+    pub error_samples: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Latency {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Lag {
+    /// Orders measured; the percentiles are `null` when it is 0.
+    pub count: u64,
+    pub p50: Option<f64>,
+    pub p99: Option<f64>,
+    pub max: Option<f64>,
+}
+
+impl Latency {
+    /// From a histogram of microseconds; all 0 when it is empty.
+    pub fn from_micros(histogram: &Histogram<u64>) -> Self {
+        let at = |quantile| millis(histogram.value_at_quantile(quantile));
+        Self {
+            p50: at(0.5),
+            p90: at(0.9),
+            p99: at(0.99),
+            p999: at(0.999),
+            max: millis(histogram.max()),
+        }
+    }
+}
+
+impl Lag {
+    /// From a histogram of microseconds.
+    pub fn from_micros(histogram: &Histogram<u64>) -> Self {
+        let count = histogram.len();
+        let at = |quantile| (count > 0).then(|| millis(histogram.value_at_quantile(quantile)));
+        Self {
+            count,
+            p50: at(0.5),
+            p99: at(0.99),
+            max: (count > 0).then(|| millis(histogram.max())),
+        }
+    }
+}
+
+fn millis(micros: u64) -> f64 {
+    micros as f64 / 1_000.0
+}
+
+impl Report {
+    /// Every request answered 2xx with an order id, and every order decided
+    /// unless convergence was not waited for.
+    pub fn passed(&self) -> bool {
+        self.sent > 0
+            && self.ok == self.sent
+            && self.unreadable_bodies == 0
+            && (!self.waited || self.converged)
+    }
+}
+
+/// The table printed without `--json`.
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let row =
+            |f: &mut fmt::Formatter<'_>, label: &str, value: &dyn fmt::Display, unit: &str| {
+                writeln!(f, "  {label:<20} {value:>12} {unit}")
+            };
+        writeln!(f, "requests")?;
+        row(f, "sent", &self.sent, "")?;
+        row(f, "2xx", &self.ok, "")?;
+        row(f, "4xx", &self.client_errors, "")?;
+        row(f, "5xx / other", &self.server_errors, "")?;
+        row(f, "transport errors", &self.transport_errors, "")?;
+        if self.unreadable_bodies > 0 {
+            row(f, "2xx without an id", &self.unreadable_bodies, "")?;
+        }
+        row(f, "elapsed", &format_args!("{:.2}", self.elapsed_seconds), "s")?;
+        row(f, "throughput", &format_args!("{:.1}", self.throughput_rps), "req/s")?;
+        writeln!(f, "latency")?;
+        let latency = &self.latency_ms;
+        for (label, value) in [
+            ("p50", latency.p50),
+            ("p90", latency.p90),
+            ("p99", latency.p99),
+            ("p99.9", latency.p999),
+            ("max", latency.max),
+        ] {
+            row(f, label, &format_args!("{value:.3}"), "ms")?;
+        }
+        writeln!(f, "convergence")?;
+        match (self.waited, self.converged, self.converge_seconds) {
+            (false, _, _) => row(f, "not checked", &"--no-wait", "")?,
+            (true, true, Some(seconds)) => {
+                row(f, "converged in", &format_args!("{seconds:.2}"), "s")?
+            }
+            (true, _, seconds) => row(
+                f,
+                "NOT converged after",
+                &format_args!("{:.2}", seconds.unwrap_or_default()),
+                "s",
+            )?,
+        }
+        if self.waited {
+            let lag = &self.e2e_lag_ms;
+            for (label, value) in [("e2e lag p50", lag.p50), ("e2e lag p99", lag.p99)] {
+                match value {
+                    Some(value) => row(f, label, &format_args!("{value:.1}"), "ms")?,
+                    None => row(f, label, &"-", "")?,
+                }
+            }
+            for (status, count) in &self.status_counts {
+                row(f, status, count, "orders")?;
+            }
+            if self.not_found > 0 {
+                row(f, "NOT FOUND", &self.not_found, "orders")?;
+            }
+        }
+        if !self.error_samples.is_empty() {
+            writeln!(f, "first errors")?;
+            for sample in &self.error_samples {
+                writeln!(f, "  {sample}")?;
+            }
+        }
+        Ok(())
+    }
+}

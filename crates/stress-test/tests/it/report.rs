@@ -1,0 +1,135 @@
+//! The report of the binary: its keys, its counts, and its exit status.
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+
+use crate::helpers::{assert_report_shape, spawn_app, status_total, stress_test};
+
+#[sqlx::test(migrator = "common::MIGRATOR")]
+async fn orders_left_pending_are_reported_and_fail_the_run(db: PgPool) {
+    let app = spawn_app(db).await;
+
+    let run = stress_test(&[
+        "--url",
+        &app.address,
+        "--database-url",
+        &app.database_url,
+        "--orders",
+        "50",
+        "--concurrency",
+        "4",
+        "--timeout",
+        "2",
+    ])
+    .await;
+
+    let report = &run.report;
+    assert_report_shape(report);
+    assert_eq!(run.u64("sent"), 50, "{report}");
+    assert_eq!(run.u64("ok"), 50, "{report}");
+    assert_eq!(report["status_codes"]["201"], 50, "{report}");
+    assert_eq!(report["waited"], true);
+    assert_eq!(report["converged"], false, "no consumer runs: {report}");
+    assert!(report["converge_seconds"].as_f64().expect("waited") >= 2.0, "{report}");
+    assert_eq!(status_total(report), run.u64("ok"), "{report}");
+    assert_eq!(report["status_counts"]["PENDING"], 50, "{report}");
+    assert_eq!(run.u64("not_found"), 0, "{report}");
+    assert_eq!(report["e2e_lag_ms"]["count"], 0, "{report}");
+    assert_eq!(run.exit_code(), Some(1), "not converging fails the run");
+
+    let (orders,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM orders").fetch_one(&app.db).await.expect("count");
+    assert_eq!(orders, 50, "the report counts the orders the service stored");
+}
+
+#[sqlx::test(migrator = "common::MIGRATOR")]
+async fn a_run_whose_orders_are_all_decided_converges_and_passes(db: PgPool) {
+    let app = spawn_app(db).await;
+    // Stands in for the inventory consumer: decides every pending order.
+    let decider = tokio::spawn({
+        let db = app.db.clone();
+        async move {
+            loop {
+                sqlx::query(
+                    "UPDATE orders SET status = 'COMPLETED', updated_at = now()
+                     WHERE status = 'PENDING'",
+                )
+                .execute(&db)
+                .await
+                .expect("orders decided");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    });
+
+    let run = stress_test(&[
+        "--url",
+        &app.address,
+        "--database-url",
+        &app.database_url,
+        "--orders",
+        "40",
+        "--concurrency",
+        "4",
+        "--rate",
+        "200",
+        "--timeout",
+        "30",
+    ])
+    .await;
+    decider.abort();
+
+    let report = &run.report;
+    assert_report_shape(report);
+    assert_eq!(run.u64("sent"), 40, "{report}");
+    assert_eq!(run.u64("ok"), 40, "{report}");
+    assert_eq!(report["converged"], true, "{report}");
+    assert!(report["converge_seconds"].as_f64().expect("a time") < 30.0, "{report}");
+    assert_eq!(report["status_counts"]["COMPLETED"], 40, "{report}");
+    assert_eq!(report["status_counts"]["PENDING"], 0, "{report}");
+    assert_eq!(status_total(report), 40, "{report}");
+    assert_eq!(report["e2e_lag_ms"]["count"], 40, "{report}");
+    assert!(report["e2e_lag_ms"]["p50"].is_number(), "{report}");
+    assert!(report["e2e_lag_ms"]["p99"].is_number(), "{report}");
+    assert_eq!(run.exit_code(), Some(0), "stderr: {}", String::from_utf8_lossy(&run.output.stderr));
+}
+
+#[sqlx::test(migrator = "common::MIGRATOR")]
+async fn refused_requests_are_client_errors(db: PgPool) {
+    let app = spawn_app(db).await;
+
+    // POST <address>/nope/orders: no such route, every answer is a 404.
+    let url = format!("{}/nope", app.address);
+    let run =
+        stress_test(&["--url", &url, "--orders", "10", "--concurrency", "2", "--no-wait"]).await;
+
+    let report = &run.report;
+    assert_report_shape(report);
+    assert_eq!(run.u64("sent"), 10, "{report}");
+    assert_eq!(run.u64("client_errors"), 10, "{report}");
+    assert_eq!(report["status_codes"]["404"], 10, "{report}");
+    assert_eq!(report["waited"], false);
+    assert_eq!(report["converged"], false);
+    assert!(report["converge_seconds"].is_null(), "{report}");
+    assert!(!report["error_samples"].as_array().expect("samples").is_empty(), "{report}");
+    assert_eq!(run.exit_code(), Some(1));
+}
+
+#[tokio::test]
+async fn an_unreachable_service_gives_transport_errors() {
+    // A port that was free a moment ago: nothing listens there.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    let url = format!("http://{}", listener.local_addr().expect("address"));
+    drop(listener);
+
+    let run =
+        stress_test(&["--url", &url, "--orders", "8", "--concurrency", "2", "--no-wait"]).await;
+
+    let report = &run.report;
+    assert_report_shape(report);
+    assert_eq!(run.u64("sent"), 8, "{report}");
+    assert_eq!(run.u64("transport_errors"), 8, "{report}");
+    assert_eq!(run.u64("ok"), 0, "{report}");
+    assert_eq!(run.exit_code(), Some(1));
+}
