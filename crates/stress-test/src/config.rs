@@ -23,8 +23,9 @@ this: the report then says \"waited\": false and \"converged\": false, and only 
 results decide the exit status.
 
 Exit status: 0 when every request was answered 2xx and, unless --no-wait, every order \
-converged; 1 when a request failed or the orders did not converge in time; 2 when the \
-run could not start (bad arguments, database unreachable)."
+converged; 1 when a request failed, the orders did not converge in time, or SIGINT/SIGTERM \
+cut the run short (the report still covers what was done); 2 when the run could not start \
+(bad arguments, database unreachable)."
 )]
 pub struct Config {
     /// Base URL of the order API; orders are POSTed to `<url>/orders`.

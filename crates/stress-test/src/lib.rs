@@ -68,6 +68,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         e2e_lag_ms: Lag::from_micros(&load::micros_histogram()),
         status_counts: Default::default(),
         not_found: 0,
+        interrupted: false,
         error_samples: tally.error_samples,
     };
 
@@ -86,6 +87,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         report.status_counts = convergence.status_counts;
         report.not_found = convergence.not_found;
     }
+    report.interrupted = shutdown.is_cancelled();
     Ok(report)
 }
 

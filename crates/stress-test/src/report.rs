@@ -43,6 +43,8 @@ pub struct Report {
     pub status_counts: BTreeMap<String, u64>,
     /// Created orders the database does not hold.
     pub not_found: u64,
+    /// Stopped early by SIGINT or SIGTERM: the counts cover what was done.
+    pub interrupted: bool,
     /// The first few error answers, to say why a run failed.
     pub error_samples: Vec<String>,
 }
@@ -98,10 +100,11 @@ fn millis(micros: u64) -> f64 {
 }
 
 impl Report {
-    /// Every request answered 2xx with an order id, and every order decided
-    /// unless convergence was not waited for.
+    /// Every request answered 2xx with an order id, every order decided unless
+    /// convergence was not waited for, and the run not cut short.
     pub fn passed(&self) -> bool {
         self.sent > 0
+            && !self.interrupted
             && self.ok == self.sent
             && self.unreadable_bodies == 0
             && (!self.waited || self.converged)
@@ -111,9 +114,11 @@ impl Report {
 /// The table printed without `--json`.
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The value is made a string first: `format_args!` values ignore the width.
         let row =
             |f: &mut fmt::Formatter<'_>, label: &str, value: &dyn fmt::Display, unit: &str| {
-                writeln!(f, "  {label:<20} {value:>12} {unit}")
+                let line = format!("  {label:<20} {:>12} {unit}", value.to_string());
+                writeln!(f, "{}", line.trim_end())
             };
         writeln!(f, "requests")?;
         row(f, "sent", &self.sent, "")?;
@@ -165,6 +170,9 @@ impl fmt::Display for Report {
                 row(f, "NOT FOUND", &self.not_found, "orders")?;
             }
         }
+        if self.interrupted {
+            writeln!(f, "INTERRUPTED: the run was stopped early")?;
+        }
         if !self.error_samples.is_empty() {
             writeln!(f, "first errors")?;
             for sample in &self.error_samples {
@@ -172,5 +180,59 @@ impl fmt::Display for Report {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report() -> Report {
+        let empty = Histogram::new(3).expect("histogram");
+        Report {
+            sent: 10,
+            ok: 10,
+            client_errors: 0,
+            server_errors: 0,
+            transport_errors: 0,
+            unreadable_bodies: 0,
+            status_codes: BTreeMap::from([("201".to_owned(), 10)]),
+            elapsed_seconds: 1.0,
+            throughput_rps: 10.0,
+            latency_ms: Latency::from_micros(&empty),
+            waited: true,
+            converged: true,
+            converge_seconds: Some(0.5),
+            e2e_lag_ms: Lag::from_micros(&empty),
+            status_counts: BTreeMap::new(),
+            not_found: 0,
+            interrupted: false,
+            error_samples: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_run_passes_only_when_everything_went_right() {
+        assert!(report().passed());
+        assert!(Report { waited: false, converged: false, ..report() }.passed());
+        assert!(!Report { converged: false, ..report() }.passed());
+        assert!(!Report { ok: 9, server_errors: 1, ..report() }.passed());
+        assert!(!Report { ok: 9, transport_errors: 1, ..report() }.passed());
+        assert!(!Report { unreadable_bodies: 1, ..report() }.passed());
+        assert!(!Report { interrupted: true, ..report() }.passed());
+        assert!(!Report { sent: 0, ok: 0, ..report() }.passed());
+    }
+
+    #[test]
+    fn percentiles_are_milliseconds_and_absent_without_samples() {
+        let mut micros = Histogram::<u64>::new(3).expect("histogram");
+        for value in 1..=1_000 {
+            micros.record(value * 1_000).expect("recorded");
+        }
+        let latency = Latency::from_micros(&micros);
+        assert!((latency.p50 - 500.0).abs() < 1.0, "{latency:?}");
+        assert!((latency.max - 1_000.0).abs() < 1.0, "{latency:?}");
+        let lag = Lag::from_micros(&Histogram::new(3).expect("histogram"));
+        assert_eq!((lag.count, lag.p50, lag.p99), (0, None, None));
     }
 }

@@ -99,6 +99,7 @@ pub fn assert_report_shape(report: &Value) {
     }
     assert!(report["converged"].is_boolean(), "converged is not a bool: {report}");
     assert!(report["waited"].is_boolean(), "waited is not a bool: {report}");
+    assert_eq!(report["interrupted"], false, "nothing interrupted the run: {report}");
     let converge_seconds = &report["converge_seconds"];
     assert!(
         converge_seconds.is_number() || converge_seconds.is_null(),
