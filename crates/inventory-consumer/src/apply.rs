@@ -51,16 +51,22 @@ pub async fn apply_batch(
     consumer: &str,
     messages: &[Message],
 ) -> sqlx::Result<Vec<Outcome>> {
+    // Row locks are `FOR NO KEY UPDATE`, the lock an UPDATE that leaves the key
+    // alone takes. `FOR UPDATE` would also conflict with the `FOR KEY SHARE` locks
+    // that order-service's foreign-key checks take on `inventory` while inserting
+    // order lines, and the two would deadlock under load.
+    //
     // 1. Lock the orders. This also serialises two deliveries of one message:
     //    the second waits here until the first commits.
     let mut order_ids: Vec<Uuid> = messages.iter().map(|m| m.event.order_id).collect();
     order_ids.sort_unstable();
     order_ids.dedup();
-    let rows: Vec<(Uuid, String)> =
-        sqlx::query_as("SELECT id, status FROM orders WHERE id = ANY($1) ORDER BY id FOR UPDATE")
-            .bind(&order_ids)
-            .fetch_all(&mut **tx)
-            .await?;
+    let rows: Vec<(Uuid, String)> = sqlx::query_as(
+        "SELECT id, status FROM orders WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE",
+    )
+    .bind(&order_ids)
+    .fetch_all(&mut **tx)
+    .await?;
     let mut status: HashMap<Uuid, String> = rows.into_iter().collect();
 
     // 2. Record the message ids of known orders; only the new ones take effect.
@@ -79,7 +85,8 @@ pub async fn apply_batch(
     skus.sort_unstable();
     skus.dedup();
     let mut available: HashMap<String, i64> = sqlx::query_as(
-        "SELECT sku, available::int8 FROM inventory WHERE sku = ANY($1) ORDER BY sku FOR UPDATE",
+        "SELECT sku, available::int8 FROM inventory WHERE sku = ANY($1)
+         ORDER BY sku FOR NO KEY UPDATE",
     )
     .bind(&skus)
     .fetch_all(&mut **tx)

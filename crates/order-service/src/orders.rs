@@ -140,6 +140,8 @@ pub async fn place(
             unit_price_cents: *price,
         });
     }
+    // In SKU order, as `GET /orders/{id}` lists them.
+    items.sort_unstable_by(|a, b| a.sku.cmp(&b.sku));
     let total_cents =
         items.iter().map(|item| i64::from(item.quantity) * item.unit_price_cents).sum();
 
@@ -155,6 +157,7 @@ pub async fn place(
     .fetch_one(&mut **tx)
     .await?;
 
+    let skus: Vec<&str> = items.iter().map(|item| item.sku.as_str()).collect();
     let quantities: Vec<i32> = items.iter().map(|item| item.quantity).collect();
     let unit_prices: Vec<i64> = items.iter().map(|item| item.unit_price_cents).collect();
     sqlx::query(

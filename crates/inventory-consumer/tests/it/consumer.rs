@@ -112,6 +112,38 @@ async fn two_transactions_applying_one_message_take_effect_once(db: PgPool) {
     assert_eq!(available(&db, "SKU-005").await, before - 3);
 }
 
+/// Placing an order takes `FOR KEY SHARE` locks on its SKUs (the foreign-key
+/// checks of its lines). Applying must not wait for them: if it did, a consumer
+/// and order-service locking two SKUs in opposite orders would deadlock.
+#[sqlx::test(migrator = "common::MIGRATOR")]
+async fn applying_does_not_wait_for_an_order_being_placed(db: PgPool) {
+    let messages = insert_orders(&db, &[vec![("SKU-006", 1)]]).await;
+    let mut placing = db.begin().await.expect("begin");
+    let placing_id = Uuid::now_v7();
+    sqlx::query("INSERT INTO orders (id, customer_id, total_cents) VALUES ($1, 'other', 0)")
+        .bind(placing_id)
+        .execute(&mut *placing)
+        .await
+        .expect("insert order");
+    sqlx::query(
+        "INSERT INTO order_lines (order_id, sku, quantity, unit_price_cents)
+         VALUES ($1, 'SKU-006', 1, 0)",
+    )
+    .bind(placing_id)
+    .execute(&mut *placing)
+    .await
+    .expect("insert line");
+
+    let mut tx = db.begin().await.expect("begin");
+    sqlx::query("SET LOCAL lock_timeout = '2s'").execute(&mut *tx).await.expect("lock_timeout");
+    let outcomes = apply_batch(&mut tx, "inventory", &messages)
+        .await
+        .expect("applies without waiting for the order being placed");
+    tx.commit().await.expect("commit");
+    assert_eq!(outcomes, [Outcome::Completed]);
+    placing.rollback().await.expect("rollback");
+}
+
 #[sqlx::test(migrator = "common::MIGRATOR")]
 async fn out_of_stock_orders_are_rejected_and_take_no_stock(db: PgPool) {
     let broker = TestBroker::new().await;
