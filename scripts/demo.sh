@@ -245,6 +245,12 @@ psql_demo -c "SELECT status, count(*) FROM orders GROUP BY status ORDER BY statu
 echo "== outbox backlog (no rows: every event was published)"
 psql_demo -c "SELECT state, count(*) FROM outbox GROUP BY state ORDER BY state"
 
+echo "== peak memory (VmHWM)"
+for i in "${!pids[@]}"; do
+    rss=$(awk '/^VmHWM/ { printf "%.1f MiB", $2 / 1024 }' "/proc/${pids[$i]}/status" 2>/dev/null || true)
+    printf '   %-20s %s\n' "${names[$i]}" "${rss:-unknown (no /proc)}"
+done
+
 if ((stress_status != 0)); then
     fail "stress-test failed (status $stress_status)"
 fi
