@@ -11,6 +11,7 @@ use axum::{Json, Router};
 use outbox::metrics::RelayMetrics;
 use outbox::relay::RelayStatus;
 use prometheus_client::registry::Registry;
+use serde::Serialize;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use tower_http::timeout::TimeoutLayer;
@@ -82,10 +83,12 @@ async fn create_order(
     }
     tx.commit().await?;
     tracing::info!(order_id = %order.id, total_cents = order.total_cents, "order placed");
-    Ok(created(StatusCode::CREATED, order.id, body))
+    // Serialised from the struct, as `GET /orders/{id}` is, so the fields come in
+    // the same order (`body` is a map, and sorts them).
+    Ok(created(StatusCode::CREATED, order.id, order))
 }
 
-fn created(status: StatusCode, id: Uuid, body: Value) -> Response {
+fn created(status: StatusCode, id: Uuid, body: impl Serialize) -> Response {
     let location =
         HeaderValue::from_str(&format!("/orders/{id}")).expect("a UUID path is a valid header");
     (status, [(header::LOCATION, location)], Json(body)).into_response()
