@@ -13,8 +13,17 @@ use crate::error::{ApiError, Result};
 pub const MAX_ITEMS: usize = 100;
 /// Largest quantity of one line.
 pub const MAX_QUANTITY: i64 = 1_000;
-/// Longest customer id or SKU accepted.
+/// Longest customer id or SKU accepted, in characters.
 pub const MAX_ID_LEN: usize = 100;
+
+/// Whether `text` is acceptable as a customer id or SKU: 1 to [`MAX_ID_LEN`]
+/// characters, none of them a control character. Postgres `text` cannot hold
+/// U+0000 at all (the insert would fail, a 500), and the other control characters
+/// (newlines, escapes) have no place in an identifier and confuse logs and psql.
+fn is_valid_id(text: &str) -> bool {
+    let length = text.chars().count();
+    (1..=MAX_ID_LEN).contains(&length) && !text.chars().any(char::is_control)
+}
 
 /// The body of `POST /orders`. Unknown fields are refused, so a typo such as
 /// `"item"` is an error rather than an empty order.
@@ -43,11 +52,10 @@ pub struct ValidLine {
 impl CreateOrder {
     /// Checks everything that can be checked without the database.
     pub fn validate(&self) -> Result<Vec<ValidLine>> {
-        let customer_id = self.customer_id.trim();
-        if customer_id.is_empty() || customer_id.len() > MAX_ID_LEN {
+        if !is_valid_id(self.customer_id.trim()) {
             return Err(ApiError::validation(
                 "invalid_customer_id",
-                format!("customer_id must be 1 to {MAX_ID_LEN} characters"),
+                format!("customer_id must be 1 to {MAX_ID_LEN} characters, none of them a control character"),
             ));
         }
         if self.items.is_empty() {
@@ -61,10 +69,12 @@ impl CreateOrder {
         }
         let mut lines: Vec<ValidLine> = Vec::with_capacity(self.items.len());
         for (index, item) in self.items.iter().enumerate() {
-            if item.sku.is_empty() || item.sku.len() > MAX_ID_LEN {
+            if !is_valid_id(&item.sku) {
                 return Err(ApiError::validation(
                     "invalid_sku",
-                    format!("items[{index}].sku must be 1 to {MAX_ID_LEN} characters"),
+                    format!(
+                        "items[{index}].sku must be 1 to {MAX_ID_LEN} characters, none of them a control character"
+                    ),
                 ));
             }
             let quantity = i32::try_from(item.quantity)
@@ -274,5 +284,21 @@ mod tests {
         let mut blank_customer = request(&[("SKU-001", 1)]);
         blank_customer.customer_id = "  ".to_owned();
         assert_eq!(code_of(blank_customer.validate()), "invalid_customer_id");
+    }
+
+    #[test]
+    fn control_characters_are_refused_in_ids() {
+        for bad in ["\u{0}", "SKU\u{0}001", "a\nb", "\u{1b}[31m", "\u{7f}", "\u{85}"] {
+            assert_eq!(code_of(request(&[(bad, 1)]).validate()), "invalid_sku", "{bad:?}");
+            let mut order = request(&[("SKU-001", 1)]);
+            order.customer_id = bad.to_owned();
+            assert_eq!(code_of(order.validate()), "invalid_customer_id", "{bad:?}");
+        }
+        // Length counts characters, not bytes: 100 non-ASCII characters are fine.
+        let mut order = request(&[("SKU-001", 1)]);
+        order.customer_id = "é".repeat(MAX_ID_LEN);
+        assert!(order.validate().is_ok());
+        order.customer_id = "é".repeat(MAX_ID_LEN + 1);
+        assert_eq!(code_of(order.validate()), "invalid_customer_id");
     }
 }

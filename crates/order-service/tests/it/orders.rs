@@ -147,6 +147,14 @@ async fn bad_input_gets_a_named_4xx_and_writes_nothing(db: PgPool) {
         ("quantity as text", item("SKU-001", json!("2")), 422, "invalid_body"),
         ("unknown SKU", item("NO-SUCH-SKU", json!(1)), 422, "unknown_sku"),
         ("empty SKU", item("", json!(1)), 422, "invalid_sku"),
+        // Postgres text cannot hold U+0000: these were a 500 before validation refused them.
+        ("NUL in a SKU", item("SKU\u{0}001", json!(1)), 422, "invalid_sku"),
+        (
+            "NUL in the customer",
+            json!({"customer_id": "\u{0}", "items": [{"sku": "SKU-001", "quantity": 1}]}),
+            422,
+            "invalid_customer_id",
+        ),
         (
             "missing customer",
             json!({"items": [{"sku": "SKU-001", "quantity": 1}]}),
