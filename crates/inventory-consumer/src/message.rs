@@ -3,8 +3,9 @@
 //! A message that fails here can never succeed, however often it is retried, so it
 //! is rejected without requeue and the broker moves it to the dead-letter queue.
 
-use common::events::OrderPlaced;
+use common::events::{OrderPlaced, VERSION_HEADER};
 use lapin::message::Delivery;
+use lapin::types::AMQPValue;
 use uuid::Uuid;
 
 /// A delivery's event, identified by the message id the outbox gave it.
@@ -25,6 +26,13 @@ pub fn decode(delivery: &Delivery) -> Result<Message, String> {
         Some(kind) => return Err(format!("unknown event type {:?}", kind.as_str())),
         None => return Err("the message has no type".to_owned()),
     }
+    let version = match properties.headers().as_ref().and_then(|h| h.inner().get(VERSION_HEADER)) {
+        None => None,
+        Some(AMQPValue::LongString(text)) => Some(String::from_utf8_lossy(text.as_bytes()).into_owned()),
+        Some(AMQPValue::ShortString(text)) => Some(text.as_str().to_owned()),
+        Some(other) => return Err(format!("header {VERSION_HEADER} is not text: {other:?}")),
+    };
+    OrderPlaced::check_version(version.as_deref())?;
     let event: OrderPlaced = serde_json::from_slice(&delivery.data)
         .map_err(|error| format!("the body is not a valid OrderPlaced event: {error}"))?;
     check(&event)?;
