@@ -1,11 +1,13 @@
-//! Connecting to Postgres: create the database if it does not exist, open one
-//! pool for the process and bring the schema up to date.
+//! Connecting to Postgres: create the database if it does not exist, open the
+//! process's pools with the session settings every connection needs, and bring
+//! the schema up to date.
 
+use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::Context;
 use sqlx::migrate::MigrateDatabase;
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 /// Database settings shared by both services.
 #[derive(Debug, Clone, clap::Args)]
@@ -31,10 +33,11 @@ impl DbConfig {
     /// Creates the database when missing, connects, and runs the migrations.
     pub async fn connect_and_migrate(&self) -> anyhow::Result<PgPool> {
         ensure_database_exists(&self.database_url).await?;
-        let pool = PgPoolOptions::new()
-            .max_connections(self.db_max_connections)
-            .acquire_timeout(Duration::from_millis(self.db_acquire_timeout_ms))
-            .connect(&self.database_url)
+        let options = PgConnectOptions::from_str(&self.database_url).with_context(|| {
+            format!("DATABASE_URL {} is not a Postgres URL", redact(&self.database_url))
+        })?;
+        let pool = pool_options(self.db_max_connections, self.db_acquire_timeout_ms)
+            .connect_with(with_session_settings(options))
             .await
             .with_context(|| {
                 format!("cannot connect to Postgres at {}", redact(&self.database_url))
@@ -42,6 +45,35 @@ impl DbConfig {
         crate::MIGRATOR.run(&pool).await.context("cannot apply the database migrations")?;
         Ok(pool)
     }
+}
+
+/// A second pool to the database of `pool`, of at most `max_connections`, for
+/// work that must not compete with the first pool's users (the relay beside the
+/// API). Connections are opened lazily.
+pub fn sibling_pool(pool: &PgPool, max_connections: u32, acquire_timeout_ms: u64) -> PgPool {
+    let options = (*pool.connect_options()).clone();
+    pool_options(max_connections, acquire_timeout_ms).connect_lazy_with(with_session_settings(options))
+}
+
+fn pool_options(max_connections: u32, acquire_timeout_ms: u64) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .max_connections(max_connections.max(1))
+        .acquire_timeout(Duration::from_millis(acquire_timeout_ms))
+}
+
+/// The session settings of every connection the services open.
+///
+/// `plan_cache_mode = force_custom_plan`: sqlx prepares each statement once per
+/// connection and reuses it. After five executions Postgres may switch such a
+/// statement to a generic plan and keep it for the connection's life; a generic
+/// plan made while a table was empty is a sequential scan (of `orders`, say),
+/// and without an ANALYZE nothing ever replaces it, so every batch reads the
+/// whole table as it grows (measured: the consumer ten times slower within twenty
+/// minutes). A custom plan is made at each execution from the table's current
+/// size and the actual parameters; planning these short statements costs far
+/// less than one wrong plan.
+pub fn with_session_settings(options: PgConnectOptions) -> PgConnectOptions {
+    options.options([("plan_cache_mode", "force_custom_plan")])
 }
 
 async fn ensure_database_exists(url: &str) -> anyhow::Result<()> {

@@ -1,6 +1,7 @@
 //! Configuration, by flag or environment variable; `--help` lists every setting.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use common::broker::BrokerConfig;
 use common::db::DbConfig;
@@ -39,4 +40,18 @@ pub struct Config {
     /// at once.
     #[arg(long, env = "BATCH_SIZE", default_value_t = 128)]
     pub batch_size: usize,
+
+    /// How long a processed message id is remembered (`7d`, `12h`, `4s`). A
+    /// redelivery older than this counts as new; for OrderPlaced that is harmless,
+    /// as its order is no longer PENDING. Keep it well above the longest time a
+    /// message can spend in the queue or the dead-letter queue before a replay.
+    #[arg(long, env = "DEDUP_WINDOW", default_value = "7d",
+          value_parser = humantime::parse_duration)]
+    pub dedup_window: Duration,
+
+    /// How often processed message ids past the dedup window are swept (one
+    /// replica at a time does it).
+    #[arg(long, env = "SWEEP_INTERVAL", default_value = "1m",
+          value_parser = humantime::parse_duration)]
+    pub sweep_interval: Duration,
 }

@@ -8,6 +8,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use outbox::supervisor::Health;
 use prometheus_client::registry::Registry;
 use serde_json::json;
 use sqlx::PgPool;
@@ -16,6 +17,8 @@ use sqlx::PgPool;
 pub struct HttpState {
     pub db: PgPool,
     pub connected_workers: Arc<AtomicUsize>,
+    /// Whether a supervised task crashed and is not running again.
+    pub health: Health,
     pub registry: Arc<Registry>,
 }
 
@@ -27,16 +30,19 @@ pub fn router(state: HttpState) -> Router {
         .with_state(state)
 }
 
-/// `GET /readyz`: consuming, which needs both the database and the broker.
+/// `GET /readyz`: consuming, which needs the database, the broker (at least one
+/// worker consuming) and no task crashed and waiting to be restarted.
 async fn readyz(State(state): State<HttpState>) -> Response {
     let database_up = common::http::database_answers(&state.db).await;
     let workers = state.connected_workers.load(Ordering::Relaxed);
-    let ready = database_up && workers > 0;
+    let crashed_tasks = state.health.crashed_tasks();
+    let ready = database_up && workers > 0 && crashed_tasks == 0;
     let body = json!({
         "status": if ready { "ready" } else { "not_ready" },
         "database": if database_up { "up" } else { "down" },
         "broker": if workers > 0 { "up" } else { "down" },
         "consuming_workers": workers,
+        "crashed_tasks": crashed_tasks,
     });
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(body)).into_response()

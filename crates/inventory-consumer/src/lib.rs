@@ -5,6 +5,8 @@
 //! [`Application::build`] connects and binds; [`Application::run_until_stopped`]
 //! consumes (several [`worker::Worker`]s, each on its own channel) and serves
 //! `/healthz`, `/readyz` and `/metrics` until the shutdown token is cancelled.
+//! Beside the workers, a sweeper forgets processed message ids past the dedup
+//! window. All of them run under a supervisor that restarts a task that panics.
 
 pub mod apply;
 pub mod config;
@@ -17,6 +19,8 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 
 use anyhow::Context;
+use outbox::retention::{Retention, RetentionMetrics};
+use outbox::supervisor::{CrashSwitch, Supervisor};
 use prometheus_client::registry::Registry;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
@@ -32,7 +36,9 @@ pub struct Application {
     db: PgPool,
     config: Config,
     metrics: ConsumerMetrics,
+    retention_metrics: RetentionMetrics,
     registry: Registry,
+    crash_switch: CrashSwitch,
 }
 
 impl Application {
@@ -51,7 +57,16 @@ impl Application {
             .with_context(|| format!("cannot listen on {}", config.listen_addr))?;
         let mut registry = Registry::default();
         let metrics = ConsumerMetrics::register(&mut registry);
-        Ok(Self { listener, db, config, metrics, registry })
+        let retention_metrics = RetentionMetrics::register(&mut registry);
+        Ok(Self {
+            listener,
+            db,
+            config,
+            metrics,
+            retention_metrics,
+            registry,
+            crash_switch: CrashSwitch::default(),
+        })
     }
 
     pub fn port(&self) -> u16 {
@@ -63,10 +78,16 @@ impl Application {
         self.metrics.clone()
     }
 
+    /// Test hook: the switch that makes a worker panic before its next batch.
+    pub fn crash_switch(&self) -> CrashSwitch {
+        self.crash_switch.clone()
+    }
+
     /// Consumes and serves until `shutdown` is cancelled, then lets each worker
     /// finish the batch in hand and closes its channel: whatever it received but
     /// did not ack goes back to the queue.
-    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+    pub async fn run_until_stopped(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let supervisor = Supervisor::new(&mut self.registry, shutdown.clone());
         let config = &self.config;
         let worker_config = Arc::new(WorkerConfig {
             amqp_url: config.broker.amqp_url.clone(),
@@ -74,6 +95,7 @@ impl Application {
             consumer_name: config.consumer_name.clone(),
             prefetch: config.prefetch.max(1),
             batch_size: config.batch_size.max(1),
+            crash_switch: self.crash_switch.clone(),
         });
         let connected = Arc::new(AtomicUsize::new(0));
         let mut workers = JoinSet::new();
@@ -86,12 +108,29 @@ impl Application {
                 connected: connected.clone(),
                 shutdown: shutdown.clone(),
             };
-            workers.spawn(worker.run());
+            supervisor.spawn(&mut workers, worker.name.clone(), move || worker.clone().run());
         }
+        let retention = Retention::processed_messages(config.dedup_window);
+        let (sweep_db, sweep_interval, sweep_metrics, sweep_shutdown) = (
+            self.db.clone(),
+            config.sweep_interval,
+            self.retention_metrics.clone(),
+            shutdown.clone(),
+        );
+        supervisor.spawn(&mut workers, "processed-message-sweeper", move || {
+            outbox::retention::run(
+                sweep_db.clone(),
+                retention.clone(),
+                sweep_interval,
+                sweep_metrics.clone(),
+                sweep_shutdown.clone(),
+            )
+        });
 
         let state = http::HttpState {
             db: self.db.clone(),
             connected_workers: connected,
+            health: supervisor.health(),
             registry: Arc::new(self.registry),
         };
         tracing::info!(addr = %self.listener.local_addr()?, "inventory-consumer listening");

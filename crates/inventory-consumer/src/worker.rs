@@ -8,7 +8,7 @@
 //! redelivers them, and `processed_messages` turns the redelivery into a no-op.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 
 use anyhow::Context;
 use futures_util::StreamExt;
@@ -20,6 +20,7 @@ use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
 use outbox::amqp::ConsumerQueue;
 use outbox::backoff::Backoff;
+use outbox::supervisor::{CountGuard, CrashSwitch};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -35,14 +36,18 @@ pub struct WorkerConfig {
     pub consumer_name: String,
     pub prefetch: u16,
     pub batch_size: usize,
+    /// Test hook: armed, it makes a worker panic with a batch in hand.
+    pub crash_switch: CrashSwitch,
 }
 
+#[derive(Clone)]
 pub struct Worker {
     pub name: String,
     pub db: PgPool,
     pub config: Arc<WorkerConfig>,
     pub metrics: ConsumerMetrics,
-    /// Workers currently consuming; `/readyz` reports the broker up while > 0.
+    /// Workers currently consuming, each counted by a [`CountGuard`] (so a panic
+    /// cannot leave the count wrong); `/readyz` reports the broker up while > 0.
     pub connected: Arc<AtomicUsize>,
     pub shutdown: CancellationToken,
 }
@@ -64,9 +69,9 @@ impl Worker {
                     trouble.reset();
                     tracing::info!(worker = %self.name, queue = %self.config.topology.queue,
                         "consuming");
-                    self.connected.fetch_add(1, Ordering::Relaxed);
+                    let consuming = CountGuard::new(&self.connected);
                     let result = self.consume(&session).await;
-                    self.connected.fetch_sub(1, Ordering::Relaxed);
+                    drop(consuming);
                     self.close(session).await;
                     if let Err(error) = result {
                         tracing::warn!(worker = %self.name, error = format!("{error:#}"),
@@ -136,6 +141,9 @@ impl Worker {
     /// Applies and settles one batch. `Ok(false)`: shutdown came while the
     /// database was down; the batch stays unacked and will be redelivered.
     async fn handle(&self, channel: &Channel, deliveries: Vec<Delivery>) -> anyhow::Result<bool> {
+        // A panic here drops the session, whose connection closes: the broker
+        // redelivers the batch to the restarted worker or another one.
+        self.config.crash_switch.check(&self.name);
         let mut messages = Vec::with_capacity(deliveries.len());
         let mut message_tags = Vec::with_capacity(deliveries.len());
         let mut poison = Vec::new();

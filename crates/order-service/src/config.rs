@@ -35,6 +35,17 @@ pub struct Config {
     /// How long one request may take before it is answered 408.
     #[arg(long, env = "REQUEST_TIMEOUT_MS", default_value_t = 10_000)]
     pub request_timeout_ms: u64,
+
+    /// How long an Idempotency-Key is remembered (`24h`, `30m`, `4s`). A retry
+    /// with the same key after that creates a new order.
+    #[arg(long, env = "IDEMPOTENCY_KEY_TTL", default_value = "24h",
+          value_parser = humantime::parse_duration)]
+    pub idempotency_key_ttl: Duration,
+
+    /// How often expired Idempotency-Keys are swept (one replica at a time does it).
+    #[arg(long, env = "SWEEP_INTERVAL", default_value = "1m",
+          value_parser = humantime::parse_duration)]
+    pub sweep_interval: Duration,
 }
 
 #[derive(Debug, Clone, clap::Subcommand)]
@@ -70,6 +81,11 @@ pub struct RelayArgs {
     #[arg(long, env = "RELAY_WORKERS", default_value_t = 2)]
     pub relay_workers: usize,
 
+    /// Connections of the relay's own pool, apart from the API's, so neither can
+    /// starve the other: one per worker, one for LISTEN, one for the sweeper.
+    #[arg(long, env = "RELAY_DB_MAX_CONNECTIONS", default_value_t = 4)]
+    pub relay_db_max_connections: u32,
+
     /// Most events a worker publishes per transaction.
     #[arg(long, env = "RELAY_BATCH_SIZE", default_value_t = 200)]
     pub relay_batch_size: i64,
@@ -93,6 +109,18 @@ pub struct RelayArgs {
     /// Longest delay between two attempts of an event.
     #[arg(long, env = "RELAY_RETRY_MAX_MS", default_value_t = 300_000)]
     pub relay_retry_max_ms: u64,
+
+    /// A worker's claim starts this far before the newest event it claimed, so it
+    /// skips the index entries of deleted events; an event whose transaction took
+    /// longer to commit waits for the next full scan.
+    #[arg(long, env = "RELAY_CLAIM_LOOKBACK", default_value = "10s",
+          value_parser = humantime::parse_duration)]
+    pub relay_claim_lookback: Duration,
+
+    /// How often a worker's claim scans all due events instead of starting at its floor.
+    #[arg(long, env = "RELAY_FULL_SCAN_INTERVAL", default_value = "30s",
+          value_parser = humantime::parse_duration)]
+    pub relay_full_scan_interval: Duration,
 }
 
 impl Config {
@@ -109,6 +137,9 @@ impl Config {
             confirm_timeout: Duration::from_millis(relay.relay_confirm_timeout_ms),
             retry_base: Duration::from_millis(relay.relay_retry_base_ms),
             retry_max: Duration::from_millis(relay.relay_retry_max_ms),
+            claim_lookback: relay.relay_claim_lookback,
+            full_scan_interval: relay.relay_full_scan_interval,
+            crash_switch: Default::default(),
         }
     }
 }

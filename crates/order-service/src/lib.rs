@@ -5,6 +5,11 @@
 //! [`Application::build`] binds and connects; [`Application::run_until_stopped`]
 //! serves and relays until the shutdown token is cancelled. Keeping the two apart
 //! lets tests bind port 0 and learn the port before serving.
+//!
+//! The API and the background work (relay, its listener, the sweeper of expired
+//! Idempotency-Keys) use two pools, so a burst of requests cannot starve the
+//! relay of connections, nor a slow broker hold the connections the API needs.
+//! Background tasks run under a supervisor that restarts one that panics.
 
 pub mod config;
 pub mod error;
@@ -17,7 +22,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use outbox::metrics::RelayMetrics;
-use outbox::relay::Relay;
+use outbox::relay::{Relay, RelayConfig};
+use outbox::retention::{Retention, RetentionMetrics};
+use outbox::supervisor::{CrashSwitch, Supervisor};
 use prometheus_client::registry::Registry;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
@@ -27,10 +34,15 @@ pub use config::{Command, Config, OutboxCommand};
 
 pub struct Application {
     listener: TcpListener,
+    /// The API's pool.
     db: PgPool,
+    /// The pool of the relay, its listener and the sweeper.
+    background_db: PgPool,
     config: Config,
     relay_metrics: RelayMetrics,
+    retention_metrics: RetentionMetrics,
     registry: Registry,
+    crash_switch: CrashSwitch,
 }
 
 impl Application {
@@ -41,36 +53,77 @@ impl Application {
         Self::build_with_pool(config, db).await
     }
 
-    /// Like [`Application::build`] with a pool the caller prepared (tests pass
-    /// the per-test database of `#[sqlx::test]`).
+    /// Like [`Application::build`] with the API's pool prepared by the caller
+    /// (tests pass the per-test database of `#[sqlx::test]`); the background
+    /// pool connects to the same database.
     pub async fn build_with_pool(config: Config, db: PgPool) -> anyhow::Result<Self> {
         let listener = TcpListener::bind(config.listen_addr)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen_addr))?;
+        let background_db = common::db::sibling_pool(
+            &db,
+            config.relay.relay_db_max_connections,
+            config.db.db_acquire_timeout_ms,
+        );
         let mut registry = Registry::default();
         let relay_metrics = RelayMetrics::register(&mut registry);
-        Ok(Self { listener, db, config, relay_metrics, registry })
+        let retention_metrics = RetentionMetrics::register(&mut registry);
+        Ok(Self {
+            listener,
+            db,
+            background_db,
+            config,
+            relay_metrics,
+            retention_metrics,
+            registry,
+            crash_switch: CrashSwitch::default(),
+        })
     }
 
     pub fn port(&self) -> u16 {
         self.listener.local_addr().map(|addr| addr.port()).unwrap_or(0)
     }
 
+    /// Test hook: the switch that makes relay workers panic (see [`CrashSwitch`]).
+    pub fn crash_switch(&self) -> CrashSwitch {
+        self.crash_switch.clone()
+    }
+
     /// Serves and relays until `shutdown` is cancelled, then lets in-flight
     /// requests and relay batches finish.
-    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let relay_config = self.config.relay_config();
+    pub async fn run_until_stopped(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let supervisor = Supervisor::new(&mut self.registry, shutdown.clone());
+        let relay_config =
+            RelayConfig { crash_switch: self.crash_switch.clone(), ..self.config.relay_config() };
         let relay = (relay_config.workers > 0).then(|| {
-            Relay::spawn(
-                self.db.clone(),
+            Relay::spawn_supervised(
+                self.background_db.clone(),
                 relay_config,
                 self.relay_metrics.clone(),
-                shutdown.clone(),
+                &supervisor,
+            )
+        });
+        let mut sweeper = tokio::task::JoinSet::new();
+        let retention = Retention::idempotency_keys(self.config.idempotency_key_ttl);
+        let (sweep_db, sweep_interval, sweep_metrics, sweep_shutdown) = (
+            self.background_db.clone(),
+            self.config.sweep_interval,
+            self.retention_metrics.clone(),
+            shutdown.clone(),
+        );
+        supervisor.spawn(&mut sweeper, "idempotency-key-sweeper", move || {
+            outbox::retention::run(
+                sweep_db.clone(),
+                retention.clone(),
+                sweep_interval,
+                sweep_metrics.clone(),
+                sweep_shutdown.clone(),
             )
         });
         let state = routes::AppState {
             db: self.db.clone(),
             relay: relay.as_ref().map(Relay::status),
+            health: supervisor.health(),
             relay_metrics: self.relay_metrics,
             registry: Arc::new(self.registry),
         };
@@ -90,6 +143,8 @@ impl Application {
         if let Some(relay) = relay {
             relay.join().await;
         }
+        while sweeper.join_next().await.is_some() {}
+        self.background_db.close().await;
         self.db.close().await;
         tracing::info!("order-service stopped");
         served

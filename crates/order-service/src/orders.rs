@@ -2,7 +2,7 @@
 //! `OrderPlaced` event in the caller's transaction.
 
 use chrono::{DateTime, Utc};
-use common::events::{ORDER_AGGREGATE, OrderPlaced, OrderPlacedLine};
+use common::events::{ORDER_AGGREGATE, OrderPlaced, OrderPlacedLine, VERSION_HEADER};
 use serde::{Deserialize, Serialize};
 use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
@@ -197,7 +197,10 @@ pub async fn place(
             aggregate_id: id.to_string(),
             event_type: OrderPlaced::EVENT_TYPE.to_owned(),
             payload: serde_json::to_value(&event).map_err(anyhow::Error::from)?,
-            headers: serde_json::Map::new(),
+            headers: serde_json::Map::from_iter([(
+                VERSION_HEADER.to_owned(),
+                serde_json::Value::from(OrderPlaced::VERSION),
+            )]),
         },
     )
     .await?;

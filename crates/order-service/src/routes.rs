@@ -10,6 +10,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use outbox::metrics::RelayMetrics;
 use outbox::relay::RelayStatus;
+use outbox::supervisor::Health;
 use prometheus_client::registry::Registry;
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -28,6 +29,8 @@ pub struct AppState {
     pub db: PgPool,
     /// The in-process relay's broker connectivity; `None` when it is disabled.
     pub relay: Option<RelayStatus>,
+    /// Whether a background task crashed and is not running again.
+    pub health: Health,
     pub relay_metrics: RelayMetrics,
     pub registry: Arc<Registry>,
 }
@@ -111,15 +114,19 @@ async fn get_order(
     Ok(Json(order))
 }
 
-/// `GET /readyz`: ready to take orders, which needs the database only. The broker's
-/// state is reported but does not count: orders are accepted while the broker is
-/// down, their events wait in the outbox.
+/// `GET /readyz`: ready to take orders, which needs the database, and every
+/// background task running (one that crashed is restarted after a pause). The
+/// broker's state is reported but does not count: orders are accepted while the
+/// broker is down, their events wait in the outbox.
 async fn readyz(State(state): State<AppState>) -> Response {
     let database_up = common::http::database_answers(&state.db).await;
-    let status = if database_up { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let crashed_tasks = state.health.crashed_tasks();
+    let ready = database_up && crashed_tasks == 0;
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let body = json!({
-        "status": if database_up { "ready" } else { "not_ready" },
+        "status": if ready { "ready" } else { "not_ready" },
         "database": if database_up { "up" } else { "down" },
+        "crashed_tasks": crashed_tasks,
         "broker": match &state.relay {
             None => "relay disabled",
             Some(relay) if relay.broker_connected() => "up",

@@ -6,7 +6,8 @@
 //!   and deletes only what the broker confirmed; [`store`] has its SQL, including
 //!   listing and replaying dead events.
 //! - [`inbox`] lets a consumer apply each message once although it may be
-//!   delivered more than once.
+//!   delivered more than once; [`retention`] forgets what is past its window.
+//! - [`supervisor`] restarts a background task that panicked.
 //!
 //! The tables are created by the workspace's migrations (`outbox`,
 //! `processed_messages`).
@@ -17,7 +18,9 @@ pub mod inbox;
 pub mod metrics;
 pub mod publisher;
 pub mod relay;
+pub mod retention;
 pub mod store;
+pub mod supervisor;
 
 mod enqueue;
 mod listener;

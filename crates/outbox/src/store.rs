@@ -20,6 +20,7 @@ pub struct OutboxEvent {
     pub headers: Json<Map<String, Value>>,
     pub created_at: DateTime<Utc>,
     pub attempts: i32,
+    pub next_attempt_at: DateTime<Utc>,
 }
 
 impl OutboxEvent {
@@ -29,24 +30,29 @@ impl OutboxEvent {
     }
 }
 
-/// Locks up to `limit` due events, oldest first, skipping rows other workers hold.
+/// Locks up to `limit` due events, oldest first, skipping rows other workers hold;
+/// with `from`, only events due at or after it (the relay's claim floor, which
+/// keeps the index scan clear of the entries of deleted events).
 ///
 /// It must run inside a transaction: outside one the row locks would end with the
 /// statement, and two workers could claim and publish the same rows.
 pub async fn claim_due(
     tx: &mut Transaction<'_, Postgres>,
     limit: i64,
+    from: Option<DateTime<Utc>>,
 ) -> sqlx::Result<Vec<OutboxEvent>> {
     sqlx::query_as(
         "SELECT id, aggregate_type, aggregate_id, event_type, payload::text AS payload,
-                headers, created_at, attempts
+                headers, created_at, attempts, next_attempt_at
          FROM outbox
          WHERE state = 'pending' AND next_attempt_at <= now()
+           AND ($2::timestamptz IS NULL OR next_attempt_at >= $2)
          ORDER BY next_attempt_at, id
          LIMIT $1
          FOR UPDATE SKIP LOCKED",
     )
     .bind(limit)
+    .bind(from)
     .fetch_all(&mut **tx)
     .await
 }
