@@ -37,7 +37,7 @@ impl DbConfig {
             format!("DATABASE_URL {} is not a Postgres URL", redact(&self.database_url))
         })?;
         let pool = pool_options(self.db_max_connections, self.db_acquire_timeout_ms)
-            .connect_with(with_session_settings(options))
+            .connect_with(outbox::store::with_custom_plans(options))
             .await
             .with_context(|| {
                 format!("cannot connect to Postgres at {}", redact(&self.database_url))
@@ -52,28 +52,14 @@ impl DbConfig {
 /// API). Connections are opened lazily.
 pub fn sibling_pool(pool: &PgPool, max_connections: u32, acquire_timeout_ms: u64) -> PgPool {
     let options = (*pool.connect_options()).clone();
-    pool_options(max_connections, acquire_timeout_ms).connect_lazy_with(with_session_settings(options))
+    pool_options(max_connections, acquire_timeout_ms)
+        .connect_lazy_with(outbox::store::with_custom_plans(options))
 }
 
 fn pool_options(max_connections: u32, acquire_timeout_ms: u64) -> PgPoolOptions {
     PgPoolOptions::new()
         .max_connections(max_connections.max(1))
         .acquire_timeout(Duration::from_millis(acquire_timeout_ms))
-}
-
-/// The session settings of every connection the services open.
-///
-/// `plan_cache_mode = force_custom_plan`: sqlx prepares each statement once per
-/// connection and reuses it. After five executions Postgres may switch such a
-/// statement to a generic plan and keep it for the connection's life; a generic
-/// plan made while a table was empty is a sequential scan (of `orders`, say),
-/// and without an ANALYZE nothing ever replaces it, so every batch reads the
-/// whole table as it grows (measured: the consumer ten times slower within twenty
-/// minutes). A custom plan is made at each execution from the table's current
-/// size and the actual parameters; planning these short statements costs far
-/// less than one wrong plan.
-pub fn with_session_settings(options: PgConnectOptions) -> PgConnectOptions {
-    options.options([("plan_cache_mode", "force_custom_plan")])
 }
 
 async fn ensure_database_exists(url: &str) -> anyhow::Result<()> {

@@ -361,9 +361,8 @@ pub async fn relay_batch_from(
     use anyhow::Context;
 
     let mut tx = db.begin().await.context("cannot begin the claim transaction")?;
-    let events = store::claim_due(&mut tx, config.batch_size, from)
-        .await
-        .context("cannot claim events")?;
+    let events =
+        store::claim_due(&mut tx, config.batch_size, from).await.context("cannot claim events")?;
     if events.is_empty() {
         return Ok(Pass::default());
     }

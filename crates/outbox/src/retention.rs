@@ -61,8 +61,9 @@ impl Retention {
         Self::new("idempotency_keys", "created_at", window)
     }
 
-    /// The advisory lock key of this table's sweeper, the same in every replica.
-    fn lock_name(&self) -> String {
+    /// The name of this table's sweeper lock, the same in every replica (the
+    /// advisory lock key is `hashtextextended(name, 0)`).
+    pub fn lock_name(&self) -> String {
         format!("outbox-retention:{}", self.table)
     }
 }
@@ -100,13 +101,13 @@ pub async fn sweep(
         .bind(retention.lock_name())
         .execute(&mut *conn)
         .await;
-    if unlocked.is_err() {
+    if let Err(error) = unlocked {
         // The lock must not outlive this sweep on a pooled connection.
         drop(conn.detach());
+        return Err(error);
     }
     let deleted = swept?;
-    unlocked?;
-    metrics.refresh_oldest(db, retention).await?;
+    metrics.refresh_oldest(&mut conn, retention).await?;
     Ok(Sweep::Deleted(deleted))
 }
 
@@ -215,12 +216,16 @@ impl RetentionMetrics {
         self.swept.get_or_create(&TableLabels { table }).clone()
     }
 
-    async fn refresh_oldest(&self, db: &PgPool, retention: &Retention) -> sqlx::Result<()> {
+    async fn refresh_oldest(
+        &self,
+        conn: &mut PgConnection,
+        retention: &Retention,
+    ) -> sqlx::Result<()> {
         let (table, column) = (retention.table, retention.timestamp_column);
         let age: f64 = sqlx::query_scalar(&format!(
             "SELECT coalesce(extract(epoch FROM now() - min({column})), 0)::float8 FROM {table}"
         ))
-        .fetch_one(db)
+        .fetch_one(conn)
         .await?;
         self.oldest_age_seconds.get_or_create(&TableLabels { table }).set(age);
         Ok(())

@@ -188,9 +188,11 @@ mod tests {
         switch.crash_next(2);
         let runs = Arc::new(AtomicUsize::new(0));
         let mut tasks = JoinSet::new();
-        let (task_switch, task_runs, task_shutdown) = (switch.clone(), runs.clone(), shutdown.clone());
+        let (task_switch, task_runs, task_shutdown) =
+            (switch.clone(), runs.clone(), shutdown.clone());
         supervisor.spawn(&mut tasks, "flaky", move || {
-            let (switch, runs, shutdown) = (task_switch.clone(), task_runs.clone(), task_shutdown.clone());
+            let (switch, runs, shutdown) =
+                (task_switch.clone(), task_runs.clone(), task_shutdown.clone());
             async move {
                 runs.fetch_add(1, Ordering::SeqCst);
                 switch.check("flaky");

@@ -2,4 +2,5 @@
 //! Each test has its own database (`#[sqlx::test]`) and its own exchange and queue.
 
 mod helpers;
+mod months;
 mod relay;
