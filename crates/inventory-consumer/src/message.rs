@@ -28,7 +28,9 @@ pub fn decode(delivery: &Delivery) -> Result<Message, String> {
     }
     let version = match properties.headers().as_ref().and_then(|h| h.inner().get(VERSION_HEADER)) {
         None => None,
-        Some(AMQPValue::LongString(text)) => Some(String::from_utf8_lossy(text.as_bytes()).into_owned()),
+        Some(AMQPValue::LongString(text)) => {
+            Some(String::from_utf8_lossy(text.as_bytes()).into_owned())
+        }
         Some(AMQPValue::ShortString(text)) => Some(text.as_str().to_owned()),
         Some(other) => return Err(format!("header {VERSION_HEADER} is not text: {other:?}")),
     };

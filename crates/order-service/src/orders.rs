@@ -55,7 +55,9 @@ impl CreateOrder {
         if !is_valid_id(self.customer_id.trim()) {
             return Err(ApiError::validation(
                 "invalid_customer_id",
-                format!("customer_id must be 1 to {MAX_ID_LEN} characters, none of them a control character"),
+                format!(
+                    "customer_id must be 1 to {MAX_ID_LEN} characters, none of them a control character"
+                ),
             ));
         }
         if self.items.is_empty() {

@@ -26,6 +26,19 @@ pub async fn database_url_of(db: &sqlx::PgPool) -> String {
     url.to_string()
 }
 
+/// Sequential scans of `table` made so far by the transaction `tx` (from
+/// `pg_stat_xact_user_tables`, which counts the current transaction only): how
+/// tests tell that a statement used an index.
+pub async fn seq_scans(tx: &mut sqlx::PgConnection, table: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT coalesce(sum(seq_scan), 0)::int8 FROM pg_stat_xact_user_tables WHERE relname = $1",
+    )
+    .bind(table)
+    .fetch_one(tx)
+    .await
+    .expect("pg_stat_xact_user_tables")
+}
+
 /// Polls `check` until it holds or `within` passes; returns whether it held.
 pub async fn eventually<F, Fut>(within: Duration, mut check: F) -> bool
 where

@@ -3,27 +3,18 @@
 
 use std::time::Duration;
 
-use clap::Parser;
 use serde_json::{Value, json};
 use sqlx::PgPool;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::helpers::{TestBroker, TestConsumer};
+use crate::helpers::{TestApi, TestBroker, TestConsumer};
 
 #[sqlx::test(migrator = "common::MIGRATOR")]
 async fn orders_posted_to_the_api_all_reach_completed(db: PgPool) {
     let broker = TestBroker::new().await;
     let config = &broker.config;
-    let mut args = vec!["order-service".to_owned(), "--listen-addr".into(), "127.0.0.1:0".into()];
-    args.extend(config.to_args());
-    let api_config = order_service::Config::parse_from(args);
-    let api = order_service::Application::build_with_pool(api_config, db.clone())
-        .await
-        .expect("order-service builds");
-    let address = format!("http://127.0.0.1:{}", api.port());
-    let shutdown = CancellationToken::new();
-    let api_task = tokio::spawn(api.run_until_stopped(shutdown.clone()));
+    let api = TestApi::spawn(&db, config, &[]).await;
+    let address = api.address.clone();
     let consumer = TestConsumer::spawn(db.clone(), config, &[]).await;
 
     let client = reqwest::Client::new();
@@ -56,7 +47,6 @@ async fn orders_posted_to_the_api_all_reach_completed(db: PgPool) {
     assert_eq!(left, 0, "the outbox is drained");
 
     consumer.stop().await;
-    shutdown.cancel();
-    api_task.await.expect("api task").expect("order-service stops cleanly");
+    api.stop().await;
     broker.delete().await;
 }

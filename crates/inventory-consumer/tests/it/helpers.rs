@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use common::broker::BrokerConfig;
-use common::events::{OrderPlaced, OrderPlacedLine};
+use common::events::{OrderPlaced, OrderPlacedLine, VERSION_HEADER};
 use inventory_consumer::message::Message;
 use inventory_consumer::metrics::ConsumerMetrics;
 use inventory_consumer::{Application, Config};
@@ -13,8 +13,9 @@ use lapin::options::{
     BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions,
     QueueDeleteOptions,
 };
-use lapin::types::ShortString;
+use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
+use serde_json::Value;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -48,7 +49,29 @@ impl TestBroker {
     /// Publishes a message with these properties and body, and waits for the
     /// broker's confirm.
     pub async fn publish_raw(&self, message_id: Option<&str>, kind: Option<&str>, body: &[u8]) {
-        let mut properties = BasicProperties::default().with_delivery_mode(2);
+        self.publish_with_headers(message_id, kind, FieldTable::default(), body).await;
+    }
+
+    /// An OrderPlaced `body` with message id `id`, stamped with `version` (the
+    /// event version header) when given.
+    pub async fn publish_versioned(&self, id: Uuid, version: Option<&str>, body: &Value) {
+        let mut headers = FieldTable::default();
+        if let Some(version) = version {
+            headers.insert(VERSION_HEADER.into(), AMQPValue::LongString(version.into()));
+        }
+        let body = serde_json::to_vec(body).expect("json");
+        let id = id.to_string();
+        self.publish_with_headers(Some(&id), Some(OrderPlaced::EVENT_TYPE), headers, &body).await;
+    }
+
+    async fn publish_with_headers(
+        &self,
+        message_id: Option<&str>,
+        kind: Option<&str>,
+        headers: FieldTable,
+        body: &[u8],
+    ) {
+        let mut properties = BasicProperties::default().with_delivery_mode(2).with_headers(headers);
         if let Some(id) = message_id {
             properties = properties.with_message_id(ShortString::from(id));
         }
@@ -131,6 +154,37 @@ impl TestBroker {
     }
 }
 
+/// order-service in-process, with its relay publishing to a test's topology.
+pub struct TestApi {
+    pub address: String,
+    shutdown: CancellationToken,
+    stopped: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl TestApi {
+    /// Starts order-service on port 0 over `db`; `args` add or override flags.
+    pub async fn spawn(db: &PgPool, broker: &BrokerConfig, args: &[&str]) -> Self {
+        let mut command =
+            vec!["order-service".to_owned(), "--listen-addr".into(), "127.0.0.1:0".into()];
+        command.extend(broker.to_args());
+        command.extend(args.iter().map(|arg| (*arg).to_owned()));
+        let config = order_service::Config::parse_from(command);
+        let app = order_service::Application::build_with_pool(config, db.clone())
+            .await
+            .expect("order-service builds");
+        let address = format!("http://127.0.0.1:{}", app.port());
+        let shutdown = CancellationToken::new();
+        let stopped = tokio::spawn(app.run_until_stopped(shutdown.clone()));
+        Self { address, shutdown, stopped }
+    }
+
+    /// Shuts order-service down and waits until it has stopped.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.stopped.await.expect("order-service task").expect("order-service stops cleanly");
+    }
+}
+
 /// The consumer, in-process, until dropped.
 pub struct TestConsumer {
     pub metrics: ConsumerMetrics,
@@ -142,6 +196,17 @@ pub struct TestConsumer {
 impl TestConsumer {
     /// Starts a consumer of `broker`'s queue; `args` add or override flags.
     pub async fn spawn(db: PgPool, broker: &BrokerConfig, args: &[&str]) -> Self {
+        Self::spawn_armed(db, broker, args, 0).await
+    }
+
+    /// Like [`TestConsumer::spawn`], with workers that panic before each of their
+    /// first `panics` batches (the supervisor restarts them).
+    pub async fn spawn_armed(
+        db: PgPool,
+        broker: &BrokerConfig,
+        args: &[&str],
+        panics: usize,
+    ) -> Self {
         let config = Config::parse_from(
             consumer_args(broker)
                 .iter()
@@ -149,6 +214,7 @@ impl TestConsumer {
                 .chain(["--listen-addr", "127.0.0.1:0"].into_iter().chain(args.iter().copied())),
         );
         let app = Application::build_with_pool(config, db).await.expect("consumer builds");
+        app.crash_switch().crash_next(panics);
         let address = format!("http://127.0.0.1:{}", app.port());
         let metrics = app.metrics();
         let shutdown = CancellationToken::new();

@@ -6,3 +6,4 @@ mod consumer;
 mod crash;
 mod end_to_end;
 mod helpers;
+mod months;

@@ -27,12 +27,22 @@ pub async fn spawn_app(db: PgPool) -> TestApp {
 
 /// The API with its relay, publishing to this test's own exchange and queues.
 pub async fn spawn_app_with_relay(db: PgPool, broker: &BrokerConfig) -> TestApp {
+    spawn_app_with_relay_and_args(db, broker, &[]).await
+}
+
+/// Like [`spawn_app_with_relay`], with more flags.
+pub async fn spawn_app_with_relay_and_args(
+    db: PgPool,
+    broker: &BrokerConfig,
+    extra: &[&str],
+) -> TestApp {
     let mut args = broker.to_args();
     args.extend(["--relay-poll-interval-ms".to_owned(), "100".to_owned()]);
+    args.extend(extra.iter().map(|arg| (*arg).to_owned()));
     spawn_with_args(db, &args.iter().map(String::as_str).collect::<Vec<_>>()).await
 }
 
-async fn spawn_with_args(db: PgPool, args: &[&str]) -> TestApp {
+pub async fn spawn_with_args(db: PgPool, args: &[&str]) -> TestApp {
     let base = ["order-service", "--listen-addr", "127.0.0.1:0"];
     let config = Config::parse_from(base.iter().chain(args));
     let app = Application::build_with_pool(config, db.clone()).await.expect("app builds");

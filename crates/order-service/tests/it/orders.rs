@@ -5,7 +5,7 @@ use serde_json::{Value, json};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::helpers::{RowCounts, spawn_app};
+use crate::helpers::{RowCounts, spawn_app, spawn_with_args};
 
 fn two_line_order() -> Value {
     json!({"customer_id": "alice", "items": [{"sku": "SKU-001", "quantity": 2}, {"sku": "SKU-002", "quantity": 1}]})
@@ -304,4 +304,27 @@ async fn a_database_outage_is_a_503_and_not_ready(db: PgPool) {
     let ready = app.client.get(format!("{}/readyz", app.address)).send().await.expect("get");
     assert_eq!(ready.status(), 503);
     assert_eq!(ready.json::<Value>().await.expect("json")["database"], "down");
+}
+
+#[sqlx::test(migrator = "common::MIGRATOR")]
+async fn a_key_past_its_ttl_creates_a_new_order(db: PgPool) {
+    let args = ["--relay-workers", "0", "--idempotency-key-ttl", "1s", "--sweep-interval", "100ms"];
+    let app = spawn_with_args(db, &args).await;
+    let first = app.post_order_with_key("ttl-key", &two_line_order()).await;
+    assert_eq!(first.status(), 201);
+    let first: Value = first.json().await.expect("json");
+
+    // The TTL passes and the service's sweeper forgets the key.
+    let forgotten = test_support::eventually(std::time::Duration::from_secs(10), || async {
+        app.row_counts().await.keys == 0
+    })
+    .await;
+    assert!(forgotten, "the key is swept a second after its order");
+
+    let second = app.post_order_with_key("ttl-key", &two_line_order()).await;
+    assert_eq!(second.status(), 201);
+    assert!(second.headers().get("idempotent-replayed").is_none(), "not a replay");
+    let second: Value = second.json().await.expect("json");
+    assert_ne!(first["id"], second["id"], "a new order");
+    assert_eq!(app.row_counts().await, RowCounts { orders: 2, lines: 4, events: 2, keys: 1 });
 }

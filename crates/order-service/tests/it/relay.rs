@@ -9,9 +9,10 @@ use common::events::OrderPlaced;
 use lapin::options::{BasicGetOptions, ExchangeDeleteOptions, QueueDeleteOptions};
 use serde_json::{Value, json};
 use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
 use uuid::Uuid;
 
-use crate::helpers::spawn_app_with_relay;
+use crate::helpers::{spawn_app_with_relay, spawn_app_with_relay_and_args};
 
 fn order() -> Value {
     json!({"customer_id": "bob", "items": [{"sku": "SKU-003", "quantity": 1}]})
@@ -125,4 +126,49 @@ async fn orders_are_accepted_while_the_broker_is_down(db: PgPool) {
         .await
         .expect("text");
     assert!(metrics.contains("outbox_backlog_events 3"), "{metrics}");
+}
+
+#[sqlx::test(migrator = "common::MIGRATOR")]
+async fn events_reach_the_broker_while_the_api_pool_is_exhausted(db: PgPool) {
+    let broker = BrokerConfig::for_test(&Uuid::new_v4().simple().to_string());
+    // The API's pool: two connections, both held by "requests" that never end.
+    let api_pool = PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(Duration::from_millis(300))
+        .connect_with((*db.connect_options()).clone())
+        .await
+        .expect("api pool");
+    let app = spawn_app_with_relay_and_args(api_pool.clone(), &broker, &[]).await;
+    let _held = [api_pool.acquire().await.expect("one"), api_pool.acquire().await.expect("two")];
+    let refused = app.post_order(&order()).await;
+    assert_eq!(refused.status(), 503, "the API has no connection left");
+
+    // An order committed by another writer: only the relay's own pool can move it.
+    let mut tx = db.begin().await.expect("begin");
+    let event = outbox::NewEvent {
+        aggregate_type: "order".to_owned(),
+        aggregate_id: "elsewhere".to_owned(),
+        event_type: "OrderPlaced".to_owned(),
+        payload: json!({"order_id": Uuid::now_v7()}),
+        headers: serde_json::Map::new(),
+    };
+    let id = outbox::enqueue(&mut tx, &event).await.expect("enqueue");
+    tx.commit().await.expect("commit");
+
+    let connection = outbox::amqp::connect(&broker.amqp_url, "test").await.expect("broker");
+    let channel = connection.create_channel().await.expect("channel");
+    let arrived = test_support::eventually(Duration::from_secs(10), || async {
+        let got = channel
+            .basic_get(broker.inventory_queue.as_str().into(), BasicGetOptions { no_ack: true })
+            .await
+            .expect("basic_get");
+        got.is_some_and(|message| {
+            message.delivery.properties.message_id().as_ref().map(|m| m.to_string())
+                == Some(id.to_string())
+        })
+    })
+    .await;
+    assert!(arrived, "the relay published with the API's pool exhausted");
+    let _ = connection.close(200, "done".into()).await;
+    delete_topology(&broker).await;
 }

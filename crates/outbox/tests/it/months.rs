@@ -10,9 +10,9 @@ use outbox::retention::{Retention, RetentionMetrics, Sweep, sweep};
 use outbox::store::{self, Failure};
 use outbox::supervisor::{CrashSwitch, Supervisor};
 use serde_json::Value;
+use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
-use sqlx::{PgPool, Postgres, Transaction};
-use test_support::eventually;
+use test_support::{eventually, seq_scans};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -88,17 +88,6 @@ async fn only_one_sweeper_at_a_time_works_on_a_table(db: PgPool) {
         .await
         .expect("try lock");
     assert!(relocked);
-}
-
-/// Sequential scans of `table` by the current transaction so far.
-async fn seq_scans(tx: &mut Transaction<'_, Postgres>, table: &str) -> i64 {
-    sqlx::query_scalar(
-        "SELECT coalesce(sum(seq_scan), 0)::int8 FROM pg_stat_xact_user_tables WHERE relname = $1",
-    )
-    .bind(table)
-    .fetch_one(&mut **tx)
-    .await
-    .expect("pg_stat_xact_user_tables")
 }
 
 /// One connection, set up as the services set up theirs, so that statements
