@@ -18,4 +18,17 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test"
-cargo test --workspace --locked -- "$@"
+# Every test binary prints its own "test result:" line; the last line of this
+# script sums them, so one line tells how the whole suite went.
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --workspace --locked --no-fail-fast -- "$@" 2>&1 | tee "$log" || status=$?
+awk '/^test result:/ {
+        for (i = 1; i <= NF; i++) {
+            if ($(i + 1) ~ /^passed/) passed += $i
+            if ($(i + 1) ~ /^failed/) failed += $i
+        }
+     }
+     END { printf "%d passed, %d failed\n", passed, failed }' "$log"
+exit "$status"
