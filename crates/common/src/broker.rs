@@ -1,15 +1,29 @@
 //! The RabbitMQ settings both services share: where the broker is and the names of
 //! the topology both sides declare at start-up, with defaults that match.
 
-use outbox::amqp::ConsumerQueue;
+use outbox::amqp::{ConsumerQueue, QueueType};
 
 /// Flattened into both services' configuration, so one environment configures
 /// both sides alike.
 #[derive(Debug, Clone, clap::Args)]
 pub struct BrokerConfig {
-    /// AMQP URL of RabbitMQ.
+    /// AMQP URL of RabbitMQ, or a comma-separated list of the URLs of a cluster's
+    /// nodes: each connection starts at a random one and tries the next on failure.
     #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     pub amqp_url: String,
+
+    /// Type of the inventory queue and its dead-letter queue: `quorum`
+    /// (replicated, survives the loss of a node) or `classic` (on one node). Every
+    /// process must declare the same: a queue's type cannot change in place.
+    #[arg(long, env = "QUEUE_TYPE", default_value = "quorum")]
+    pub queue_type: QueueType,
+
+    /// Quorum queues: deliveries of one message without an ack (its consumer
+    /// crashed or timed out each time) after which it is dead-lettered. A crash
+    /// also counts against the other messages a worker held (up to PREFETCH), so
+    /// leave room for several crashes. Every process must declare the same.
+    #[arg(long, env = "DELIVERY_LIMIT", default_value_t = 20)]
+    pub delivery_limit: u32,
 
     /// Durable topic exchange the order events are published to.
     #[arg(long, env = "EXCHANGE", default_value = "orders")]
@@ -41,6 +55,8 @@ impl BrokerConfig {
             binding_key: self.inventory_binding.clone(),
             dead_letter_exchange: self.dead_letter_exchange.clone(),
             dead_letter_queue: self.dead_letter_queue.clone(),
+            queue_type: self.queue_type,
+            delivery_limit: self.delivery_limit,
         }
     }
 
@@ -54,6 +70,8 @@ impl BrokerConfig {
             ("--inventory-binding", &self.inventory_binding),
             ("--dead-letter-exchange", &self.dead_letter_exchange),
             ("--dead-letter-queue", &self.dead_letter_queue),
+            ("--queue-type", &self.queue_type.to_string()),
+            ("--delivery-limit", &self.delivery_limit.to_string()),
         ]
         .into_iter()
         .flat_map(|(flag, value)| [flag.to_owned(), value.clone()])
@@ -71,6 +89,8 @@ impl BrokerConfig {
             inventory_binding: "order.OrderPlaced".to_owned(),
             dead_letter_exchange: format!("test.orders.dlx.{suffix}"),
             dead_letter_queue: format!("test.inventory.dead.{suffix}"),
+            queue_type: QueueType::Quorum,
+            delivery_limit: 20,
         }
     }
 }

@@ -8,6 +8,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use outbox::amqp::TopologyStatus;
 use outbox::supervisor::Health;
 use prometheus_client::registry::Registry;
 use serde_json::json;
@@ -17,6 +18,8 @@ use sqlx::PgPool;
 pub struct HttpState {
     pub db: PgPool,
     pub connected_workers: Arc<AtomicUsize>,
+    /// Why the queue cannot be declared, if it exists with other arguments.
+    pub topology: TopologyStatus,
     /// Whether a supervised task crashed and is not running again.
     pub health: Health,
     pub registry: Arc<Registry>,
@@ -37,13 +40,16 @@ async fn readyz(State(state): State<HttpState>) -> Response {
     let workers = state.connected_workers.load(Ordering::Relaxed);
     let crashed_tasks = state.health.crashed_tasks();
     let ready = database_up && workers > 0 && crashed_tasks == 0;
-    let body = json!({
+    let mut body = json!({
         "status": if ready { "ready" } else { "not_ready" },
         "database": if database_up { "up" } else { "down" },
         "broker": if workers > 0 { "up" } else { "down" },
         "consuming_workers": workers,
         "crashed_tasks": crashed_tasks,
     });
+    if let Some(error) = state.topology.error() {
+        body["broker_error"] = error.into();
+    }
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(body)).into_response()
 }

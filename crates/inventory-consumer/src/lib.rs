@@ -98,6 +98,7 @@ impl Application {
             crash_switch: self.crash_switch.clone(),
         });
         let connected = Arc::new(AtomicUsize::new(0));
+        let topology = outbox::amqp::TopologyStatus::default();
         let mut workers = JoinSet::new();
         for index in 0..config.concurrency.max(1) {
             let worker = Worker {
@@ -106,6 +107,7 @@ impl Application {
                 config: worker_config.clone(),
                 metrics: self.metrics.clone(),
                 connected: connected.clone(),
+                topology: topology.clone(),
                 shutdown: shutdown.clone(),
             };
             supervisor.spawn(&mut workers, worker.name.clone(), move || worker.clone().run());
@@ -130,6 +132,7 @@ impl Application {
         let state = http::HttpState {
             db: self.db.clone(),
             connected_workers: connected,
+            topology,
             health: supervisor.health(),
             registry: Arc::new(self.registry),
         };

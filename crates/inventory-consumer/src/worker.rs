@@ -18,7 +18,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
-use outbox::amqp::ConsumerQueue;
+use outbox::amqp::{ConsumerQueue, TopologyError, TopologyStatus};
 use outbox::backoff::Backoff;
 use outbox::supervisor::{CountGuard, CrashSwitch};
 use sqlx::PgPool;
@@ -49,6 +49,8 @@ pub struct Worker {
     /// Workers currently consuming, each counted by a [`CountGuard`] (so a panic
     /// cannot leave the count wrong); `/readyz` reports the broker up while > 0.
     pub connected: Arc<AtomicUsize>,
+    /// A queue that exists with other arguments, reported by `/readyz`.
+    pub topology: TopologyStatus,
     pub shutdown: CancellationToken,
 }
 
@@ -67,6 +69,7 @@ impl Worker {
             match self.open().await {
                 Ok(session) => {
                     trouble.reset();
+                    self.topology.set(None);
                     tracing::info!(worker = %self.name, queue = %self.config.topology.queue,
                         "consuming");
                     let consuming = CountGuard::new(&self.connected);
@@ -78,10 +81,18 @@ impl Worker {
                             "lost the broker; reconnecting");
                     }
                 }
-                Err(error) => {
-                    tracing::warn!(worker = %self.name, error = format!("{error:#}"),
-                        "cannot consume from the broker; retrying");
-                }
+                Err(error) => match error.downcast_ref::<TopologyError>() {
+                    Some(mismatch @ TopologyError::Mismatch { .. }) => {
+                        // Not transient: said loudly, retried calmly, shown by /readyz.
+                        tracing::error!(worker = %self.name, error = %mismatch,
+                            "the broker's queue does not match this service's settings");
+                        self.topology.set(Some(mismatch.to_string()));
+                    }
+                    _ => {
+                        tracing::warn!(worker = %self.name, error = format!("{error:#}"),
+                            "cannot consume from the broker; retrying");
+                    }
+                },
             }
             tokio::select! {
                 () = tokio::time::sleep(trouble.next_pause()) => {}

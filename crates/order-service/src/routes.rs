@@ -123,7 +123,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
     let crashed_tasks = state.health.crashed_tasks();
     let ready = database_up && crashed_tasks == 0;
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    let body = json!({
+    let mut body = json!({
         "status": if ready { "ready" } else { "not_ready" },
         "database": if database_up { "up" } else { "down" },
         "crashed_tasks": crashed_tasks,
@@ -133,6 +133,9 @@ async fn readyz(State(state): State<AppState>) -> Response {
             Some(_) => "down",
         },
     });
+    if let Some(error) = state.relay.as_ref().and_then(RelayStatus::topology_error) {
+        body["broker_error"] = error.into();
+    }
     (status, Json(body)).into_response()
 }
 

@@ -1,14 +1,60 @@
 //! RabbitMQ connection and topology: what both the relay and consumers declare,
 //! idempotently, at start-up, so that start order does not matter.
+//!
+//! A broker address may be a comma-separated list of a cluster's nodes: each
+//! connection tries them in turn from a random one, so the connections of many
+//! processes spread over the nodes and a dead node is passed over.
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 
-/// Opens a connection named `name` (shown in the RabbitMQ management UI).
-pub async fn connect(url: &str, name: &str) -> lapin::Result<Connection> {
-    let properties = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect(url, properties).await
+/// The nodes of a comma-separated list of AMQP URIs, in order.
+pub fn nodes(urls: &str) -> Vec<&str> {
+    urls.split(',').map(str::trim).filter(|url| !url.is_empty()).collect()
+}
+
+/// Opens a connection named `name` (shown in the RabbitMQ management UI) to one of
+/// the nodes of `urls` (see [`nodes`]): from a random one, the next on failure,
+/// until one answers. The error is the last node's.
+pub async fn connect(urls: &str, name: &str) -> lapin::Result<Connection> {
+    let nodes = nodes(urls);
+    let start = if nodes.len() > 1 { rand::random_range(0..nodes.len()) } else { 0 };
+    let mut last_error = None;
+    for offset in 0..nodes.len().max(1) {
+        let url = nodes.get((start + offset) % nodes.len().max(1)).copied().unwrap_or(urls);
+        let properties = ConnectionProperties::default().with_connection_name(name.into());
+        match Connection::connect(url, properties).await {
+            Ok(connection) => {
+                if nodes.len() > 1 {
+                    tracing::debug!(name, node = %redact(url), "connected to a broker node");
+                }
+                return Ok(connection);
+            }
+            Err(error) => {
+                if nodes.len() > 1 {
+                    tracing::warn!(name, node = %redact(url), %error,
+                        "broker node unreachable; trying the next");
+                }
+                last_error = Some(error);
+            }
+        }
+    }
+    Err(last_error.expect("at least one node was tried"))
+}
+
+/// An AMQP URI without its password, for logs.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let credentials = &url[scheme + 3..at];
+            match credentials.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
 }
 
 /// Declares the durable topic exchange events are published to.
@@ -23,6 +69,44 @@ pub async fn declare_exchange(channel: &Channel, exchange: &str) -> lapin::Resul
         .await
 }
 
+/// The kind of RabbitMQ queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueType {
+    /// Replicated over the cluster's nodes (Raft): it survives the loss of a
+    /// minority of them. RabbitMQ's replicated queue type.
+    Quorum,
+    /// Lives on one node: unavailable, with every message in it, while that node
+    /// is down.
+    Classic,
+}
+
+impl QueueType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Quorum => "quorum",
+            Self::Classic => "classic",
+        }
+    }
+}
+
+impl std::str::FromStr for QueueType {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "quorum" => Ok(Self::Quorum),
+            "classic" => Ok(Self::Classic),
+            _ => Err(format!("{text:?} is not a queue type: use quorum or classic")),
+        }
+    }
+}
+
+impl std::fmt::Display for QueueType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A consumer's queue, bound to the events exchange, with a dead-letter exchange
 /// and queue for the messages it rejects.
 #[derive(Debug, Clone)]
@@ -32,13 +116,69 @@ pub struct ConsumerQueue {
     pub binding_key: String,
     pub dead_letter_exchange: String,
     pub dead_letter_queue: String,
+    /// The type of both queues. Every process declaring them must agree.
+    pub queue_type: QueueType,
+    /// Quorum queues only: deliveries of one message after which the broker
+    /// dead-letters it instead of delivering it again (see [`ConsumerQueue::declare`]).
+    pub delivery_limit: u32,
+}
+
+/// Why the topology could not be declared.
+#[derive(Debug, thiserror::Error)]
+pub enum TopologyError {
+    /// A queue exists with another type or other arguments. Not transient: the
+    /// queue must be migrated, or the settings changed to match it.
+    #[error(
+        "queue {queue:?} already exists with another type or other arguments than this \
+         service declares ({reason}). A queue's type and arguments cannot change in place: \
+         either set QUEUE_TYPE (and DELIVERY_LIMIT) to match the existing queue, or migrate it: \
+         stop the consumers, move its messages to a new queue (a shovel, or drain it), delete it, \
+         and start the services, which declare it afresh"
+    )]
+    Mismatch { queue: String, reason: String },
+    #[error(transparent)]
+    Broker(#[from] lapin::Error),
+}
+
+/// The topology mismatch a service's workers last met, if any: shared between
+/// them and the readiness check that reports it. Cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct TopologyStatus(std::sync::Arc<std::sync::Mutex<Option<String>>>);
+
+impl TopologyStatus {
+    pub fn error(&self) -> Option<String> {
+        self.0.lock().map(|error| error.clone()).unwrap_or_default()
+    }
+
+    /// Records the outcome of a declaration: the mismatch, or `None` once one succeeded.
+    pub fn set(&self, error: Option<String>) {
+        if let Ok(mut current) = self.0.lock() {
+            *current = error;
+        }
+    }
 }
 
 impl ConsumerQueue {
     /// Declares the exchange, the dead-letter exchange and queue, and the queue
-    /// with its binding. Redeclaring with the same arguments is a no-op.
-    pub async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
-        let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
+    /// with its binding. Redeclaring with the same arguments is a no-op; a queue
+    /// that exists with other arguments is a [`TopologyError::Mismatch`].
+    ///
+    /// The arguments of a quorum queue:
+    /// - `x-dead-letter-exchange`: where rejected (poison) messages go.
+    /// - `x-delivery-limit`: a message delivered this many times without an ack
+    ///   (its consumer crashes or times out on it every time) is dead-lettered
+    ///   instead of looping for ever. The count also grows for the innocent
+    ///   messages a crashed consumer held unacked (up to its prefetch), so the
+    ///   limit must leave room for several crashes in a row.
+    /// - `x-dead-letter-strategy = at-least-once`: the broker keeps a dead-lettered
+    ///   message until the dead-letter queue has confirmed it, so a rejected
+    ///   message is never dropped on its way there (the default, at-most-once,
+    ///   can lose it). It requires `x-overflow = reject-publish`, which matters
+    ///   only if a length limit is set (none is).
+    ///
+    /// The dead-letter queue has no delivery limit: listing or replaying it must
+    /// never drop a message.
+    pub async fn declare(&self, channel: &Channel) -> Result<(), TopologyError> {
         declare_exchange(channel, &self.exchange).await?;
         channel
             .exchange_declare(
@@ -48,9 +188,7 @@ impl ConsumerQueue {
                 FieldTable::default(),
             )
             .await?;
-        channel
-            .queue_declare(self.dead_letter_queue.as_str().into(), durable, FieldTable::default())
-            .await?;
+        self.declare_queue(channel, &self.dead_letter_queue, self.type_argument()).await?;
         channel
             .queue_bind(
                 self.dead_letter_queue.as_str().into(),
@@ -61,12 +199,7 @@ impl ConsumerQueue {
             )
             .await?;
 
-        let mut arguments = FieldTable::default();
-        arguments.insert(
-            "x-dead-letter-exchange".into(),
-            AMQPValue::LongString(LongString::from(self.dead_letter_exchange.as_str())),
-        );
-        channel.queue_declare(self.queue.as_str().into(), durable, arguments).await?;
+        self.declare_queue(channel, &self.queue, self.queue_arguments()).await?;
         channel
             .queue_bind(
                 self.queue.as_str().into(),
@@ -75,6 +208,80 @@ impl ConsumerQueue {
                 QueueBindOptions::default(),
                 FieldTable::default(),
             )
-            .await
+            .await?;
+        Ok(())
+    }
+
+    async fn declare_queue(
+        &self,
+        channel: &Channel,
+        queue: &str,
+        arguments: FieldTable,
+    ) -> Result<(), TopologyError> {
+        let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
+        match channel.queue_declare(queue.into(), durable, arguments).await {
+            Ok(_) => Ok(()),
+            Err(error) => match precondition_failed(&error) {
+                Some(reason) => Err(TopologyError::Mismatch { queue: queue.to_owned(), reason }),
+                None => Err(error.into()),
+            },
+        }
+    }
+
+    fn type_argument(&self) -> FieldTable {
+        let mut arguments = FieldTable::default();
+        arguments.insert("x-queue-type".into(), text(self.queue_type.as_str()));
+        arguments
+    }
+
+    /// The consumer queue's arguments (see [`ConsumerQueue::declare`]).
+    pub fn queue_arguments(&self) -> FieldTable {
+        let mut arguments = self.type_argument();
+        arguments.insert("x-dead-letter-exchange".into(), text(&self.dead_letter_exchange));
+        if self.queue_type == QueueType::Quorum {
+            arguments.insert(
+                "x-delivery-limit".into(),
+                AMQPValue::LongLongInt(i64::from(self.delivery_limit)),
+            );
+            arguments.insert("x-dead-letter-strategy".into(), text("at-least-once"));
+            arguments.insert("x-overflow".into(), text("reject-publish"));
+        }
+        arguments
+    }
+}
+
+fn text(value: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(value))
+}
+
+/// The broker's text when `error` is a 406 PRECONDITION_FAILED, which is what a
+/// declaration that disagrees with an existing queue gets.
+fn precondition_failed(error: &lapin::Error) -> Option<String> {
+    match error.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == 406 => {
+            Some(amqp.get_message().to_string())
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_list_is_split_and_trimmed() {
+        assert_eq!(nodes("amqp://a:5672/%2f"), ["amqp://a:5672/%2f"]);
+        assert_eq!(nodes("amqp://a/%2f, amqp://b/%2f,,amqp://c/%2f"), [
+            "amqp://a/%2f",
+            "amqp://b/%2f",
+            "amqp://c/%2f"
+        ]);
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(redact("amqp://guest:secret@host:5672/%2f"), "amqp://guest:***@host:5672/%2f");
+        assert_eq!(redact("amqp://host:5672/%2f"), "amqp://host:5672/%2f");
     }
 }

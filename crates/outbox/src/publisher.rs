@@ -10,7 +10,7 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
 
-use crate::amqp::{self, ConsumerQueue};
+use crate::amqp::{self, ConsumerQueue, TopologyError};
 use crate::store::OutboxEvent;
 
 /// AMQP delivery mode 2: the broker writes the message to disk.
@@ -38,15 +38,15 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    /// Connects, switches the channel to confirm mode and declares the exchange
-    /// and `queues`.
+    /// Connects (to one of the nodes if `url` lists several), switches the channel
+    /// to confirm mode and declares the exchange and `queues`.
     pub async fn connect(
         url: &str,
         connection_name: &str,
         exchange: &str,
         queues: &[ConsumerQueue],
         confirm_timeout: Duration,
-    ) -> lapin::Result<Self> {
+    ) -> Result<Self, TopologyError> {
         let connection = amqp::connect(url, connection_name).await?;
         let channel = connection.create_channel().await?;
         channel.confirm_select(ConfirmSelectOptions::default()).await?;

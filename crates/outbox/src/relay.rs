@@ -20,7 +20,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::amqp::ConsumerQueue;
+use crate::amqp::{ConsumerQueue, TopologyError, TopologyStatus};
 use crate::backoff::Backoff;
 use crate::metrics::RelayMetrics;
 use crate::publisher::{Outcome, Publisher};
@@ -104,12 +104,20 @@ pub struct Relay {
 pub struct RelayStatus {
     /// Workers holding a usable broker channel, each counted by a [`CountGuard`].
     connected_workers: Arc<AtomicUsize>,
+    /// Why the topology cannot be declared (a queue that exists with other
+    /// arguments), until a declaration succeeds.
+    topology: TopologyStatus,
 }
 
 impl RelayStatus {
     /// Whether at least one worker holds a usable broker channel.
     pub fn broker_connected(&self) -> bool {
         self.connected_workers.load(Ordering::Relaxed) > 0
+    }
+
+    /// The reason the broker's topology disagrees with this service, if it does.
+    pub fn topology_error(&self) -> Option<String> {
+        self.topology.error()
     }
 }
 
@@ -258,7 +266,16 @@ impl Worker {
         match connecting.await {
             Ok(publisher) => {
                 tracing::info!(worker = %self.name, "connected to the broker");
+                self.status.topology.set(None);
                 Some((publisher, CountGuard::new(&self.status.connected_workers)))
+            }
+            Err(error @ TopologyError::Mismatch { .. }) => {
+                // Not transient: said loudly, retried calmly; orders are still
+                // taken and wait in the outbox until the queue is fixed.
+                tracing::error!(worker = %self.name, error = %error,
+                    "the broker's queue does not match this service's settings; events wait in the outbox");
+                self.status.topology.set(Some(error.to_string()));
+                None
             }
             Err(error) => {
                 tracing::warn!(worker = %self.name, %error,
