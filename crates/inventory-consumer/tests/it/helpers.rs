@@ -30,13 +30,25 @@ pub struct TestBroker {
 
 impl TestBroker {
     pub async fn new() -> Self {
-        let config = BrokerConfig::for_test(&Uuid::new_v4().simple().to_string());
+        Self::new_with(|_| {}).await
+    }
+
+    /// Like [`TestBroker::new`], with the settings changed by `adjust` before the
+    /// topology is declared.
+    pub async fn new_with(adjust: impl FnOnce(&mut BrokerConfig)) -> Self {
+        let mut config = BrokerConfig::for_test(&Uuid::new_v4().simple().to_string());
+        adjust(&mut config);
         let connection =
             outbox::amqp::connect(&config.amqp_url, "consumer-test").await.expect("broker");
         let channel = connection.create_channel().await.expect("channel");
         channel.confirm_select(ConfirmSelectOptions::default()).await.expect("confirms");
         config.inventory_topology().declare(&channel).await.expect("topology");
         Self { config, connection, channel }
+    }
+
+    /// The channel the helper publishes on, for tests that drive the broker directly.
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
     }
 
     /// Publishes `message` as the relay does.

@@ -7,3 +7,4 @@ mod crash;
 mod end_to_end;
 mod helpers;
 mod months;
+mod queues;
