@@ -13,6 +13,17 @@ ensure_services
 export DATABASE_URL=${DATABASE_URL:-postgres://postgres:postgres@$PG_HOST:$PG_PORT/postgres}
 export AMQP_URL=${AMQP_URL:-amqp://guest:guest@$AMQP_HOST:$AMQP_PORT/%2f}
 
+echo "== docker-compose config"
+# No Docker engine runs here, but the Compose files can still be validated.
+if command -v docker-compose >/dev/null 2>&1; then
+    docker-compose -f docker-compose.yml config -q
+    docker-compose -f docker-compose.yml -f docker-compose.cluster.yml config -q
+    echo "docker-compose.yml and docker-compose.cluster.yml are valid"
+else
+    echo "!! SKIPPED: docker-compose is not installed (apt-get install docker-compose);" \
+        "the Compose files were NOT validated" >&2
+fi
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
