@@ -272,11 +272,10 @@ mod tests {
     #[test]
     fn a_node_list_is_split_and_trimmed() {
         assert_eq!(nodes("amqp://a:5672/%2f"), ["amqp://a:5672/%2f"]);
-        assert_eq!(nodes("amqp://a/%2f, amqp://b/%2f,,amqp://c/%2f"), [
-            "amqp://a/%2f",
-            "amqp://b/%2f",
-            "amqp://c/%2f"
-        ]);
+        assert_eq!(
+            nodes("amqp://a/%2f, amqp://b/%2f,,amqp://c/%2f"),
+            ["amqp://a/%2f", "amqp://b/%2f", "amqp://c/%2f"]
+        );
     }
 
     #[test]
