@@ -181,10 +181,12 @@ admin_url=${DEMO_DATABASE_URL%/*}/postgres
 psql "$admin_url" -X -q -v ON_ERROR_STOP=1 -c "DROP DATABASE IF EXISTS \"$db_name\" WITH (FORCE)"
 echo "   dropped $db_name; the services create and migrate it at start-up"
 # Messages a previous, interrupted demo left behind would name orders that no
-# longer exist; empty the demo's queues where the broker is local.
-if command -v rabbitmqctl >/dev/null 2>&1 && [[ $AMQP_HOST == 127.0.0.1 || $AMQP_HOST == localhost ]]; then
+# longer exist, and its queues may be of another type (QUEUE_TYPE): delete the
+# demo's queues where the broker is the local default node; the services declare
+# them afresh.
+if command -v rabbitmqctl >/dev/null 2>&1 && [[ $DEMO_AMQP_URL == *@127.0.0.1:5672/* ]]; then
     for queue in "$INVENTORY_QUEUE" "$DEAD_LETTER_QUEUE"; do
-        rabbitmqctl -q --timeout 10 purge_queue "$queue" >/dev/null 2>&1 || true
+        rabbitmqctl -q --timeout 10 delete_queue "$queue" >/dev/null 2>&1 || true
     done
 fi
 

@@ -16,6 +16,7 @@ use lapin::options::{
     QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
+use outbox::amqp::QueueType;
 use outbox::metrics::RelayMetrics;
 use outbox::relay::{Relay, RelayConfig};
 use sqlx::migrate::MigrateDatabase;
@@ -45,6 +46,9 @@ struct Args {
     /// Single events sent one at a time on the idle system, for the latency figure.
     #[arg(long, default_value_t = 200)]
     latency_samples: usize,
+    /// Type of the queue the events are routed to: `classic` or `quorum`.
+    #[arg(long, default_value = "classic")]
+    queue_type: QueueType,
 }
 
 #[tokio::main]
@@ -63,8 +67,16 @@ async fn main() -> anyhow::Result<()> {
     let connection = outbox::amqp::connect(&args.amqp_url, "relay-bench").await?;
     let channel = connection.create_channel().await?;
     outbox::amqp::declare_exchange(&channel, &exchange).await?;
-    let exclusive = QueueDeclareOptions { exclusive: true, ..QueueDeclareOptions::default() };
-    channel.queue_declare(queue.as_str().into(), exclusive, FieldTable::default()).await?;
+    // A classic queue can be exclusive (gone with this connection); a quorum queue
+    // cannot, and is deleted at the end.
+    let mut arguments = FieldTable::default();
+    let queue_type = lapin::types::LongString::from(args.queue_type.as_str());
+    arguments.insert("x-queue-type".into(), lapin::types::AMQPValue::LongString(queue_type));
+    let options = match args.queue_type {
+        QueueType::Classic => QueueDeclareOptions { exclusive: true, ..Default::default() },
+        QueueType::Quorum => QueueDeclareOptions { durable: true, ..Default::default() },
+    };
+    channel.queue_declare(queue.as_str().into(), options, arguments).await?;
     channel
         .queue_bind(
             queue.as_str().into(),
@@ -198,8 +210,8 @@ async fn main() -> anyhow::Result<()> {
     shutdown.cancel();
     relay.join().await;
     println!(
-        "relay benchmark: {} events, {} workers, batch {}",
-        args.events, args.workers, args.batch_size
+        "relay benchmark: {} events, {} workers, batch {}, {} queue",
+        args.events, args.workers, args.batch_size, args.queue_type
     );
     println!(
         "  baseline, broker alone (pipelined confirms): {baseline_rate:>9.0} msg/s ({baseline_messages} messages)"
@@ -219,6 +231,7 @@ async fn main() -> anyhow::Result<()> {
 
     let _ =
         channel.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default()).await;
+    let _ = channel.queue_delete(queue.as_str().into(), Default::default()).await;
     let _ = connection.close(200, "bench done".into()).await;
     db.close().await;
     Postgres::drop_database(&db_url).await?;
