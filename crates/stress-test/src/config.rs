@@ -76,6 +76,12 @@ pub struct Config {
     #[arg(long, env = "STRESS_SCARCE_RATIO", default_value_t = 0.02, value_parser = parse_ratio)]
     pub scarce_ratio: f64,
 
+    /// Send an `Idempotency-Key` header with every order, a fresh unique key
+    /// each (`stress-<uuid>`), so that the service stores one key per order, as
+    /// it does for clients that retry safely. Off: no header, no key stored.
+    #[arg(long, env = "STRESS_IDEMPOTENCY_KEYS", value_parser = clap::builder::FalseyValueParser::new())]
+    pub idempotency_keys: bool,
+
     /// Print one JSON object on stdout instead of the table, and no progress bar.
     #[arg(long, env = "STRESS_JSON", value_parser = clap::builder::FalseyValueParser::new())]
     pub json: bool,
@@ -151,5 +157,7 @@ mod tests {
         assert_eq!(parse(&["--duration", "5s", "--orders", "7"]).order_limit(), Some(7));
         assert!(Config::try_parse_from(["stress-test", "--rate", "0"]).is_err());
         assert!(Config::try_parse_from(["stress-test", "--scarce-ratio", "1.5"]).is_err());
+        assert!(!parse(&[]).idempotency_keys);
+        assert!(parse(&["--idempotency-keys"]).idempotency_keys);
     }
 }

@@ -2,12 +2,14 @@
 //! then follows the orders in the database until each is decided.
 //!
 //! The binary is a thin shell over [`run`], which returns a [`Report`]; tests run
-//! the binary itself against an in-process order-service.
+//! the binary itself against an in-process order-service. The second binary,
+//! `soak-report`, keeps and judges the record of `scripts/soak.sh` ([`soak`]).
 
 mod config;
 mod converge;
 mod load;
 mod report;
+pub mod soak;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio_util::sync::CancellationToken;
@@ -36,6 +38,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         concurrency: config.concurrency,
         request_timeout: config.request_timeout,
         scarce_ratio: config.scarce_ratio,
+        idempotency_keys: config.idempotency_keys,
     };
     let progress = match plan.limit {
         Some(limit) => {

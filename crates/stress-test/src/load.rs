@@ -38,6 +38,8 @@ pub struct Plan {
     pub concurrency: u64,
     pub request_timeout: Duration,
     pub scarce_ratio: f64,
+    /// Send a fresh `Idempotency-Key` with each order.
+    pub idempotency_keys: bool,
 }
 
 /// What the workers saw, merged.
@@ -153,6 +155,7 @@ struct Shared {
     limit: Option<u64>,
     rate: Option<f64>,
     scarce_ratio: f64,
+    idempotency_keys: bool,
     start: Instant,
     deadline: Option<Instant>,
     /// The index of the next order to send, taken by whichever worker is free.
@@ -182,6 +185,7 @@ pub async fn run(
         limit: plan.limit,
         rate: plan.rate,
         scarce_ratio: plan.scarce_ratio,
+        idempotency_keys: plan.idempotency_keys,
         start,
         deadline: plan.duration.map(|duration| start + duration),
         next: AtomicU64::new(0),
@@ -217,7 +221,8 @@ async fn worker(shared: Arc<Shared>) -> Tally {
             () = shared.shutdown.cancelled() => break,
         }
         let order = random_order(shared.scarce_ratio);
-        let outcome = place(&shared.client, &shared.orders_url, &order).await;
+        let key = shared.idempotency_keys.then(idempotency_key);
+        let outcome = place(&shared.client, &shared.orders_url, &order, key.as_deref()).await;
         if !matches!(outcome, Outcome::Created { .. }) {
             shared.progress.set_message("(errors: see the report)");
         }
@@ -227,8 +232,17 @@ async fn worker(shared: Arc<Shared>) -> Tally {
     tally
 }
 
-async fn place(client: &reqwest::Client, url: &str, order: &OrderRequest) -> Outcome {
-    let response = match client.post(url).json(order).send().await {
+async fn place(
+    client: &reqwest::Client,
+    url: &str,
+    order: &OrderRequest,
+    idempotency_key: Option<&str>,
+) -> Outcome {
+    let mut request = client.post(url).json(order);
+    if let Some(key) = idempotency_key {
+        request = request.header("idempotency-key", key);
+    }
+    let response = match request.send().await {
         Ok(response) => response,
         Err(error) => return Outcome::Failed(error_chain(&error)),
     };
@@ -297,6 +311,13 @@ pub fn random_order(scarce_ratio: f64) -> OrderRequest {
     OrderRequest { customer_id: format!("stress-{}", rng.random_range(1..=1_000)), items }
 }
 
+/// A key no other order has: the API takes 1 to 255 visible ASCII characters,
+/// and a random UUID cannot collide with the keys of earlier runs on the same
+/// database, which a counter would.
+pub fn idempotency_key() -> String {
+    format!("stress-{}", Uuid::new_v4())
+}
+
 fn sku(number: u32) -> String {
     format!("SKU-{number:03}")
 }
@@ -326,6 +347,17 @@ mod tests {
         assert!(
             order.items[..order.items.len() - 1].iter().all(|item| item.sku.as_str() < "SKU-021")
         );
+    }
+
+    #[test]
+    fn idempotency_keys_are_unique_visible_ascii_and_short_enough() {
+        let keys: std::collections::HashSet<String> =
+            (0..1_000).map(|_| idempotency_key()).collect();
+        assert_eq!(keys.len(), 1_000);
+        for key in keys {
+            assert!((1..=255).contains(&key.len()), "{key}");
+            assert!(key.bytes().all(|byte| byte.is_ascii_graphic()), "{key}");
+        }
     }
 
     #[test]

@@ -1,13 +1,14 @@
 //! The report: what was sent, how it was answered, how fast, and whether every
-//! order was decided. Serialised as the `--json` object, or printed as a table.
+//! order was decided. Serialised as the `--json` object, or printed as a table;
+//! deserialised again by `soak-report`, which reads one `--json` object a minute.
 
 use std::collections::BTreeMap;
 use std::fmt;
 
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
     /// Requests sent; always `ok + client_errors + server_errors + transport_errors`.
     pub sent: u64,
@@ -49,7 +50,7 @@ pub struct Report {
     pub error_samples: Vec<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Latency {
     pub p50: f64,
     pub p90: f64,
@@ -58,7 +59,7 @@ pub struct Latency {
     pub max: f64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Lag {
     /// Orders measured; the percentiles are `null` when it is 0.
     pub count: u64,

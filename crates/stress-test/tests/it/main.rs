@@ -3,4 +3,5 @@
 //! PENDING unless a test decides them itself.
 
 mod helpers;
+mod keys;
 mod report;
