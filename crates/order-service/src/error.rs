@@ -6,7 +6,6 @@ use axum::Json;
 use axum::extract::rejection::JsonRejection;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
 
 pub type Result<T, E = ApiError> = std::result::Result<T, E>;
 
@@ -32,6 +31,9 @@ pub enum ApiError {
     #[error("{0} not found")]
     NotFound(&'static str),
 
+    #[error("this method is not allowed on this route")]
+    MethodNotAllowed,
+
     #[error(transparent)]
     Database(#[from] sqlx::Error),
 
@@ -53,6 +55,7 @@ impl ApiError {
                 (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused")
             }
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             Self::Database(
                 sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_),
             ) => (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable"),
@@ -93,6 +96,39 @@ impl IntoResponse for ApiError {
         } else {
             self.to_string()
         };
-        (status, Json(json!({ "error": code, "message": message }))).into_response()
+        (status, Json(ErrorBody { error: code.to_owned(), message })).into_response()
     }
+}
+
+/// The body of every error response.
+#[derive(Debug, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[schema(example = json!({"error": "invalid_quantity", "message": "items[0].quantity must be between 1 and 1000, got 0"}))]
+pub struct ErrorBody {
+    /// A stable code for programs (see each response's description).
+    pub error: String,
+    /// What is wrong, for people.
+    pub message: String,
+}
+
+/// Gives an error response that has no body (the 408 of the timeout layer, say)
+/// the JSON error body, so that every error has one shape.
+pub async fn json_for_bare_errors(response: Response) -> Response {
+    let status = response.status();
+    if !(status.is_client_error() || status.is_server_error())
+        || response.headers().contains_key(axum::http::header::CONTENT_TYPE)
+    {
+        return response;
+    }
+    let (code, message) = match status {
+        StatusCode::REQUEST_TIMEOUT => ("request_timeout", "the request took too long"),
+        StatusCode::METHOD_NOT_ALLOWED => ("method_not_allowed", "method not allowed"),
+        StatusCode::NOT_FOUND => ("not_found", "not found"),
+        StatusCode::PAYLOAD_TOO_LARGE => ("body_too_large", "the request body is too large"),
+        _ if status.is_server_error() => ("internal", "internal server error"),
+        _ => ("bad_request", "the request cannot be served"),
+    };
+    let (mut parts, _) = response.into_parts();
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    let body = ErrorBody { error: code.to_owned(), message: message.to_owned() };
+    (parts, Json(body)).into_response()
 }

@@ -27,18 +27,28 @@ fn is_valid_id(text: &str) -> bool {
 
 /// The body of `POST /orders`. Unknown fields are refused, so a typo such as
 /// `"item"` is an error rather than an empty order.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"customer_id": "customer-42", "items": [{"sku": "SKU-001", "quantity": 2}]}))]
 pub struct CreateOrder {
+    /// Who orders: 1 to 100 characters, no control characters; surrounding
+    /// spaces are trimmed.
+    #[schema(min_length = 1, max_length = 100, example = "customer-42")]
     pub customer_id: String,
+    /// 1 to 100 lines, each SKU at most once.
+    #[schema(min_items = 1, max_items = 100)]
     pub items: Vec<CreateOrderItem>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateOrderItem {
+    /// A SKU of the catalogue (`SKU-001` .. `SKU-025` in the demo data): 1 to 100
+    /// characters, no control characters.
+    #[schema(min_length = 1, max_length = 100, example = "SKU-001")]
     pub sku: String,
     /// Wider than a line's `i32` so that an absurd quantity gets our own message.
+    #[schema(minimum = 1, maximum = 1000, example = 2)]
     pub quantity: i64,
 }
 
@@ -104,11 +114,12 @@ impl CreateOrder {
 }
 
 /// An order as the API shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Order {
     pub id: Uuid,
     pub customer_id: String,
     /// PENDING until the inventory consumer has processed it, then COMPLETED or REJECTED.
+    #[schema(value_type = OrderStatus)]
     pub status: String,
     pub total_cents: i64,
     pub items: Vec<OrderLine>,
@@ -116,7 +127,16 @@ pub struct Order {
     pub updated_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
+/// What an order's status can be.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code, clippy::upper_case_acronyms)] // a schema only: the status travels as text
+pub enum OrderStatus {
+    PENDING,
+    COMPLETED,
+    REJECTED,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct OrderLine {
     pub sku: String,
     pub quantity: i32,

@@ -1,12 +1,12 @@
-//! The HTTP API: routes, handlers and the layers around them.
+//! The HTTP API: routes, handlers and the layers around them, and the OpenAPI
+//! document generated from the same handlers (`GET /openapi.json`).
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use axum::extract::{FromRequest, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Json, Router};
 use outbox::metrics::RelayMetrics;
 use outbox::relay::RelayStatus;
@@ -17,9 +17,12 @@ use serde_json::{Value, json};
 use sqlx::PgPool;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use uuid::Uuid;
 
-use crate::error::{ApiError, Result};
+use crate::error::{ApiError, ErrorBody, Result};
 use crate::idempotency::{self, IdempotencyKey};
 use crate::orders::{self, CreateOrder};
 
@@ -35,17 +38,63 @@ pub struct AppState {
     pub registry: Arc<Registry>,
 }
 
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "order-service",
+        description = "Takes orders and writes each with its OrderPlaced event in one transaction \
+(the transactional outbox); the inventory consumer later decides it COMPLETED or REJECTED. \
+Every error answers with the JSON body `ErrorBody`, whose `error` is a stable code.",
+        license(name = "MIT OR Apache-2.0")
+    ),
+    tags(
+        (name = "orders", description = "Placing and reading orders"),
+        (name = "operations", description = "Health, readiness, metrics and this document")
+    )
+)]
+struct ApiDoc;
+
+/// The routes with their OpenAPI descriptions, registered together so the
+/// document cannot drift from what is served.
+fn api() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(create_order))
+        .routes(routes!(get_order))
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(metrics))
+        .routes(routes!(openapi_json))
+}
+
+/// The OpenAPI document of this API, as `GET /openapi.json` serves it.
+pub fn openapi_document() -> &'static str {
+    static DOCUMENT: LazyLock<String> = LazyLock::new(|| {
+        let mut document = api().into_openapi().to_pretty_json().expect("the document serialises");
+        document.push('\n');
+        document
+    });
+    &DOCUMENT
+}
+
 pub fn router(state: AppState, body_limit_bytes: usize, request_timeout: Duration) -> Router {
-    Router::new()
-        .route("/orders", post(create_order))
-        .route("/orders/{id}", get(get_order))
-        .route("/healthz", get(common::http::healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+    let (router, _) = api().split_for_parts();
+    router
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(body_limit_bytes))
         .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, request_timeout))
+        // Outside the timeout, so its bare 408 gets the JSON error body too.
+        .layer(axum::middleware::map_response(crate::error::json_for_bare_errors))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound("route")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
 }
 
 /// `axum::Json` whose rejections (wrong content type, malformed JSON, wrong shape,
@@ -54,8 +103,51 @@ pub fn router(state: AppState, body_limit_bytes: usize, request_timeout: Duratio
 #[from_request(via(axum::Json), rejection(ApiError))]
 struct JsonBody<T>(T);
 
-/// `POST /orders`: validate, then write the order, its lines and its event in one
-/// transaction; answer 201 with the order and its `Location`.
+/// Place an order.
+///
+/// Validates the request, then writes the order (PENDING), its lines priced from
+/// the catalogue and its OrderPlaced event in one transaction, and answers 201
+/// with the order. With an `Idempotency-Key`, a retry with the same key and body
+/// gets the first response again (with `Idempotent-Replayed: true`) and creates
+/// nothing; the same key with another body is a 422. A rejected request writes
+/// nothing.
+#[utoipa::path(
+    post,
+    path = "/orders",
+    tag = "orders",
+    request_body = CreateOrder,
+    params(
+        ("Idempotency-Key" = Option<String>, Header,
+            description = "Makes retries safe: 1 to 255 visible ASCII characters, \
+such as a UUID or `order-42`. Remembered for IDEMPOTENCY_KEY_TTL (24 h by default).",
+            pattern = "^[!-~]{1,255}$", example = "order-42"),
+    ),
+    responses(
+        (status = 201, description = "The order was placed (or, for a retried key, had been).",
+            body = orders::Order,
+            headers(
+                ("Location" = String, description = "`/orders/{id}` of the order"),
+                ("Idempotent-Replayed" = Option<String>,
+                    description = "`true` when this answers a retry of an earlier request"),
+            )),
+        (status = 400, description = "`malformed_json`: the body is not JSON; \
+`invalid_idempotency_key`: the header is not 1 to 255 visible ASCII characters.",
+            body = ErrorBody),
+        (status = 408, description = "`request_timeout`: the request took longer than REQUEST_TIMEOUT_MS.",
+            body = ErrorBody),
+        (status = 413, description = "`body_too_large`: over BODY_LIMIT_BYTES (64 KiB).",
+            body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`: not `application/json`.",
+            body = ErrorBody),
+        (status = 422, description = "`invalid_body` (wrong shape or type, unknown field), \
+`empty_items`, `too_many_items`, `invalid_quantity`, `invalid_customer_id`, `invalid_sku`, \
+`unknown_sku`, `duplicate_sku`, or `idempotency_key_reused` (the key came with another body).",
+            body = ErrorBody),
+        (status = 503, description = "`database_unavailable`: try again.", body = ErrorBody),
+        (status = 500, description = "`internal`: not the client's fault; the cause is logged.",
+            body = ErrorBody),
+    )
+)]
 async fn create_order(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -103,7 +195,20 @@ fn replayed((status, id, body): (StatusCode, Uuid, Value)) -> Response {
     response
 }
 
-/// `GET /orders/{id}`.
+/// Read an order with its lines and current status.
+#[utoipa::path(
+    get,
+    path = "/orders/{id}",
+    tag = "orders",
+    params(("id" = String, Path, description = "The order's id, as POST /orders gave it")),
+    responses(
+        (status = 200, description = "The order", body = orders::Order),
+        (status = 404, description = "`not_found`: no such order (or not a UUID).", body = ErrorBody),
+        (status = 408, description = "`request_timeout`", body = ErrorBody),
+        (status = 503, description = "`database_unavailable`: try again.", body = ErrorBody),
+        (status = 500, description = "`internal`", body = ErrorBody),
+    )
+)]
 async fn get_order(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -114,10 +219,23 @@ async fn get_order(
     Ok(Json(order))
 }
 
-/// `GET /readyz`: ready to take orders, which needs the database, and every
-/// background task running (one that crashed is restarted after a pause). The
-/// broker's state is reported but does not count: orders are accepted while the
-/// broker is down, their events wait in the outbox.
+/// Liveness: the process answers.
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "`{\"status\": \"ok\"}`", body = Value)))]
+async fn healthz() -> Json<Value> {
+    common::http::healthz().await
+}
+
+/// Readiness: ready to take orders.
+///
+/// Needs the database and every background task running (one that crashed is
+/// restarted after a pause). The broker's state is reported but does not count:
+/// orders are accepted while the broker is down, their events wait in the outbox.
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses(
+        (status = 200, description = "Ready; `broker` is up, down or relay disabled", body = Value),
+        (status = 503, description = "Not ready: the database is down or a task crashed", body = Value),
+    ))]
 async fn readyz(State(state): State<AppState>) -> Response {
     let database_up = common::http::database_answers(&state.db).await;
     let crashed_tasks = state.health.crashed_tasks();
@@ -139,8 +257,21 @@ async fn readyz(State(state): State<AppState>) -> Response {
     (status, Json(body)).into_response()
 }
 
-/// `GET /metrics`: Prometheus text format, with the backlog read at scrape time.
+/// Metrics in the OpenMetrics text format, with the outbox backlog read at scrape time.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses(
+        (status = 200, description = "OpenMetrics text",
+            content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8", body = String),
+        (status = 503, description = "`database_unavailable`", body = ErrorBody),
+    ))]
 async fn metrics(State(state): State<AppState>) -> Result<Response> {
     state.relay_metrics.refresh_backlog(&state.db).await?;
     Ok(common::http::metrics_response(&state.registry))
+}
+
+/// This document (OpenAPI 3.1).
+#[utoipa::path(get, path = "/openapi.json", tag = "operations",
+    responses((status = 200, description = "The OpenAPI document of this API", body = Value)))]
+async fn openapi_json() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], openapi_document()).into_response()
 }

@@ -2,5 +2,6 @@
 //! relay, RabbitMQ). One test binary; each test gets a fresh database.
 
 mod helpers;
+mod openapi;
 mod orders;
 mod relay;
