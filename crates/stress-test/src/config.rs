@@ -82,6 +82,13 @@ pub struct Config {
     #[arg(long, env = "STRESS_IDEMPOTENCY_KEYS", value_parser = clap::builder::FalseyValueParser::new())]
     pub idempotency_keys: bool,
 
+    /// Send an order again, with the same Idempotency-Key, when it got no answer
+    /// or a 5xx, 408 or 429, up to this many times, after a growing pause (100 ms
+    /// doubling to 2 s): how a client rides out a restart of the service. Its
+    /// latency then spans every attempt. Needs --idempotency-keys.
+    #[arg(long, env = "STRESS_RETRIES", default_value_t = 0, requires = "idempotency_keys")]
+    pub retries: u32,
+
     /// Print one JSON object on stdout instead of the table, and no progress bar.
     #[arg(long, env = "STRESS_JSON", value_parser = clap::builder::FalseyValueParser::new())]
     pub json: bool,

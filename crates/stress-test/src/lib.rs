@@ -39,6 +39,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         request_timeout: config.request_timeout,
         scarce_ratio: config.scarce_ratio,
         idempotency_keys: config.idempotency_keys,
+        retries: config.retries,
     };
     let progress = match plan.limit {
         Some(limit) => {
@@ -56,6 +57,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         client_errors: tally.client_errors,
         server_errors: tally.server_errors,
         transport_errors: tally.transport_errors,
+        retries: tally.retries,
         unreadable_bodies: tally.unreadable_bodies,
         status_codes: tally.status_codes.iter().map(|(code, n)| (code.to_string(), *n)).collect(),
         elapsed_seconds,

@@ -40,6 +40,8 @@ pub struct Plan {
     pub scarce_ratio: f64,
     /// Send a fresh `Idempotency-Key` with each order.
     pub idempotency_keys: bool,
+    /// Attempts after the first for an order that got no answer or a 5xx.
+    pub retries: u32,
 }
 
 /// What the workers saw, merged.
@@ -50,6 +52,8 @@ pub struct Tally {
     /// 5xx, and any other status that is neither 2xx nor 4xx.
     pub server_errors: u64,
     pub transport_errors: u64,
+    /// Orders sent again (`Plan::retries`).
+    pub retries: u64,
     /// 2xx answers whose body held no order id (counted in `ok` too).
     pub unreadable_bodies: u64,
     pub status_codes: BTreeMap<u16, u64>,
@@ -70,6 +74,7 @@ impl Tally {
             client_errors: 0,
             server_errors: 0,
             transport_errors: 0,
+            retries: 0,
             unreadable_bodies: 0,
             status_codes: BTreeMap::new(),
             latency: micros_histogram(),
@@ -121,6 +126,7 @@ impl Tally {
         self.client_errors += other.client_errors;
         self.server_errors += other.server_errors;
         self.transport_errors += other.transport_errors;
+        self.retries += other.retries;
         self.unreadable_bodies += other.unreadable_bodies;
         for (status, count) in other.status_codes {
             *self.status_codes.entry(status).or_default() += count;
@@ -148,6 +154,18 @@ enum Outcome {
     Failed(String),
 }
 
+impl Outcome {
+    /// No answer, or one that says "not now" rather than "no": a retry with the
+    /// same Idempotency-Key may succeed, and cannot create the order twice.
+    fn is_worth_retrying(&self) -> bool {
+        match self {
+            Self::Failed(_) => true,
+            Self::Refused { status, .. } => *status >= 500 || matches!(status, 408 | 429),
+            Self::Created { .. } => false,
+        }
+    }
+}
+
 /// State shared by the workers.
 struct Shared {
     client: reqwest::Client,
@@ -156,6 +174,7 @@ struct Shared {
     rate: Option<f64>,
     scarce_ratio: f64,
     idempotency_keys: bool,
+    retries: u32,
     start: Instant,
     deadline: Option<Instant>,
     /// The index of the next order to send, taken by whichever worker is free.
@@ -186,6 +205,7 @@ pub async fn run(
         rate: plan.rate,
         scarce_ratio: plan.scarce_ratio,
         idempotency_keys: plan.idempotency_keys,
+        retries: plan.retries,
         start,
         deadline: plan.duration.map(|duration| start + duration),
         next: AtomicU64::new(0),
@@ -222,7 +242,20 @@ async fn worker(shared: Arc<Shared>) -> Tally {
         }
         let order = random_order(shared.scarce_ratio);
         let key = shared.idempotency_keys.then(idempotency_key);
-        let outcome = place(&shared.client, &shared.orders_url, &order, key.as_deref()).await;
+        let mut outcome = place(&shared.client, &shared.orders_url, &order, key.as_deref()).await;
+        let mut pause = Duration::from_millis(100);
+        for _ in 0..shared.retries {
+            if !outcome.is_worth_retrying() {
+                break;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(pause) => {}
+                () = shared.shutdown.cancelled() => break,
+            }
+            pause = (pause * 2).min(Duration::from_secs(2));
+            tally.retries += 1;
+            outcome = place(&shared.client, &shared.orders_url, &order, key.as_deref()).await;
+        }
         if !matches!(outcome, Outcome::Created { .. }) {
             shared.progress.set_message("(errors: see the report)");
         }

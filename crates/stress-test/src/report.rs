@@ -20,6 +20,10 @@ pub struct Report {
     pub server_errors: u64,
     /// Not answered: connection refused or reset, timed out, body cut short.
     pub transport_errors: u64,
+    /// Requests sent again after no answer or a 5xx (`--retries`); an order
+    /// counts once above, by its last answer.
+    #[serde(default)]
+    pub retries: u64,
     /// 2xx answers whose body held no order id; their orders cannot be followed.
     pub unreadable_bodies: u64,
     /// Answers by HTTP status code.
@@ -127,6 +131,9 @@ impl fmt::Display for Report {
         row(f, "4xx", &self.client_errors, "")?;
         row(f, "5xx / other", &self.server_errors, "")?;
         row(f, "transport errors", &self.transport_errors, "")?;
+        if self.retries > 0 {
+            row(f, "retries", &self.retries, "")?;
+        }
         if self.unreadable_bodies > 0 {
             row(f, "2xx without an id", &self.unreadable_bodies, "")?;
         }
@@ -196,6 +203,7 @@ mod tests {
             client_errors: 0,
             server_errors: 0,
             transport_errors: 0,
+            retries: 0,
             unreadable_bodies: 0,
             status_codes: BTreeMap::from([("201".to_owned(), 10)]),
             elapsed_seconds: 1.0,

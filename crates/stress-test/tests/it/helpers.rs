@@ -24,13 +24,14 @@ impl Drop for TestApp {
 
 /// The API alone on port 0, without a relay (nothing is published).
 pub async fn spawn_app(db: PgPool) -> TestApp {
-    let config = Config::parse_from([
-        "order-service",
-        "--listen-addr",
-        "127.0.0.1:0",
-        "--relay-workers",
-        "0",
-    ]);
+    spawn_app_on(db, 0).await
+}
+
+/// The API alone on `port`, without a relay.
+pub async fn spawn_app_on(db: PgPool, port: u16) -> TestApp {
+    let listen = format!("127.0.0.1:{port}");
+    let config =
+        Config::parse_from(["order-service", "--listen-addr", &listen, "--relay-workers", "0"]);
     let app = Application::build_with_pool(config, db.clone()).await.expect("app builds");
     let address = format!("http://127.0.0.1:{}", app.port());
     let shutdown = CancellationToken::new();
