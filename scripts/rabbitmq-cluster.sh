@@ -158,8 +158,8 @@ cmd_status() {
         grep -v -e '^$' -e '^Versions'
     echo
     echo "quorum queues (name, leader, members):"
-    ctl "$any" list_queues name type leader members --formatter tsv 2>/dev/null |
-        awk -F'\t' 'NR > 1 && $2 == "quorum" { print $1 "\t" $3 "\t" $4 }'
+    ctl "$any" list_queues name type leader members --no-table-headers 2>/dev/null |
+        awk -F'\t' '$2 == "quorum" { print $1 "\t" $3 "\t" $4 }'
 }
 
 cmd_kill() {
@@ -175,7 +175,7 @@ cmd_leader() {
     local node
     for node in "${NODES[@]}"; do
         if running "$node"; then
-            ctl "$node" list_queues name leader --formatter tsv |
+            ctl "$node" list_queues name leader --no-table-headers |
                 awk -F'\t' -v q="$queue" '$1 == q { print $2 }'
             return 0
         fi
