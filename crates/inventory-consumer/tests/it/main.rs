@@ -5,6 +5,7 @@
 mod consumer;
 mod crash;
 mod end_to_end;
+mod fuzz;
 mod helpers;
 mod months;
 mod queues;
