@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The one test command: checks that Postgres and RabbitMQ answer (starting the
-# local ones if they are installed but stopped), then runs the format check,
-# clippy with warnings as errors, and the whole test suite against them.
+# local ones if they are installed but stopped), then validates the Compose
+# files and runs the format check, clippy with warnings as errors, the whole
+# test suite against them, the API fuzzer (scripts/fuzz-api.sh) and the cluster
+# proof (scripts/cluster-proof.sh). The last line sums every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/services.sh
@@ -35,11 +37,36 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
 cargo test --workspace --locked --no-fail-fast -- "$@" 2>&1 | tee "$log" || status=$?
-awk '/^test result:/ {
+
+# The checks that run whole processes: each counts as one test in the summary.
+checks_passed=0
+checks_failed=0
+check() { # name, command...
+    local name=$1
+    shift
+    echo "== $name"
+    if "$@"; then
+        checks_passed=$((checks_passed + 1))
+    else
+        echo "!! $name FAILED" >&2
+        checks_failed=$((checks_failed + 1))
+        status=1
+    fi
+}
+check "API fuzzing (scripts/fuzz-api.sh)" scripts/fuzz-api.sh
+if command -v rabbitmq-server >/dev/null 2>&1 && command -v rabbitmqctl >/dev/null 2>&1; then
+    check "cluster proof (scripts/cluster-proof.sh)" scripts/cluster-proof.sh
+else
+    echo "!! SKIPPED: the cluster proof needs the local rabbitmq-server (apt-get install rabbitmq-server);" \
+        "failover on a cluster was NOT tested" >&2
+fi
+
+awk -v checks_passed="$checks_passed" -v checks_failed="$checks_failed" '
+     /^test result:/ {
         for (i = 1; i <= NF; i++) {
             if ($(i + 1) ~ /^passed/) passed += $i
             if ($(i + 1) ~ /^failed/) failed += $i
         }
      }
-     END { printf "%d passed, %d failed\n", passed, failed }' "$log"
+     END { printf "%d passed, %d failed\n", passed + checks_passed, failed + checks_failed }' "$log"
 exit "$status"
