@@ -67,16 +67,13 @@ async fn main() -> anyhow::Result<()> {
     let connection = outbox::amqp::connect(&args.amqp_url, "relay-bench").await?;
     let channel = connection.create_channel().await?;
     outbox::amqp::declare_exchange(&channel, &exchange).await?;
-    // A classic queue can be exclusive (gone with this connection); a quorum queue
-    // cannot, and is deleted at the end.
+    // Durable, as in production, whatever its type (a transient queue would not
+    // write the persistent messages to disk); deleted at the end.
     let mut arguments = FieldTable::default();
     let queue_type = lapin::types::LongString::from(args.queue_type.as_str());
     arguments.insert("x-queue-type".into(), lapin::types::AMQPValue::LongString(queue_type));
-    let options = match args.queue_type {
-        QueueType::Classic => QueueDeclareOptions { exclusive: true, ..Default::default() },
-        QueueType::Quorum => QueueDeclareOptions { durable: true, ..Default::default() },
-    };
-    channel.queue_declare(queue.as_str().into(), options, arguments).await?;
+    let durable = QueueDeclareOptions { durable: true, ..Default::default() };
+    channel.queue_declare(queue.as_str().into(), durable, arguments).await?;
     channel
         .queue_bind(
             queue.as_str().into(),
