@@ -112,22 +112,14 @@ impl Application {
             };
             supervisor.spawn(&mut workers, worker.name.clone(), move || worker.clone().run());
         }
-        let retention = Retention::processed_messages(config.dedup_window);
-        let (sweep_db, sweep_interval, sweep_metrics, sweep_shutdown) = (
+        outbox::retention::spawn_supervised(
+            &supervisor,
+            &mut workers,
             self.db.clone(),
+            Retention::processed_messages(config.dedup_window),
             config.sweep_interval,
             self.retention_metrics.clone(),
-            shutdown.clone(),
         );
-        supervisor.spawn(&mut workers, "processed-message-sweeper", move || {
-            outbox::retention::run(
-                sweep_db.clone(),
-                retention.clone(),
-                sweep_interval,
-                sweep_metrics.clone(),
-                sweep_shutdown.clone(),
-            )
-        });
 
         let state = http::HttpState {
             db: self.db.clone(),

@@ -104,22 +104,14 @@ impl Application {
             )
         });
         let mut sweeper = tokio::task::JoinSet::new();
-        let retention = Retention::idempotency_keys(self.config.idempotency_key_ttl);
-        let (sweep_db, sweep_interval, sweep_metrics, sweep_shutdown) = (
+        outbox::retention::spawn_supervised(
+            &supervisor,
+            &mut sweeper,
             self.background_db.clone(),
+            Retention::idempotency_keys(self.config.idempotency_key_ttl),
             self.config.sweep_interval,
             self.retention_metrics.clone(),
-            shutdown.clone(),
         );
-        supervisor.spawn(&mut sweeper, "idempotency-key-sweeper", move || {
-            outbox::retention::run(
-                sweep_db.clone(),
-                retention.clone(),
-                sweep_interval,
-                sweep_metrics.clone(),
-                sweep_shutdown.clone(),
-            )
-        });
         let state = routes::AppState {
             db: self.db.clone(),
             relay: relay.as_ref().map(Relay::status),

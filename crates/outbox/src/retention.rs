@@ -17,7 +17,10 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use sqlx::{PgConnection, PgPool};
 use std::sync::atomic::AtomicU64;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+
+use crate::supervisor::Supervisor;
 
 /// A table with a retention window: rows whose `timestamp_column` is older than
 /// `window` are deleted.
@@ -153,6 +156,23 @@ async fn delete_expired(
         from = newest;
         tokio::time::sleep(retention.pause).await;
     }
+}
+
+/// Runs [`run`] in `tasks` under `supervisor` (restarted if it panics), until
+/// the supervisor's shutdown.
+pub fn spawn_supervised(
+    supervisor: &Supervisor,
+    tasks: &mut JoinSet<()>,
+    db: PgPool,
+    retention: Retention,
+    interval: Duration,
+    metrics: RetentionMetrics,
+) {
+    let name = format!("{}-sweeper", retention.table);
+    let shutdown = supervisor.shutdown().clone();
+    supervisor.spawn(tasks, name, move || {
+        run(db.clone(), retention.clone(), interval, metrics.clone(), shutdown.clone())
+    });
 }
 
 /// Sweeps every `interval` until `shutdown`; a failed sweep is logged and tried

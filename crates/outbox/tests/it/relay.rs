@@ -243,3 +243,16 @@ async fn a_failing_event_backs_off_then_dies_without_blocking_the_others(db: PgP
     publisher.close().await;
     broker.delete().await;
 }
+
+#[tokio::test]
+async fn a_node_list_connects_past_a_dead_node() {
+    // Nothing listens on port 1: every attempt that starts there moves on.
+    let urls = format!("amqp://guest:guest@127.0.0.1:1/%2f,{}", test_support::amqp_url());
+    for _ in 0..5 {
+        let connection = outbox::amqp::connect(&urls, "failover-test").await.expect("connects");
+        assert!(connection.status().connected());
+        let _ = connection.close(200, "done".into()).await;
+    }
+    let dead = outbox::amqp::connect("amqp://guest:guest@127.0.0.1:1/%2f", "failover-test").await;
+    assert!(dead.is_err(), "a list of dead nodes is an error");
+}
