@@ -29,6 +29,9 @@ pub enum Outcome {
     /// No such order: the message is poison and is not recorded, so a replay
     /// after the order appears (a restored database, say) is still applied.
     UnknownOrder,
+    /// The database refused this message's data (an SQLSTATE class 22 error,
+    /// such as text it cannot store): poison, as no retry can succeed.
+    Refused(String),
 }
 
 impl Outcome {
@@ -39,6 +42,7 @@ impl Outcome {
             Self::Duplicate => "duplicate",
             Self::AlreadyDecided => "already_decided",
             Self::UnknownOrder => "unknown_order",
+            Self::Refused(_) => "refused",
         }
     }
 }

@@ -49,5 +49,10 @@ fn check(event: &OrderPlaced) -> Result<(), String> {
     if let Some(line) = event.lines.iter().find(|line| line.quantity <= 0) {
         return Err(format!("line {} has quantity {}", line.sku, line.quantity));
     }
+    // Postgres text cannot hold U+0000: such a SKU would fail the batch's query
+    // every time it is retried.
+    if let Some(line) = event.lines.iter().find(|line| line.sku.contains('\0')) {
+        return Err(format!("line sku {:?} contains a NUL character", line.sku));
+    }
     Ok(())
 }

@@ -178,6 +178,8 @@ impl Worker {
             if *outcome == Outcome::UnknownOrder {
                 let reason = format!("order {} does not exist", message.event.order_id);
                 poison.push((tag, message.id.to_string(), reason));
+            } else if let Outcome::Refused(reason) = outcome {
+                poison.push((tag, message.id.to_string(), reason.clone()));
             } else {
                 self.metrics.record(outcome.label());
                 last_ack = Some(tag);
@@ -215,6 +217,13 @@ impl Worker {
         loop {
             match self.apply(messages).await {
                 Ok(outcomes) => return Some(outcomes),
+                // Not transient: some message's data is refused. Apply them one
+                // by one to find it; the others must not be held back by it.
+                Err(error) if data_error(&error).is_some() => {
+                    tracing::warn!(worker = %self.name, error = format!("{error:#}"),
+                        "the database refused a batch's data; applying its messages one by one");
+                    return self.apply_one_by_one(messages).await;
+                }
                 Err(error) => {
                     self.metrics.retries.inc();
                     let retry_in = trouble.next_pause();
@@ -228,6 +237,36 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Each message in a transaction of its own; one whose data the database
+    /// refuses is [`Outcome::Refused`]. Other failures are retried as in
+    /// [`Worker::apply_until_done`]. `None` when shutdown interrupts.
+    async fn apply_one_by_one(&self, messages: &[Message]) -> Option<Vec<Outcome>> {
+        let mut outcomes = Vec::with_capacity(messages.len());
+        for message in messages {
+            let mut trouble = Backoff::new();
+            loop {
+                match self.apply(std::slice::from_ref(message)).await {
+                    Ok(mut one) => {
+                        outcomes.push(one.remove(0));
+                        break;
+                    }
+                    Err(error) => {
+                        if let Some(reason) = data_error(&error) {
+                            outcomes.push(Outcome::Refused(reason));
+                            break;
+                        }
+                        self.metrics.retries.inc();
+                        tokio::select! {
+                            () = tokio::time::sleep(trouble.next_pause()) => {}
+                            () = self.shutdown.cancelled() => return None,
+                        }
+                    }
+                }
+            }
+        }
+        Some(outcomes)
     }
 
     async fn apply(&self, messages: &[Message]) -> anyhow::Result<Vec<Outcome>> {
@@ -250,6 +289,19 @@ impl Worker {
             let _ = connection.close(200, "consumer stopping".into()).await;
         }
     }
+}
+
+/// The database's reason when `error` is a data exception (SQLSTATE class 22:
+/// a value it cannot take, whatever the retry), else `None`.
+fn data_error(error: &anyhow::Error) -> Option<String> {
+    error.chain().find_map(|cause| match cause.downcast_ref::<sqlx::Error>() {
+        Some(sqlx::Error::Database(database))
+            if database.code().is_some_and(|code| code.starts_with("22")) =>
+        {
+            Some(format!("the database refused its data: {}", database.message()))
+        }
+        _ => None,
+    })
 }
 
 /// The message id as sent, for logs (poison may carry none, or a bad one).

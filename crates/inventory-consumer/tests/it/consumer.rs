@@ -284,3 +284,45 @@ async fn the_consumer_reconnects_after_losing_the_broker(db: PgPool) {
     consumer.stop().await;
     broker.delete().await;
 }
+
+#[sqlx::test(migrator = "common::MIGRATOR")]
+async fn a_message_whose_data_the_database_refuses_is_dead_lettered_alone(db: PgPool) {
+    let broker = TestBroker::new().await;
+    let messages = insert_orders(&db, &vec![vec![("SKU-012", 1)]; 5]).await;
+    let refused = messages[2].event.order_id;
+    // The database refuses one order's update with a data exception (class 22),
+    // as it would text it cannot store: no retry of the batch could succeed.
+    sqlx::raw_sql(&format!(
+        "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NEW.id = '{refused}' THEN
+                 RAISE EXCEPTION 'value refused' USING ERRCODE = '22023';
+             END IF;
+             RETURN NEW;
+         END; $$;
+         CREATE TRIGGER refuse BEFORE UPDATE ON orders FOR EACH ROW EXECUTE FUNCTION refuse();"
+    ))
+    .execute(&db)
+    .await
+    .expect("trigger");
+    for message in &messages {
+        broker.publish(message).await;
+    }
+    // One batch for all five, so the refused one is in a batch with the others.
+    let consumer = TestConsumer::spawn(db.clone(), &broker.config, &["--concurrency", "1"]).await;
+
+    consumer.wait_settled(5, WITHIN).await;
+
+    let dead = broker.dead_letters(1, WITHIN).await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        dead[0].properties.message_id().as_ref().map(|id| id.to_string()),
+        Some(messages[2].id.to_string())
+    );
+    for (index, message) in messages.iter().enumerate() {
+        let expected = if index == 2 { "PENDING" } else { "COMPLETED" };
+        assert_eq!(order_status(&db, message.event.order_id).await, expected, "order {index}");
+    }
+    consumer.stop().await;
+    broker.delete().await;
+}

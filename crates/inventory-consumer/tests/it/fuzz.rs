@@ -130,6 +130,7 @@ async fn generated_messages_are_dead_lettered_or_applied_and_the_consumer_carrie
         .and_then(|seed| seed.parse().ok())
         .unwrap_or_else(|| rand::random_range(0..u64::MAX));
     let mut rng = StdRng::seed_from_u64(seed);
+    eprintln!("consumer fuzz: FUZZ_SEED={seed} replays this run");
     let broker = TestBroker::new().await;
     let consumer = TestConsumer::spawn(db.clone(), &broker.config, &[]).await;
     let orders = insert_orders(&db, &vec![vec![("SKU-003", 1)]; 50]).await;

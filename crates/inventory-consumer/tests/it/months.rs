@@ -48,23 +48,28 @@ async fn an_event_from_a_newer_producer_with_extra_fields_is_applied(db: PgPool)
 async fn an_event_missing_a_field_or_of_an_unknown_major_version_is_dead_lettered(db: PgPool) {
     let broker = TestBroker::new().await;
     let consumer = TestConsumer::spawn(db.clone(), &broker.config, &[]).await;
-    let messages = insert_orders(&db, &[vec![("SKU-005", 1)], vec![("SKU-005", 1)]]).await;
+    let messages = insert_orders(&db, &vec![vec![("SKU-005", 1)]; 3]).await;
     let mut without_lines = event_json(&messages[0]);
     without_lines.as_object_mut().expect("object").remove("lines");
+    // Found by the fuzz test: a NUL in a SKU failed the batch's query on every
+    // retry (Postgres text cannot hold it), and the worker stalled.
+    let mut nul_sku = event_json(&messages[2]);
+    nul_sku["lines"][0]["sku"] = json!("SKU\u{0}005");
 
     broker.publish_versioned(messages[0].id, Some("1.0"), &without_lines).await;
     broker.publish_versioned(messages[1].id, Some("2.0"), &event_json(&messages[1])).await;
-    consumer.wait_settled(2, WITHIN).await;
+    broker.publish_versioned(messages[2].id, None, &nul_sku).await;
+    consumer.wait_settled(3, WITHIN).await;
 
-    let dead = broker.dead_letters(2, WITHIN).await;
-    assert_eq!(dead.len(), 2, "both are in the dead-letter queue");
-    assert_eq!(consumer.metrics.count("poison"), 2);
+    let dead = broker.dead_letters(3, WITHIN).await;
+    assert_eq!(dead.len(), 3, "all three are in the dead-letter queue");
+    assert_eq!(consumer.metrics.count("poison"), 3);
     for message in &messages {
         assert_eq!(order_status(&db, message.event.order_id).await, "PENDING");
     }
     // And the consumer goes on: a valid event after them is applied.
     broker.publish_versioned(messages[1].id, None, &event_json(&messages[1])).await;
-    consumer.wait_settled(3, WITHIN).await;
+    consumer.wait_settled(4, WITHIN).await;
     assert_eq!(order_status(&db, messages[1].event.order_id).await, "COMPLETED");
     consumer.stop().await;
     broker.delete().await;

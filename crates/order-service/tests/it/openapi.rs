@@ -42,14 +42,23 @@ async fn error_of(response: reqwest::Response) -> (u16, String) {
 
 #[sqlx::test(migrator = "common::MIGRATOR")]
 async fn unknown_routes_wrong_methods_and_timeouts_answer_json_errors(db: PgPool) {
-    let app = spawn_with_args(db, &["--relay-workers", "0", "--request-timeout-ms", "1"]).await;
+    // A pool of one connection, which the test holds: a request that needs the
+    // database waits for it until the 200 ms request timeout answers.
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with((*db.connect_options()).clone())
+        .await
+        .expect("pool");
+    let app =
+        spawn_with_args(pool.clone(), &["--relay-workers", "0", "--request-timeout-ms", "200"])
+            .await;
     let url = |path: &str| format!("{}{path}", app.address);
 
     let nope = app.client.get(url("/nope")).send().await.expect("get");
     assert_eq!(error_of(nope).await, (404, "not_found".to_owned()));
     let put = app.client.put(url("/orders")).send().await.expect("put");
     assert_eq!(error_of(put).await, (405, "method_not_allowed".to_owned()));
-    // With a 1 ms budget, a request that reaches the database times out.
+    let _held = pool.acquire().await.expect("the only connection");
     let slow = app
         .client
         .get(url("/orders/0190b8b6-7d3c-7cc0-8000-000000000001"))
