@@ -80,11 +80,5 @@ async fn ensure_database_exists(url: &str) -> anyhow::Result<()> {
 
 /// The URL without its password, for logs and error messages.
 pub fn redact(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut parsed) if parsed.password().is_some() => {
-            let _ = parsed.set_password(Some("***"));
-            parsed.to_string()
-        }
-        _ => url.to_owned(),
-    }
+    outbox::amqp::redact(url)
 }

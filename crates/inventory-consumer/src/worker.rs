@@ -206,67 +206,51 @@ impl Worker {
         Ok(true)
     }
 
-    /// Applies `messages` in one transaction, retrying database failures with a
-    /// growing pause: an outage is transient, so nothing is acked or
-    /// dead-lettered meanwhile. `None` when shutdown interrupts the retries.
+    /// Applies `messages`, retrying database failures with a growing pause: an
+    /// outage is transient, so nothing is acked or dead-lettered meanwhile. When
+    /// the database refuses the batch's data (not transient), the messages are
+    /// applied one by one so that only the refused one is poison
+    /// ([`Outcome::Refused`]). `None` when shutdown interrupts the retries.
     async fn apply_until_done(&self, messages: &[Message]) -> Option<Vec<Outcome>> {
         if messages.is_empty() {
             return Some(Vec::new());
         }
-        let mut trouble = Backoff::new();
-        loop {
-            match self.apply(messages).await {
-                Ok(outcomes) => return Some(outcomes),
-                // Not transient: some message's data is refused. Apply them one
-                // by one to find it; the others must not be held back by it.
-                Err(error) if data_error(&error).is_some() => {
-                    tracing::warn!(worker = %self.name, error = format!("{error:#}"),
-                        "the database refused a batch's data; applying its messages one by one");
-                    return self.apply_one_by_one(messages).await;
-                }
-                Err(error) => {
-                    self.metrics.retries.inc();
-                    let retry_in = trouble.next_pause();
-                    tracing::warn!(worker = %self.name, error = format!("{error:#}"),
-                        retry_in_ms = retry_in.as_millis() as u64,
-                        "cannot apply a batch; retrying");
-                    tokio::select! {
-                        () = tokio::time::sleep(retry_in) => {}
-                        () = self.shutdown.cancelled() => return None,
-                    }
-                }
-            }
+        match self.apply_retrying(messages).await? {
+            Ok(outcomes) => return Some(outcomes),
+            Err(reason) => tracing::warn!(worker = %self.name, reason,
+                "the database refused a batch's data; applying its messages one by one"),
         }
-    }
-
-    /// Each message in a transaction of its own; one whose data the database
-    /// refuses is [`Outcome::Refused`]. Other failures are retried as in
-    /// [`Worker::apply_until_done`]. `None` when shutdown interrupts.
-    async fn apply_one_by_one(&self, messages: &[Message]) -> Option<Vec<Outcome>> {
         let mut outcomes = Vec::with_capacity(messages.len());
         for message in messages {
-            let mut trouble = Backoff::new();
-            loop {
-                match self.apply(std::slice::from_ref(message)).await {
-                    Ok(mut one) => {
-                        outcomes.push(one.remove(0));
-                        break;
-                    }
-                    Err(error) => {
-                        if let Some(reason) = data_error(&error) {
-                            outcomes.push(Outcome::Refused(reason));
-                            break;
-                        }
-                        self.metrics.retries.inc();
-                        tokio::select! {
-                            () = tokio::time::sleep(trouble.next_pause()) => {}
-                            () = self.shutdown.cancelled() => return None,
-                        }
-                    }
-                }
-            }
+            outcomes.push(match self.apply_retrying(std::slice::from_ref(message)).await? {
+                Ok(mut one) => one.remove(0),
+                Err(reason) => Outcome::Refused(reason),
+            });
         }
         Some(outcomes)
+    }
+
+    /// Applies `messages` in one transaction until it commits or the database
+    /// refuses their data (`Err` with its reason); other failures are retried.
+    async fn apply_retrying(&self, messages: &[Message]) -> Option<Result<Vec<Outcome>, String>> {
+        let mut trouble = Backoff::new();
+        loop {
+            let error = match self.apply(messages).await {
+                Ok(outcomes) => return Some(Ok(outcomes)),
+                Err(error) => error,
+            };
+            if let Some(reason) = data_error(&error) {
+                return Some(Err(reason));
+            }
+            self.metrics.retries.inc();
+            let retry_in = trouble.next_pause();
+            tracing::warn!(worker = %self.name, error = format!("{error:#}"),
+                retry_in_ms = retry_in.as_millis() as u64, "cannot apply a batch; retrying");
+            tokio::select! {
+                () = tokio::time::sleep(retry_in) => {}
+                () = self.shutdown.cancelled() => return None,
+            }
+        }
     }
 
     async fn apply(&self, messages: &[Message]) -> anyhow::Result<Vec<Outcome>> {

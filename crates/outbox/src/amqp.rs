@@ -43,17 +43,17 @@ pub async fn connect(urls: &str, name: &str) -> lapin::Result<Connection> {
     Err(last_error.expect("at least one node was tried"))
 }
 
-/// An AMQP URI without its password, for logs.
+/// A URL (AMQP or Postgres) without its password, for logs and error messages.
 pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let credentials = &url[scheme + 3..at];
-            match credentials.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
+    let Some(scheme_end) = url.find("://").map(|at| at + 3) else { return url.to_owned() };
+    let rest = &url[scheme_end..];
+    let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
+    match authority
+        .rfind('@')
+        .and_then(|at| authority[..at].split_once(':').map(|(user, _)| (user, at)))
+    {
+        Some((user, at)) => format!("{}{user}:***{}", &url[..scheme_end], &rest[at..]),
+        None => url.to_owned(),
     }
 }
 
@@ -282,5 +282,10 @@ mod tests {
     fn passwords_are_redacted() {
         assert_eq!(redact("amqp://guest:secret@host:5672/%2f"), "amqp://guest:***@host:5672/%2f");
         assert_eq!(redact("amqp://host:5672/%2f"), "amqp://host:5672/%2f");
+        assert_eq!(
+            redact("postgres://postgres:pw@db:5432/outbox"),
+            "postgres://postgres:***@db:5432/outbox"
+        );
+        assert_eq!(redact("postgres://postgres@db/outbox"), "postgres://postgres@db/outbox");
     }
 }
