@@ -8,6 +8,8 @@ use common::db::DbConfig;
 use outbox::relay::RelayConfig;
 use uuid::Uuid;
 
+use crate::writer::WriterConfig;
+
 #[derive(Debug, Clone, clap::Parser)]
 #[command(name = "order-service", version, about)]
 pub struct Config {
@@ -27,6 +29,9 @@ pub struct Config {
 
     #[command(flatten)]
     pub relay: RelayArgs,
+
+    #[command(flatten)]
+    pub write: WriteArgs,
 
     /// Largest request body accepted, in bytes (larger bodies get 413).
     #[arg(long, env = "BODY_LIMIT_BYTES", default_value_t = 64 * 1024)]
@@ -74,6 +79,30 @@ pub enum OutboxCommand {
     },
 }
 
+/// How orders are written (group commit).
+#[derive(Debug, Clone, clap::Args)]
+pub struct WriteArgs {
+    /// Most orders written in one transaction. Concurrent requests share a
+    /// transaction and its commit; a lone request is written at once, never kept
+    /// waiting for company. 1 writes each order in a transaction of its own.
+    #[arg(long, env = "WRITE_BATCH_MAX", default_value_t = 64,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub write_batch_max: u16,
+
+    /// Transactions writing orders at once (each a batch); each holds one of the
+    /// API's database connections while it writes.
+    #[arg(long, env = "WRITE_CONCURRENCY", default_value_t = 2,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub write_concurrency: u16,
+
+    /// NOTIFY the outbox channel with every write, for relays that run in other
+    /// processes and LISTEN. Off by default: the in-process relay is woken
+    /// directly, and NOTIFY serialises all notifying commits on one lock.
+    #[arg(long, env = "OUTBOX_NOTIFY", default_value_t = false,
+          value_parser = clap::builder::FalseyValueParser::new())]
+    pub outbox_notify: bool,
+}
+
 /// The in-process relay pool.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RelayArgs {
@@ -90,8 +119,10 @@ pub struct RelayArgs {
     #[arg(long, env = "RELAY_BATCH_SIZE", default_value_t = 200)]
     pub relay_batch_size: i64,
 
-    /// How often an idle worker polls for due events when no notification came.
-    #[arg(long, env = "RELAY_POLL_INTERVAL_MS", default_value_t = 500)]
+    /// How often an idle worker looks for due events without being woken: events
+    /// written by other processes, retries whose backoff ended. The API's own
+    /// writes wake the relay at once.
+    #[arg(long, env = "RELAY_POLL_INTERVAL_MS", default_value_t = 100)]
     pub relay_poll_interval_ms: u64,
 
     /// Failed publish attempts after which an event is marked dead.
@@ -124,6 +155,14 @@ pub struct RelayArgs {
 }
 
 impl Config {
+    pub fn writer_config(&self) -> WriterConfig {
+        WriterConfig {
+            max_batch: usize::from(self.write.write_batch_max),
+            concurrency: usize::from(self.write.write_concurrency),
+            notify: self.write.outbox_notify,
+        }
+    }
+
     pub fn relay_config(&self) -> RelayConfig {
         let relay = &self.relay;
         RelayConfig {

@@ -1,15 +1,16 @@
 //! `Idempotency-Key` for `POST /orders`: a retry with the same key and body gets
 //! the first response again and creates nothing.
 //!
-//! The key's row is inserted in the order's own transaction. Of two concurrent
-//! requests with one key, the second insert waits on the first's unique-index
-//! entry; when the first commits, the second finds the key taken, rolls its order
-//! back and answers with the stored response. A crash before commit leaves neither
-//! the order nor the key, so the retry simply creates the order.
+//! The key's row is inserted in the order's own transaction (see the writer).
+//! Of two concurrent requests with one key, the second insert waits on the
+//! first's unique-index entry; when the first commits, the second finds the key
+//! taken, takes its order back and answers with the stored response. A crash
+//! before commit leaves neither the order nor the key, so the retry simply
+//! creates the order.
 
 use axum::http::{HeaderMap, StatusCode};
 use serde_json::Value;
-use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::error::{ApiError, Result};
@@ -37,6 +38,10 @@ impl IdempotencyKey {
                 ))
             })?;
         Ok(Some(Self(key.to_owned())))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
     }
 }
 
@@ -71,31 +76,4 @@ pub async fn load(db: &PgPool, key: &IdempotencyKey) -> Result<Option<SavedRespo
     .bind(&key.0)
     .fetch_optional(db)
     .await?)
-}
-
-/// Stores the key with its response in `tx`. `false` means another request holds
-/// the key already (it committed while this one ran): roll back and replay it.
-pub async fn save(
-    tx: &mut Transaction<'_, Postgres>,
-    key: &IdempotencyKey,
-    request: &CreateOrder,
-    order_id: Uuid,
-    status: StatusCode,
-    body: &Value,
-) -> Result<bool> {
-    let inserted = sqlx::query(
-        "INSERT INTO idempotency_keys
-             (idempotency_key, request, order_id, response_status, response_body)
-         VALUES ($1, $2, $3, $4, $5)
-         ON CONFLICT (idempotency_key) DO NOTHING",
-    )
-    .bind(&key.0)
-    .bind(sqlx::types::Json(request))
-    .bind(order_id)
-    .bind(i16::try_from(status.as_u16()).unwrap_or(201))
-    .bind(body)
-    .execute(&mut **tx)
-    .await?
-    .rows_affected();
-    Ok(inserted == 1)
 }

@@ -16,6 +16,7 @@ pub mod error;
 pub mod idempotency;
 pub mod orders;
 pub mod routes;
+pub mod writer;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,6 +30,7 @@ use prometheus_client::registry::Registry;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use writer::{OrderWriter, WriterMetrics};
 
 pub use config::{Command, Config, OutboxCommand};
 
@@ -41,6 +43,7 @@ pub struct Application {
     config: Config,
     relay_metrics: RelayMetrics,
     retention_metrics: RetentionMetrics,
+    writer_metrics: WriterMetrics,
     registry: Registry,
     crash_switch: CrashSwitch,
 }
@@ -68,6 +71,7 @@ impl Application {
         let mut registry = Registry::default();
         let relay_metrics = RelayMetrics::register(&mut registry);
         let retention_metrics = RetentionMetrics::register(&mut registry);
+        let writer_metrics = WriterMetrics::register(&mut registry);
         Ok(Self {
             listener,
             db,
@@ -75,6 +79,7 @@ impl Application {
             config,
             relay_metrics,
             retention_metrics,
+            writer_metrics,
             registry,
             crash_switch: CrashSwitch::default(),
         })
@@ -103,10 +108,19 @@ impl Application {
                 &supervisor,
             )
         });
-        let mut sweeper = tokio::task::JoinSet::new();
+        // Writers, and the sweeper of expired keys.
+        let mut tasks = tokio::task::JoinSet::new();
+        let writer = OrderWriter::spawn(
+            self.db.clone(),
+            self.config.writer_config(),
+            relay.as_ref().map(Relay::waker),
+            self.writer_metrics,
+            &supervisor,
+            &mut tasks,
+        );
         outbox::retention::spawn_supervised(
             &supervisor,
-            &mut sweeper,
+            &mut tasks,
             self.background_db.clone(),
             Retention::idempotency_keys(self.config.idempotency_key_ttl),
             self.config.sweep_interval,
@@ -114,6 +128,7 @@ impl Application {
         );
         let state = routes::AppState {
             db: self.db.clone(),
+            writer,
             relay: relay.as_ref().map(Relay::status),
             health: supervisor.health(),
             relay_metrics: self.relay_metrics,
@@ -135,7 +150,8 @@ impl Application {
         if let Some(relay) = relay {
             relay.join().await;
         }
-        while sweeper.join_next().await.is_some() {}
+        // The writers stop once the server, and with it the last request, is gone.
+        while tasks.join_next().await.is_some() {}
         self.background_db.close().await;
         self.db.close().await;
         tracing::info!("order-service stopped");

@@ -1,10 +1,9 @@
-//! Orders: validating a request, and writing the order, its lines and its
-//! `OrderPlaced` event in the caller's transaction.
+//! Orders: validating a request, and reading an order back. Writing is the
+//! writer's (group commit, see `writer`).
 
 use chrono::{DateTime, Utc};
-use common::events::{ORDER_AGGREGATE, OrderPlaced, OrderPlacedLine, VERSION_HEADER};
 use serde::{Deserialize, Serialize};
-use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::error::{ApiError, Result};
@@ -141,101 +140,6 @@ pub struct OrderLine {
     pub sku: String,
     pub quantity: i32,
     pub unit_price_cents: i64,
-}
-
-/// Writes a PENDING order, its lines priced from the catalogue, and its
-/// `OrderPlaced` outbox event, all in `tx`. An unknown SKU is a validation error;
-/// the caller's transaction is then dropped and nothing is written.
-#[tracing::instrument(skip_all, fields(order_id))]
-pub async fn place(
-    tx: &mut Transaction<'_, Postgres>,
-    customer_id: &str,
-    lines: &[ValidLine],
-) -> Result<Order> {
-    let skus: Vec<&str> = lines.iter().map(|line| line.sku.as_str()).collect();
-    let prices: Vec<(String, i64)> =
-        sqlx::query_as("SELECT sku, price_cents FROM inventory WHERE sku = ANY($1)")
-            .bind(&skus)
-            .fetch_all(&mut **tx)
-            .await?;
-    let mut items = Vec::with_capacity(lines.len());
-    for (index, line) in lines.iter().enumerate() {
-        let Some((_, price)) = prices.iter().find(|(sku, _)| *sku == line.sku) else {
-            return Err(ApiError::validation(
-                "unknown_sku",
-                format!("items[{index}].sku {:?} is not in the catalogue", line.sku),
-            ));
-        };
-        items.push(OrderLine {
-            sku: line.sku.clone(),
-            quantity: line.quantity,
-            unit_price_cents: *price,
-        });
-    }
-    // In SKU order, as `GET /orders/{id}` lists them.
-    items.sort_unstable_by(|a, b| a.sku.cmp(&b.sku));
-    let total_cents =
-        items.iter().map(|item| i64::from(item.quantity) * item.unit_price_cents).sum();
-
-    let id = Uuid::now_v7();
-    tracing::Span::current().record("order_id", tracing::field::display(id));
-    let (created_at, updated_at): (DateTime<Utc>, DateTime<Utc>) = sqlx::query_as(
-        "INSERT INTO orders (id, customer_id, total_cents) VALUES ($1, $2, $3)
-         RETURNING created_at, updated_at",
-    )
-    .bind(id)
-    .bind(customer_id)
-    .bind(total_cents)
-    .fetch_one(&mut **tx)
-    .await?;
-
-    let skus: Vec<&str> = items.iter().map(|item| item.sku.as_str()).collect();
-    let quantities: Vec<i32> = items.iter().map(|item| item.quantity).collect();
-    let unit_prices: Vec<i64> = items.iter().map(|item| item.unit_price_cents).collect();
-    sqlx::query(
-        "INSERT INTO order_lines (order_id, sku, quantity, unit_price_cents)
-         SELECT $1, * FROM unnest($2::text[], $3::int[], $4::bigint[])",
-    )
-    .bind(id)
-    .bind(&skus)
-    .bind(&quantities)
-    .bind(&unit_prices)
-    .execute(&mut **tx)
-    .await?;
-
-    let event = OrderPlaced {
-        order_id: id,
-        customer_id: customer_id.to_owned(),
-        lines: items
-            .iter()
-            .map(|item| OrderPlacedLine { sku: item.sku.clone(), quantity: item.quantity })
-            .collect(),
-        total_cents,
-    };
-    outbox::enqueue(
-        tx,
-        &outbox::NewEvent {
-            aggregate_type: ORDER_AGGREGATE.to_owned(),
-            aggregate_id: id.to_string(),
-            event_type: OrderPlaced::EVENT_TYPE.to_owned(),
-            payload: serde_json::to_value(&event).map_err(anyhow::Error::from)?,
-            headers: serde_json::Map::from_iter([(
-                VERSION_HEADER.to_owned(),
-                serde_json::Value::from(OrderPlaced::VERSION),
-            )]),
-        },
-    )
-    .await?;
-
-    Ok(Order {
-        id,
-        customer_id: customer_id.to_owned(),
-        status: "PENDING".to_owned(),
-        total_cents,
-        items,
-        created_at,
-        updated_at,
-    })
 }
 
 /// Reads one order with its lines.

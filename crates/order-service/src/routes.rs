@@ -25,11 +25,14 @@ use uuid::Uuid;
 use crate::error::{ApiError, ErrorBody, Result};
 use crate::idempotency::{self, IdempotencyKey};
 use crate::orders::{self, CreateOrder};
+use crate::writer::{NewOrder, OrderWriter, Written};
 
 /// What every handler can reach. Cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
     pub db: PgPool,
+    /// Writes orders, batching concurrent requests (group commit).
+    pub writer: OrderWriter,
     /// The in-process relay's broker connectivity; `None` when it is disabled.
     pub relay: Option<RelayStatus>,
     /// Whether a background task crashed and is not running again.
@@ -107,7 +110,9 @@ struct JsonBody<T>(T);
 ///
 /// Validates the request, then writes the order (PENDING), its lines priced from
 /// the catalogue and its OrderPlaced event in one transaction, and answers 201
-/// with the order. With an `Idempotency-Key`, a retry with the same key and body
+/// with the order. Concurrent requests share that transaction (group commit);
+/// each order is still written whole or not at all, and one request's problem
+/// is answered to it alone. With an `Idempotency-Key`, a retry with the same key and body
 /// gets the first response again (with `Idempotent-Replayed: true`) and creates
 /// nothing; the same key with another body is a 422. A rejected request writes
 /// nothing.
@@ -162,25 +167,29 @@ async fn create_order(
         return Ok(replayed(saved.replay_for(&request)?));
     }
 
-    let mut tx = state.db.begin().await?;
-    let order = orders::place(&mut tx, request.customer_id.trim(), &lines).await?;
-    let body = serde_json::to_value(&order).map_err(anyhow::Error::from)?;
-    if let Some(key) = &key {
-        let saved = idempotency::save(&mut tx, key, &request, order.id, StatusCode::CREATED, &body);
-        if !saved.await? {
+    let order = NewOrder {
+        customer_id: request.customer_id.trim().to_owned(),
+        lines,
+        key: match key {
+            Some(key) => Some((key, serde_json::to_value(&request).map_err(anyhow::Error::from)?)),
+            None => None,
+        },
+    };
+    let key = order.key.as_ref().map(|(key, _)| key.clone());
+    match state.writer.write(order).await? {
+        Written::Placed(order) => {
+            tracing::debug!(order_id = %order.id, total_cents = order.total_cents, "order placed");
+            Ok(created(StatusCode::CREATED, order.id, order))
+        }
+        Written::KeyTaken => {
             // A concurrent request with this key committed first: ours never happened.
-            tx.rollback().await?;
-            let saved = idempotency::load(&state.db, key)
+            let key = key.ok_or_else(|| anyhow::anyhow!("a key conflict without a key"))?;
+            let saved = idempotency::load(&state.db, &key)
                 .await?
                 .ok_or_else(|| anyhow::anyhow!("idempotency key vanished after a conflict"))?;
-            return Ok(replayed(saved.replay_for(&request)?));
+            Ok(replayed(saved.replay_for(&request)?))
         }
     }
-    tx.commit().await?;
-    tracing::info!(order_id = %order.id, total_cents = order.total_cents, "order placed");
-    // Serialised from the struct, as `GET /orders/{id}` is, so the fields come in
-    // the same order (`body` is a map, and sorts them).
-    Ok(created(StatusCode::CREATED, order.id, order))
 }
 
 fn created(status: StatusCode, id: Uuid, body: impl Serialize) -> Response {

@@ -1,8 +1,10 @@
-//! Writing an event into the outbox, inside the caller's transaction.
+//! Writing events into the outbox, inside the caller's transaction.
 
 use serde_json::{Map, Value};
 use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
+
+use crate::NOTIFY_CHANNEL;
 
 /// An event to publish once the caller's transaction commits.
 #[derive(Debug, Clone)]
@@ -24,18 +26,44 @@ pub struct NewEvent {
 /// Taking a transaction, not a pool, is the point of the pattern: the event is
 /// committed or rolled back together with the change it announces.
 pub async fn enqueue(tx: &mut Transaction<'_, Postgres>, event: &NewEvent) -> sqlx::Result<Uuid> {
-    let id = Uuid::now_v7();
+    let ids = enqueue_many(tx, std::slice::from_ref(event)).await?;
+    Ok(ids[0])
+}
+
+/// Adds `events` to the outbox in `tx` with one statement, whatever their number,
+/// and returns their message ids in order.
+pub async fn enqueue_many(
+    tx: &mut Transaction<'_, Postgres>,
+    events: &[NewEvent],
+) -> sqlx::Result<Vec<Uuid>> {
+    let ids: Vec<Uuid> = events.iter().map(|_| Uuid::now_v7()).collect();
+    let column = |field: fn(&NewEvent) -> &str| -> Vec<&str> { events.iter().map(field).collect() };
+    let payloads: Vec<&Value> = events.iter().map(|event| &event.payload).collect();
+    let headers: Vec<Value> =
+        events.iter().map(|event| Value::Object(event.headers.clone())).collect();
     sqlx::query(
         "INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload, headers)
-         VALUES ($1, $2, $3, $4, $5, $6)",
+         SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::jsonb[])",
     )
-    .bind(id)
-    .bind(&event.aggregate_type)
-    .bind(&event.aggregate_id)
-    .bind(&event.event_type)
-    .bind(&event.payload)
-    .bind(Value::Object(event.headers.clone()))
+    .bind(&ids)
+    .bind(column(|event| &event.aggregate_type))
+    .bind(column(|event| &event.aggregate_id))
+    .bind(column(|event| &event.event_type))
+    .bind(&payloads)
+    .bind(&headers)
     .execute(&mut **tx)
     .await?;
-    Ok(id)
+    Ok(ids)
+}
+
+/// Sends the outbox's notification when `tx` commits, waking relays that
+/// `LISTEN` in other processes.
+///
+/// Only needed when no relay runs in the writing process (which wakes its own
+/// relay directly) and polling is too slow. It has a price: Postgres serialises
+/// the commits of all transactions that notify on one global lock, which cost
+/// 28 % of the order write's throughput when measured.
+pub async fn notify(tx: &mut Transaction<'_, Postgres>) -> sqlx::Result<()> {
+    sqlx::query("SELECT pg_notify($1, '')").bind(NOTIFY_CHANNEL).execute(&mut **tx).await?;
+    Ok(())
 }

@@ -25,7 +25,7 @@ pub mod supervisor;
 mod enqueue;
 mod listener;
 
-pub use enqueue::{NewEvent, enqueue};
+pub use enqueue::{NewEvent, enqueue, enqueue_many, notify};
 
-/// The Postgres channel the outbox's insert trigger notifies on commit.
+/// The Postgres channel [`notify`] sends on and the relay listens to.
 pub const NOTIFY_CHANNEL: &str = "outbox_events";

@@ -39,8 +39,8 @@ pub struct RelayConfig {
     pub workers: usize,
     /// Most events one worker claims and publishes per transaction.
     pub batch_size: i64,
-    /// How often an idle worker looks for due events without being notified
-    /// (retries whose backoff ended, or notifications lost with a connection).
+    /// How often an idle worker looks for due events without being woken: events
+    /// committed by other processes, retries whose backoff ended.
     pub poll_interval: Duration,
     /// Failed attempts after which an event is marked dead.
     pub max_attempts: i32,
@@ -69,7 +69,7 @@ impl Default for RelayConfig {
             queues: Vec::new(),
             workers: 2,
             batch_size: 200,
-            poll_interval: Duration::from_millis(500),
+            poll_interval: Duration::from_millis(100),
             max_attempts: 10,
             confirm_timeout: Duration::from_secs(10),
             retry_base: Duration::from_secs(1),
@@ -97,6 +97,22 @@ impl RelayConfig {
 pub struct Relay {
     tasks: JoinSet<()>,
     status: RelayStatus,
+    waker: RelayWaker,
+}
+
+/// Wakes a relay's idle workers. A writer in the relay's own process calls
+/// [`RelayWaker::wake`] after committing events, so they are published at once
+/// without a `NOTIFY` (whose commit-time lock serialises every notifying
+/// transaction). Events committed by other processes are found by polling, or
+/// by `LISTEN` when their writers call [`crate::notify`]. Cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct RelayWaker(Arc<Notify>);
+
+impl RelayWaker {
+    /// Wakes every worker waiting for work; a busy worker claims again anyway.
+    pub fn wake(&self) {
+        self.0.notify_waiters();
+    }
 }
 
 /// Cheap, cloneable view of the pool's broker connectivity, for readiness checks.
@@ -142,7 +158,8 @@ impl Relay {
         supervisor: &Supervisor,
     ) -> Self {
         let shutdown = supervisor.shutdown().clone();
-        let wakeup = Arc::new(Notify::new());
+        let waker = RelayWaker::default();
+        let wakeup = waker.0.clone();
         let status = RelayStatus::default();
         let config = Arc::new(config);
         let mut tasks = JoinSet::new();
@@ -168,11 +185,16 @@ impl Relay {
             supervisor.spawn(&mut tasks, worker.name.clone(), move || worker.clone().run());
         }
         tracing::info!(workers = config.workers, batch_size = config.batch_size, "relay started");
-        Self { tasks, status }
+        Self { tasks, status, waker }
     }
 
     pub fn status(&self) -> RelayStatus {
         self.status.clone()
+    }
+
+    /// The handle that wakes this relay's workers.
+    pub fn waker(&self) -> RelayWaker {
+        self.waker.clone()
     }
 
     /// Waits until every task has stopped (after the shutdown token was cancelled).

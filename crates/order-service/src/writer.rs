@@ -1,0 +1,495 @@
+//! Group commit: the orders of concurrent `POST /orders` requests are written
+//! together, in one transaction with one statement per table for the whole batch.
+//!
+//! A handler hands its validated order to the [`OrderWriter`] and awaits the
+//! answer. Each writer task takes whatever is queued, up to `WRITE_BATCH_MAX`,
+//! and never waits to fill a batch: a lone request is written at once, and under
+//! load the requests that arrive during one commit form the next batch. A commit
+//! costs one WAL flush and a handful of round trips whatever the batch's size;
+//! that is where the throughput comes from.
+//!
+//! Each order still commits atomically with its lines, its event and its
+//! Idempotency-Key, and what concerns one request is answered for it alone:
+//! - an unknown SKU is found in the batch's one price lookup; that order is left out;
+//! - a key that another transaction committed first is skipped by
+//!   `ON CONFLICT DO NOTHING`, and its order deleted again before any event is written;
+//! - of two requests with one key in a batch only the first is written; the
+//!   second is answered after it, as a retry of it;
+//! - when the database refuses the batch (an error of one order's making, say),
+//!   the batch is rolled back and its orders are written one by one, so the error
+//!   reaches only the request that causes it. When the database cannot be
+//!   reached, or the connection breaks, every request of the batch gets the error:
+//!   a broken connection may have committed the batch, so writing it again could
+//!   place orders twice.
+//!
+//! After a commit the writer wakes the in-process relay, which publishes the
+//! events at once; no `NOTIFY` is needed (see the migration that dropped it).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use common::events::{ORDER_AGGREGATE, OrderPlaced, OrderPlacedLine, VERSION_HEADER};
+use outbox::relay::RelayWaker;
+use outbox::supervisor::Supervisor;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use serde_json::Value;
+use sqlx::{PgPool, Postgres, Transaction};
+use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::task::JoinSet;
+use uuid::Uuid;
+
+use crate::error::{ApiError, Result};
+use crate::idempotency::IdempotencyKey;
+use crate::orders::{Order, OrderLine, ValidLine};
+
+/// A validated order, waiting to be written.
+#[derive(Debug, Clone)]
+pub struct NewOrder {
+    pub customer_id: String,
+    pub lines: Vec<ValidLine>,
+    /// The request's Idempotency-Key, with the request as JSON, which a retry
+    /// must match.
+    pub key: Option<(IdempotencyKey, Value)>,
+}
+
+/// What became of one order.
+#[derive(Debug)]
+pub enum Written {
+    /// Committed, PENDING.
+    Placed(Order),
+    /// Nothing was written: the order's Idempotency-Key belongs to an order
+    /// another request placed. Answer with that request's response.
+    KeyTaken,
+}
+
+/// How the writer batches.
+#[derive(Debug, Clone, Copy)]
+pub struct WriterConfig {
+    /// Most orders per transaction; 1 writes each order in a transaction of its own.
+    pub max_batch: usize,
+    /// Writer tasks, each with at most one transaction open.
+    pub concurrency: usize,
+    /// Also `NOTIFY` the outbox channel in each transaction, for relays in other
+    /// processes (see [`outbox::notify`] for its cost).
+    pub notify: bool,
+}
+
+/// The handle handlers write through. Cheap to clone.
+#[derive(Clone)]
+pub struct OrderWriter {
+    queue: mpsc::Sender<Job>,
+}
+
+struct Job {
+    order: NewOrder,
+    answer: oneshot::Sender<Result<Written>>,
+}
+
+/// The writer's metrics.
+#[derive(Clone)]
+pub struct WriterMetrics {
+    /// Orders per transaction.
+    pub batch_size: Histogram,
+}
+
+impl WriterMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = Self { batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 10)) };
+        registry.register(
+            "order_write_batch_size",
+            "Orders written per database transaction (group commit)",
+            metrics.batch_size.clone(),
+        );
+        metrics
+    }
+}
+
+impl OrderWriter {
+    /// Starts the writer tasks under `supervisor`. They stop once every
+    /// `OrderWriter` is dropped and the queue is empty, so requests still being
+    /// served at shutdown are written.
+    pub fn spawn(
+        db: PgPool,
+        config: WriterConfig,
+        relay: Option<RelayWaker>,
+        metrics: WriterMetrics,
+        supervisor: &Supervisor,
+        tasks: &mut JoinSet<()>,
+    ) -> Self {
+        let max_batch = config.max_batch.max(1);
+        let (queue, receiver) = mpsc::channel(max_batch * config.concurrency.max(1) * 2);
+        let task = Arc::new(WriterTask {
+            db,
+            config: WriterConfig { max_batch, ..config },
+            relay,
+            metrics,
+            queue: Mutex::new(receiver),
+        });
+        for index in 0..config.concurrency.max(1) {
+            let task = task.clone();
+            supervisor.spawn(tasks, format!("order-writer-{index}"), move || task.clone().run());
+        }
+        Self { queue }
+    }
+
+    /// Writes `order` with whatever other orders are waiting, and says what became of it.
+    pub async fn write(&self, order: NewOrder) -> Result<Written> {
+        let (answer, answered) = oneshot::channel();
+        let stopped = || ApiError::Internal(anyhow::anyhow!("the order writer has stopped"));
+        self.queue.send(Job { order, answer }).await.map_err(|_| stopped())?;
+        answered.await.map_err(|_| stopped())?
+    }
+}
+
+struct WriterTask {
+    db: PgPool,
+    config: WriterConfig,
+    relay: Option<RelayWaker>,
+    metrics: WriterMetrics,
+    /// Shared by the writer tasks: the one holding it waits for the next batch.
+    queue: Mutex<mpsc::Receiver<Job>>,
+}
+
+impl WriterTask {
+    async fn run(self: Arc<Self>) {
+        let mut jobs = Vec::with_capacity(self.config.max_batch);
+        loop {
+            let received =
+                self.queue.lock().await.recv_many(&mut jobs, self.config.max_batch).await;
+            if received == 0 {
+                return; // every sender is gone: the server has stopped
+            }
+            let (orders, answers): (Vec<NewOrder>, Vec<_>) =
+                jobs.drain(..).map(|job| (job.order, job.answer)).unzip();
+            let results = write_batch(&self.db, &orders, self.config.notify, &self.metrics).await;
+            if let Some(relay) = &self.relay
+                && results.iter().any(|result| matches!(result, Ok(Written::Placed(_))))
+            {
+                relay.wake();
+            }
+            for (answer, result) in answers.into_iter().zip(results) {
+                // A request that timed out no longer waits; its order stands.
+                let _ = answer.send(result);
+            }
+        }
+    }
+}
+
+/// Writes `orders` as one batch where it can and returns what became of each, in
+/// order. Public for the tests that compose batches.
+pub async fn write_batch(
+    db: &PgPool,
+    orders: &[NewOrder],
+    notify: bool,
+    metrics: &WriterMetrics,
+) -> Vec<Result<Written>> {
+    // Two requests with one key: the first leads, the others follow it.
+    let mut leaders = Vec::with_capacity(orders.len());
+    let mut followers = Vec::new();
+    let mut first_with_key: HashMap<&str, usize> = HashMap::new();
+    for (index, order) in orders.iter().enumerate() {
+        match &order.key {
+            Some((key, _)) => match first_with_key.get(key.as_str()) {
+                Some(&leader) => followers.push((index, leader)),
+                None => {
+                    first_with_key.insert(key.as_str(), index);
+                    leaders.push(index);
+                }
+            },
+            None => leaders.push(index),
+        }
+    }
+    let mut results: Vec<Option<Result<Written>>> = orders.iter().map(|_| None).collect();
+    let members: Vec<&NewOrder> = leaders.iter().map(|&index| &orders[index]).collect();
+    for (index, result) in leaders.iter().zip(write_members(db, &members, notify, metrics).await) {
+        results[*index] = Some(result);
+    }
+    for (follower, leader) in followers {
+        results[follower] = Some(match &results[leader] {
+            // The key is committed now, with the leader's response.
+            Some(Ok(_)) => Ok(Written::KeyTaken),
+            // The leader wrote nothing: the follower has a try of its own.
+            _ => write_alone(db, &orders[follower], notify, metrics).await,
+        });
+    }
+    results.into_iter().map(|result| result.expect("every order answered")).collect()
+}
+
+async fn write_members(
+    db: &PgPool,
+    orders: &[&NewOrder],
+    notify: bool,
+    metrics: &WriterMetrics,
+) -> Vec<Result<Written>> {
+    let error = match write_transaction(db, orders, notify, metrics).await {
+        Ok(results) => return results,
+        Err(error) => error,
+    };
+    match error {
+        sqlx::Error::Database(_) if orders.len() > 1 => {
+            tracing::warn!(orders = orders.len(), error = %error,
+                "the database refused a batch of orders; writing them one by one");
+            let mut results = Vec::with_capacity(orders.len());
+            for order in orders {
+                results.push(write_alone(db, order, notify, metrics).await);
+            }
+            results
+        }
+        sqlx::Error::Database(_) => vec![Err(error.into())],
+        _ => orders.iter().map(|_| Err(same_failure(&error))).collect(),
+    }
+}
+
+async fn write_alone(
+    db: &PgPool,
+    order: &NewOrder,
+    notify: bool,
+    metrics: &WriterMetrics,
+) -> Result<Written> {
+    match write_transaction(db, &[order], notify, metrics).await {
+        Ok(mut results) => results.pop().expect("one result for one order"),
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// The error each order of a batch is answered with when the batch failed for
+/// a reason that is not one order's.
+fn same_failure(error: &sqlx::Error) -> ApiError {
+    let copy = match error {
+        sqlx::Error::PoolTimedOut => sqlx::Error::PoolTimedOut,
+        sqlx::Error::PoolClosed => sqlx::Error::PoolClosed,
+        sqlx::Error::Io(io) => sqlx::Error::Io(std::io::Error::new(io.kind(), io.to_string())),
+        other => {
+            return ApiError::Internal(anyhow::anyhow!(
+                "writing a batch of orders failed: {other}"
+            ));
+        }
+    };
+    ApiError::Database(copy)
+}
+
+/// An order priced from the catalogue, before it is written.
+struct Priced<'a> {
+    order: &'a NewOrder,
+    id: Uuid,
+    total_cents: i64,
+    /// In SKU order, as `GET /orders/{id}` lists them.
+    items: Vec<OrderLine>,
+}
+
+/// One transaction for `orders`: the outer error is the transaction's (nothing
+/// was written), the inner results each order's.
+async fn write_transaction(
+    db: &PgPool,
+    orders: &[&NewOrder],
+    notify: bool,
+    metrics: &WriterMetrics,
+) -> sqlx::Result<Vec<Result<Written>>> {
+    let mut tx = db.begin().await?;
+    let prices = prices(&mut tx, orders).await?;
+    let priced: Vec<Result<Priced>> = orders.iter().map(|order| price(order, &prices)).collect();
+    let batch: Vec<&Priced> = priced.iter().filter_map(|priced| priced.as_ref().ok()).collect();
+    let mut placed: HashMap<Uuid, Order> = HashMap::with_capacity(batch.len());
+    let mut taken = HashSet::new();
+    if !batch.is_empty() {
+        let created_at = insert_orders(&mut tx, &batch).await?;
+        placed.extend(batch.iter().map(|priced| (priced.id, priced.to_order(created_at))));
+        taken = insert_keys(&mut tx, &batch, &placed).await?;
+        if !taken.is_empty() {
+            // Rare: a concurrent request with the same key committed first. Its
+            // order goes again (its lines by cascade); no event is written for it.
+            let ids: Vec<Uuid> = taken.iter().copied().collect();
+            sqlx::query("DELETE FROM orders WHERE id = ANY($1)")
+                .bind(&ids)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let events: Vec<outbox::NewEvent> = batch
+            .iter()
+            .filter(|priced| !taken.contains(&priced.id))
+            .map(|priced| priced.event())
+            .collect::<Result<_, serde_json::Error>>()
+            .map_err(|error| sqlx::Error::Encode(error.into()))?;
+        outbox::enqueue_many(&mut tx, &events).await?;
+        if notify {
+            outbox::notify(&mut tx).await?;
+        }
+        tx.commit().await?;
+        metrics.batch_size.observe(events.len() as f64);
+    }
+    Ok(priced
+        .into_iter()
+        .map(|priced| {
+            let id = priced?.id;
+            Ok(if taken.contains(&id) {
+                Written::KeyTaken
+            } else {
+                Written::Placed(placed.remove(&id).expect("every priced order was placed"))
+            })
+        })
+        .collect())
+}
+
+/// The catalogue price of every SKU the orders name.
+async fn prices(
+    tx: &mut Transaction<'_, Postgres>,
+    orders: &[&NewOrder],
+) -> sqlx::Result<HashMap<String, i64>> {
+    let mut skus: Vec<&str> =
+        orders.iter().flat_map(|order| order.lines.iter().map(|line| line.sku.as_str())).collect();
+    skus.sort_unstable();
+    skus.dedup();
+    let rows: Vec<(String, i64)> =
+        sqlx::query_as("SELECT sku, price_cents FROM inventory WHERE sku = ANY($1)")
+            .bind(&skus)
+            .fetch_all(&mut **tx)
+            .await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// Prices `order`'s lines; a SKU that is not in the catalogue is this order's error.
+fn price<'a>(order: &'a NewOrder, prices: &HashMap<String, i64>) -> Result<Priced<'a>> {
+    let mut items = Vec::with_capacity(order.lines.len());
+    for (index, line) in order.lines.iter().enumerate() {
+        let Some(&unit_price_cents) = prices.get(&line.sku) else {
+            return Err(ApiError::validation(
+                "unknown_sku",
+                format!("items[{index}].sku {:?} is not in the catalogue", line.sku),
+            ));
+        };
+        items.push(OrderLine { sku: line.sku.clone(), quantity: line.quantity, unit_price_cents });
+    }
+    items.sort_unstable_by(|a, b| a.sku.cmp(&b.sku));
+    let total_cents =
+        items.iter().map(|item| i64::from(item.quantity) * item.unit_price_cents).sum();
+    Ok(Priced { order, id: Uuid::now_v7(), total_cents, items })
+}
+
+impl Priced<'_> {
+    fn to_order(&self, created_at: DateTime<Utc>) -> Order {
+        Order {
+            id: self.id,
+            customer_id: self.order.customer_id.clone(),
+            status: "PENDING".to_owned(),
+            total_cents: self.total_cents,
+            items: self.items.clone(),
+            created_at,
+            updated_at: created_at,
+        }
+    }
+
+    fn event(&self) -> serde_json::Result<outbox::NewEvent> {
+        let event = OrderPlaced {
+            order_id: self.id,
+            customer_id: self.order.customer_id.clone(),
+            lines: self
+                .items
+                .iter()
+                .map(|item| OrderPlacedLine { sku: item.sku.clone(), quantity: item.quantity })
+                .collect(),
+            total_cents: self.total_cents,
+        };
+        Ok(outbox::NewEvent {
+            aggregate_type: ORDER_AGGREGATE.to_owned(),
+            aggregate_id: self.id.to_string(),
+            event_type: OrderPlaced::EVENT_TYPE.to_owned(),
+            payload: serde_json::to_value(&event)?,
+            headers: serde_json::Map::from_iter([(
+                VERSION_HEADER.to_owned(),
+                Value::from(OrderPlaced::VERSION),
+            )]),
+        })
+    }
+}
+
+/// Inserts the orders and their lines, one statement each, and returns their
+/// creation time (the transaction's start, the same for all).
+async fn insert_orders(
+    tx: &mut Transaction<'_, Postgres>,
+    batch: &[&Priced<'_>],
+) -> sqlx::Result<DateTime<Utc>> {
+    let ids: Vec<Uuid> = batch.iter().map(|priced| priced.id).collect();
+    let customers: Vec<&str> =
+        batch.iter().map(|priced| priced.order.customer_id.as_str()).collect();
+    let totals: Vec<i64> = batch.iter().map(|priced| priced.total_cents).collect();
+    let created_at: DateTime<Utc> = sqlx::query_scalar(
+        "WITH inserted AS (
+             INSERT INTO orders (id, customer_id, total_cents)
+             SELECT * FROM unnest($1::uuid[], $2::text[], $3::int8[])
+             RETURNING created_at
+         )
+         SELECT max(created_at) FROM inserted",
+    )
+    .bind(&ids)
+    .bind(&customers)
+    .bind(&totals)
+    .fetch_one(&mut **tx)
+    .await?;
+
+    let lines = batch.iter().flat_map(|priced| priced.items.iter().map(|item| (priced.id, item)));
+    let (order_ids, items): (Vec<Uuid>, Vec<&OrderLine>) = lines.unzip();
+    let skus: Vec<&str> = items.iter().map(|item| item.sku.as_str()).collect();
+    let quantities: Vec<i32> = items.iter().map(|item| item.quantity).collect();
+    let unit_prices: Vec<i64> = items.iter().map(|item| item.unit_price_cents).collect();
+    sqlx::query(
+        "INSERT INTO order_lines (order_id, sku, quantity, unit_price_cents)
+         SELECT * FROM unnest($1::uuid[], $2::text[], $3::int[], $4::int8[])",
+    )
+    .bind(&order_ids)
+    .bind(&skus)
+    .bind(&quantities)
+    .bind(&unit_prices)
+    .execute(&mut **tx)
+    .await?;
+    Ok(created_at)
+}
+
+/// Stores the Idempotency-Key of each order that has one, with the response it
+/// gets, and returns the orders whose key another transaction committed first.
+async fn insert_keys(
+    tx: &mut Transaction<'_, Postgres>,
+    batch: &[&Priced<'_>],
+    placed: &HashMap<Uuid, Order>,
+) -> sqlx::Result<HashSet<Uuid>> {
+    let keyed: Vec<(&str, &Value, Uuid)> = batch
+        .iter()
+        .filter_map(|priced| {
+            let (key, request) = priced.order.key.as_ref()?;
+            Some((key.as_str(), request, priced.id))
+        })
+        .collect();
+    if keyed.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let keys: Vec<&str> = keyed.iter().map(|(key, _, _)| *key).collect();
+    let requests: Vec<&Value> = keyed.iter().map(|(_, request, _)| *request).collect();
+    let order_ids: Vec<Uuid> = keyed.iter().map(|(_, _, id)| *id).collect();
+    let bodies: Vec<Value> = order_ids
+        .iter()
+        .map(|id| serde_json::to_value(&placed[id]))
+        .collect::<serde_json::Result<_>>()
+        .map_err(|error| sqlx::Error::Encode(error.into()))?;
+    let created = i16::try_from(axum::http::StatusCode::CREATED.as_u16()).expect("201 fits");
+    let stored: Vec<Uuid> = sqlx::query_scalar(
+        "INSERT INTO idempotency_keys
+             (idempotency_key, request, order_id, response_status, response_body)
+         SELECT key, request, order_id, $4, body
+         FROM unnest($1::text[], $2::jsonb[], $3::uuid[], $5::jsonb[])
+              AS k(key, request, order_id, body)
+         -- In key order, so two batches cannot each wait for a key the other holds.
+         ORDER BY key
+         ON CONFLICT (idempotency_key) DO NOTHING
+         RETURNING order_id",
+    )
+    .bind(&keys)
+    .bind(&requests)
+    .bind(&order_ids)
+    .bind(created)
+    .bind(&bodies)
+    .fetch_all(&mut **tx)
+    .await?;
+    let stored: HashSet<Uuid> = stored.into_iter().collect();
+    Ok(order_ids.into_iter().filter(|id| !stored.contains(id)).collect())
+}
