@@ -90,7 +90,8 @@ pub struct WriteArgs {
     pub write_batch_max: u16,
 
     /// Transactions writing orders at once (each a batch); each holds one of the
-    /// API's database connections while it writes.
+    /// API's database connections while it writes. With WRITE_BATCH_MAX=1, raise
+    /// it (to DB_MAX_CONNECTIONS, say), or orders are written two at a time.
     #[arg(long, env = "WRITE_CONCURRENCY", default_value_t = 2,
           value_parser = clap::value_parser!(u16).range(1..))]
     pub write_concurrency: u16,
