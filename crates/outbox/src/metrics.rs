@@ -3,23 +3,54 @@
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use sqlx::PgPool;
 use std::sync::atomic::AtomicU64;
 
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct RelayMetrics {
     pub published: Counter,
     pub publish_failures: Counter,
     pub dead: Counter,
+    /// From an event's commit (`created_at`) to the broker's confirm.
+    pub commit_to_confirm_seconds: Histogram,
+    /// Events claimed per relay pass (passes that found none are not counted).
+    pub batch_size: Histogram,
     backlog: Gauge,
     oldest_pending_age_seconds: Gauge<f64, AtomicU64>,
     dead_backlog: Gauge,
 }
 
+impl Default for RelayMetrics {
+    fn default() -> Self {
+        Self {
+            published: Counter::default(),
+            publish_failures: Counter::default(),
+            dead: Counter::default(),
+            // 0.5 ms .. 65 s.
+            commit_to_confirm_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 18)),
+            batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
+            backlog: Gauge::default(),
+            oldest_pending_age_seconds: Gauge::default(),
+            dead_backlog: Gauge::default(),
+        }
+    }
+}
+
 impl RelayMetrics {
     pub fn register(registry: &mut Registry) -> Self {
         let metrics = Self::default();
+        registry.register(
+            "outbox_commit_to_confirm_seconds",
+            "Time from an event's commit to the broker's confirm of its message",
+            metrics.commit_to_confirm_seconds.clone(),
+        );
+        registry.register(
+            "outbox_relay_batch_size",
+            "Events claimed per relay transaction",
+            metrics.batch_size.clone(),
+        );
         registry.register(
             "outbox_events_published",
             "Events confirmed by the broker and removed from the outbox",

@@ -16,6 +16,9 @@ use crate::store::OutboxEvent;
 /// AMQP delivery mode 2: the broker writes the message to disk.
 const PERSISTENT: u8 = 2;
 
+/// The AMQP header carrying the event's creation time (RFC 3339, microseconds, UTC).
+pub const CREATED_AT_HEADER: &str = "x-created-at";
+
 /// What became of one message of a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -129,6 +132,15 @@ fn properties(event: &OutboxEvent) -> BasicProperties {
         };
         headers.insert(name.as_str().into(), AMQPValue::LongString(LongString::from(text)));
     }
+    // When the event was committed (its transaction's start), to the microsecond:
+    // consumers measure their end-to-end lag from it (the AMQP timestamp has
+    // whole seconds only).
+    headers.insert(
+        CREATED_AT_HEADER.into(),
+        AMQPValue::LongString(LongString::from(
+            event.created_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        )),
+    );
     let timestamp = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |since| since.as_secs());
     BasicProperties::default()
         .with_message_id(event.id.to_string().into())

@@ -408,12 +408,18 @@ pub async fn relay_batch_from(
     // A broker error here drops `tx`, which rolls back: the events stay as they were.
     let outcomes = publisher.publish(&events).await.context("cannot publish to the broker")?;
 
+    metrics.batch_size.observe(events.len() as f64);
+    let confirmed_at = Utc::now();
     let mut confirmed = Vec::with_capacity(events.len());
     let mut failures = Vec::new();
     let mut unknown = 0;
     for (event, outcome) in events.iter().zip(outcomes) {
         match outcome {
-            Outcome::Confirmed => confirmed.push(event.id),
+            Outcome::Confirmed => {
+                let latency = (confirmed_at - event.created_at).to_std().unwrap_or_default();
+                metrics.commit_to_confirm_seconds.observe(latency.as_secs_f64());
+                confirmed.push(event.id);
+            }
             Outcome::Failed(error) => {
                 tracing::warn!(message_id = %event.id, attempts = event.attempts + 1, %error,
                     "event not published");
