@@ -8,6 +8,7 @@ pub mod events;
 pub mod http;
 pub mod shutdown;
 pub mod telemetry;
+pub mod trace_context;
 
 /// The schema of the whole system, from `migrations/`. Both services run it at
 /// start-up (sqlx serialises concurrent runs with an advisory lock), so it does not

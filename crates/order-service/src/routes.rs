@@ -1,6 +1,7 @@
 //! The HTTP API: routes, handlers and the layers around them, and the OpenAPI
 //! document generated from the same handlers (`GET /openapi.json`).
 
+use std::collections::HashMap;
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
@@ -8,6 +9,9 @@ use axum::extract::{FromRequest, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
+use common::trace_context;
+use opentelemetry::KeyValue;
+use opentelemetry::trace::SpanKind;
 use outbox::metrics::RelayMetrics;
 use outbox::relay::RelayStatus;
 use outbox::supervisor::Health;
@@ -17,6 +21,7 @@ use serde_json::{Value, json};
 use sqlx::PgPool;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
+use tracing::Instrument;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -126,6 +131,12 @@ struct JsonBody<T>(T);
             description = "Makes retries safe: 1 to 255 visible ASCII characters, \
 such as a UUID or `order-42`. Remembered for IDEMPOTENCY_KEY_TTL (24 h by default).",
             pattern = "^[!-~]{1,255}$", example = "order-42"),
+        ("traceparent" = Option<String>, Header,
+            description = "W3C trace context: the order's trace continues this one and its \
+OrderPlaced event carries it to the consumer. Without it, or when it is not valid, a new trace starts.",
+            example = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        ("tracestate" = Option<String>, Header,
+            description = "W3C trace state, carried along with `traceparent`."),
     ),
     responses(
         (status = 201, description = "The order was placed (or, for a retried key, had been).",
@@ -157,8 +168,36 @@ async fn create_order(
     State(state): State<AppState>,
     headers: HeaderMap,
     JsonBody(request): JsonBody<CreateOrder>,
+) -> Response {
+    // Continue the caller's trace (or start one) with the span that produces the
+    // order's event; its context travels with the event to the consumer.
+    let parent = trace_context::extract(|name| Some(headers.get(name)?.to_str().ok()?.to_owned()));
+    let cx = trace_context::start(
+        "OrderPlaced publish",
+        SpanKind::Producer,
+        &parent,
+        vec![KeyValue::new("messaging.operation.type", "create")],
+    );
+    let span = tracing::info_span!("create_order", trace_id = %trace_context::trace_id(&cx));
+    let response = async {
+        place_order(&state, &headers, request, trace_context::inject(&cx))
+            .await
+            .unwrap_or_else(IntoResponse::into_response)
+    }
+    .instrument(span)
+    .await;
+    let failed = response.status().is_server_error().then_some("the order was not placed");
+    trace_context::end(&cx, failed);
+    response
+}
+
+async fn place_order(
+    state: &AppState,
+    headers: &HeaderMap,
+    request: CreateOrder,
+    trace: HashMap<String, String>,
 ) -> Result<Response> {
-    let key = IdempotencyKey::from_headers(&headers)?;
+    let key = IdempotencyKey::from_headers(headers)?;
     let lines = request.validate()?;
 
     if let Some(key) = &key
@@ -174,6 +213,7 @@ async fn create_order(
             Some(key) => Some((key, serde_json::to_value(&request).map_err(anyhow::Error::from)?)),
             None => None,
         },
+        trace,
     };
     let key = order.key.as_ref().map(|(key, _)| key.clone());
     match state.writer.write(order).await? {

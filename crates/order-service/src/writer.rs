@@ -52,6 +52,9 @@ pub struct NewOrder {
     /// The request's Idempotency-Key, with the request as JSON, which a retry
     /// must match.
     pub key: Option<(IdempotencyKey, Value)>,
+    /// Headers stored with the order's event: the W3C trace context of its
+    /// producer span (`traceparent`, `tracestate`).
+    pub trace: HashMap<String, String>,
 }
 
 /// What became of one order.
@@ -396,10 +399,13 @@ impl Priced<'_> {
             aggregate_id: self.id.to_string(),
             event_type: OrderPlaced::EVENT_TYPE.to_owned(),
             payload: serde_json::to_value(&event)?,
-            headers: serde_json::Map::from_iter([(
-                VERSION_HEADER.to_owned(),
-                Value::from(OrderPlaced::VERSION),
-            )]),
+            headers: self
+                .order
+                .trace
+                .iter()
+                .map(|(name, value)| (name.clone(), Value::from(value.as_str())))
+                .chain([(VERSION_HEADER.to_owned(), Value::from(OrderPlaced::VERSION))])
+                .collect(),
         })
     }
 }

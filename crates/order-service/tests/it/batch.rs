@@ -27,6 +27,7 @@ fn order(customer: &str, lines: &[(&str, i32)], key: Option<(&str, Value)>) -> N
             .map(|(sku, quantity)| ValidLine { sku: (*sku).to_owned(), quantity: *quantity })
             .collect(),
         key,
+        trace: Default::default(),
     }
 }
 
