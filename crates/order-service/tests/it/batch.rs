@@ -242,15 +242,7 @@ async fn concurrent_requests_share_transactions_and_get_their_own_answers(db: Pg
     assert_eq!(app.row_counts().await, RowCounts { orders: 13, lines: 13, events: 13, keys: 1 });
     events_match_orders(&app.db).await;
 
-    let metrics = app
-        .client
-        .get(format!("{}/metrics", app.address))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = app.metrics().await;
     let value = |name: &str| -> f64 {
         metrics
             .lines()

@@ -72,6 +72,13 @@ impl TestApp {
             .expect("request sent")
     }
 
+    /// The text of `GET /metrics`.
+    pub async fn metrics(&self) -> String {
+        let response =
+            self.client.get(format!("{}/metrics", self.address)).send().await.expect("metrics");
+        response.text().await.expect("metrics text")
+    }
+
     /// Rows in each table a POST /orders writes to.
     pub async fn row_counts(&self) -> RowCounts {
         let (orders, lines, events, keys) = sqlx::query_as(

@@ -70,15 +70,7 @@ async fn placed_orders_reach_the_inventory_queue(db: PgPool) {
     }
     assert_eq!(received, placed);
 
-    let metrics = app
-        .client
-        .get(format!("{}/metrics", app.address))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = app.metrics().await;
     assert!(metrics.contains("outbox_events_published_total 5"), "{metrics}");
     assert!(metrics.contains("outbox_backlog_events 0"), "{metrics}");
     let ready: Value = app
@@ -116,15 +108,7 @@ async fn orders_are_accepted_while_the_broker_is_down(db: PgPool) {
     assert_eq!(ready.status(), 200, "ready to take orders without the broker");
     let ready: Value = ready.json().await.expect("json");
     assert_eq!(ready["broker"], "down");
-    let metrics = app
-        .client
-        .get(format!("{}/metrics", app.address))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = app.metrics().await;
     assert!(metrics.contains("outbox_backlog_events 3"), "{metrics}");
 }
 
