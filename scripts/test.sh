@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The one test command: checks that Postgres and RabbitMQ answer (starting the
 # local ones if they are installed but stopped), then validates the Compose
-# files and runs the format check, clippy with warnings as errors, the whole
-# test suite against them, the API fuzzer (scripts/fuzz-api.sh) and the cluster
-# proof (scripts/cluster-proof.sh). The last line sums every test.
+# files and the Prometheus configuration (promtool), and runs the format check,
+# clippy with warnings as errors, the whole test suite against them, the API
+# fuzzer (scripts/fuzz-api.sh) and the cluster proof (scripts/cluster-proof.sh).
+# The last line sums every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/services.sh
@@ -25,6 +26,23 @@ else
     echo "!! SKIPPED: docker-compose is not installed (apt-get install docker-compose);" \
         "the Compose files were NOT validated" >&2
 fi
+
+echo "== promtool check config"
+# The Prometheus of the "observability" profile; Debian's prometheus package
+# ships promtool. Unlike a missing docker-compose above, a missing promtool is
+# installed, and one that cannot be installed fails the run.
+if ! command -v promtool >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "promtool is not installed; installing Debian's prometheus package for it" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null ||
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; } ||
+        true
+fi
+if ! command -v promtool >/dev/null 2>&1; then
+    echo "!! FAILED: promtool is not installed and could not be installed" \
+        "(apt-get install prometheus, as root); deploy/prometheus/prometheus.yml was NOT validated" >&2
+    exit 1
+fi
+promtool check config deploy/prometheus/prometheus.yml
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
