@@ -9,6 +9,10 @@ use common::db::DbConfig;
 #[derive(Debug, Clone, clap::Parser)]
 #[command(name = "inventory-consumer", version, about)]
 pub struct Config {
+    /// Without a subcommand the consumer runs.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// Address of the health and metrics endpoints (port 0 picks a free port).
     #[arg(long, env = "LISTEN_ADDR", default_value = "0.0.0.0:8081")]
     pub listen_addr: SocketAddr,
@@ -54,4 +58,88 @@ pub struct Config {
     #[arg(long, env = "SWEEP_INTERVAL", default_value = "1m",
           value_parser = humantime::parse_duration)]
     pub sweep_interval: Duration,
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Inspect and replay the dead-letter queue (needs the broker, not the database).
+    ///
+    /// Only AMQP_URL, INVENTORY_QUEUE and DEAD_LETTER_QUEUE matter here, given as
+    /// environment variables or as flags before or after the subcommand.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum DlqCommand {
+    /// List the dead-letter queue's messages, oldest first, without removing them.
+    ///
+    /// One line per message: its message id, how many times it was dead-lettered
+    /// (counting rounds before earlier replays), when first, and why: the
+    /// consumer's reason (the `x-dead-letter-reason` header), else the broker's
+    /// (`delivery_limit` when a quorum queue's delivery limit was reached,
+    /// `rejected`, ...). Each message is held unacked while the list is made,
+    /// then all are handed back in one go: one pass, nothing removed.
+    List {
+        /// Most messages to list.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// One JSON object per line instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move messages from the dead-letter queue back to the inventory queue.
+    ///
+    /// Each goes straight to the inventory queue (through the default exchange,
+    /// so other queues bound to the events exchange do not get it again) with
+    /// publisher confirms, and leaves the dead-letter queue only once the broker
+    /// confirmed its copy: a message may end up in both queues, never in neither,
+    /// and the consumer ignores a message it already applied. The reason and the
+    /// broker's x-death are dropped (they describe the death being undone); the
+    /// death count and first death time stay. Prints how many were replayed.
+    /// Exits 1 if no message has the `--id`, or if the broker did not confirm one
+    /// (it stays in the dead-letter queue).
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["id", "all"])))]
+    Replay {
+        /// Replay the message with this message id (every copy, if it is there twice).
+        #[arg(long)]
+        id: Option<String>,
+        /// Replay every message in the dead-letter queue.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+impl Config {
+    /// The command line, taking the settings the dead-letter tools use after a
+    /// subcommand as well (`inventory-consumer dlq list --amqp-url ...`).
+    pub fn command_line() -> clap::Command {
+        use clap::CommandFactory;
+        const DLQ_SETTINGS: [&str; 3] = ["amqp_url", "inventory_queue", "dead_letter_queue"];
+        Self::command().mut_args(|arg| {
+            let global = DLQ_SETTINGS.contains(&arg.get_id().as_str());
+            arg.global(global)
+        })
+    }
+
+    /// Parses `args` (the program name first) as [`Config::command_line`]
+    /// describes; on an error or `--help`, prints and exits as clap does.
+    pub fn parse_command_line<I, T>(args: I) -> Self
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        Self::try_parse_command_line(args).unwrap_or_else(|error| error.exit())
+    }
+
+    /// Like [`Config::parse_command_line`], returning the error.
+    pub fn try_parse_command_line<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        use clap::FromArgMatches;
+        let mut matches = Self::command_line().try_get_matches_from(args)?;
+        Self::from_arg_matches_mut(&mut matches)
+    }
 }

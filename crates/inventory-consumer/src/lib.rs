@@ -7,9 +7,13 @@
 //! `/healthz`, `/readyz` and `/metrics` until the shutdown token is cancelled.
 //! Beside the workers, a sweeper forgets processed message ids past the dedup
 //! window. All of them run under a supervisor that restarts a task that panics.
+//!
+//! [`dlq`] is the `inventory-consumer dlq list|replay` command, which needs only
+//! the broker.
 
 pub mod apply;
 pub mod config;
+pub mod dlq;
 pub mod http;
 pub mod message;
 pub mod metrics;
@@ -27,7 +31,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-pub use config::Config;
+pub use config::{Command, Config, DlqCommand};
 use metrics::ConsumerMetrics;
 use worker::{Worker, WorkerConfig};
 

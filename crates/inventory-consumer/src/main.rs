@@ -3,23 +3,25 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
-use inventory_consumer::{Application, Config};
+use inventory_consumer::{Application, Command, Config};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let config = Config::parse();
+    let config = Config::parse_command_line(std::env::args_os());
     common::telemetry::init();
-    let shutdown = common::shutdown::on_signal();
-    let result = match Application::build(config).await {
-        Ok(app) => app.run_until_stopped(shutdown).await,
-        Err(error) => Err(error),
-    };
-    match result {
+    match run(config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(error = format!("{error:#}"), "inventory-consumer failed");
             ExitCode::FAILURE
         }
     }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    if let Some(Command::Dlq(command)) = &config.command {
+        return inventory_consumer::dlq::run(&config.broker, command, &mut std::io::stdout()).await;
+    }
+    let shutdown = common::shutdown::on_signal();
+    Application::build(config).await?.run_until_stopped(shutdown).await
 }

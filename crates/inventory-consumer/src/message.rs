@@ -1,7 +1,7 @@
 //! Turning a delivery into an `OrderPlaced` event, or into the reason it is poison.
 //!
-//! A message that fails here can never succeed, however often it is retried, so it
-//! is rejected without requeue and the broker moves it to the dead-letter queue.
+//! A message that fails here can never succeed, however often it is retried, so the
+//! worker moves it to the dead-letter queue with the reason (never requeues it).
 
 use common::events::{OrderPlaced, VERSION_HEADER};
 use lapin::message::Delivery;

@@ -20,6 +20,9 @@ pub struct ConsumerMetrics {
     pub batch_size: Histogram,
     /// Batch transactions that failed and were retried (database trouble).
     pub retries: Counter,
+    /// Poison messages whose copy the dead-letter exchange did not confirm:
+    /// handed back to the queue instead of acked.
+    pub dead_letter_failures: Counter,
 }
 
 impl ConsumerMetrics {
@@ -28,10 +31,11 @@ impl ConsumerMetrics {
             messages: Family::default(),
             batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
             retries: Counter::default(),
+            dead_letter_failures: Counter::default(),
         };
         registry.register(
             "inventory_messages",
-            "Messages settled (acked, or rejected to the dead-letter queue), by outcome",
+            "Messages settled (acked, or moved to the dead-letter queue), by outcome",
             metrics.messages.clone(),
         );
         registry.register(
@@ -43,6 +47,11 @@ impl ConsumerMetrics {
             "inventory_batch_retries",
             "Batch transactions that failed and were retried without acking",
             metrics.retries.clone(),
+        );
+        registry.register(
+            "inventory_dead_letter_failures",
+            "Poison messages the dead-letter exchange did not confirm, handed back to the queue",
+            metrics.dead_letter_failures.clone(),
         );
         metrics
     }

@@ -2,19 +2,23 @@
 //! in batches and settling each batch only after its transaction committed.
 //!
 //! Per batch: decode every delivery (poison is set aside), apply the rest in ONE
-//! transaction ([`apply_batch`]), commit, then reject the poison without requeue
-//! (the broker dead-letters it) and ack the rest with a single `multiple` ack.
+//! transaction ([`apply_batch`]), commit, then dead-letter the poison and ack the
+//! rest with a single `multiple` ack. Poison is republished to the dead-letter
+//! exchange with the reason in a header ([`outbox::dead_letter`]) on a second,
+//! confirm-mode channel, and acked only once the broker confirmed the copy.
 //! A crash anywhere before the ack leaves the messages unacked, so the broker
 //! redelivers them, and `processed_messages` turns the redelivery into a no-op.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
+use std::time::Duration;
 
 use anyhow::Context;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    ConfirmSelectOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
@@ -27,6 +31,9 @@ use tokio_util::sync::CancellationToken;
 use crate::apply::{Outcome, apply_batch};
 use crate::message::{Message, decode};
 use crate::metrics::ConsumerMetrics;
+
+/// How long the broker has to confirm the dead-lettered copies of a batch's poison.
+const DEAD_LETTER_CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What every worker needs to know.
 #[derive(Debug, Clone)]
@@ -54,11 +61,15 @@ pub struct Worker {
     pub shutdown: CancellationToken,
 }
 
-/// An open channel with its consumer.
+/// An open channel with its consumer, and a confirm-mode channel on the same
+/// connection for dead-lettering. Publishing on a channel of its own keeps a
+/// failed publish (an exchange deleted under us closes its channel) from taking
+/// the consumer and its unacked deliveries down with it.
 struct Session {
     connection: Connection,
     channel: Channel,
     consumer: Consumer,
+    dead_letters: Channel,
 }
 
 impl Worker {
@@ -78,7 +89,7 @@ impl Worker {
                     self.close(session).await;
                     if let Err(error) = result {
                         tracing::warn!(worker = %self.name, error = format!("{error:#}"),
-                            "lost the broker; reconnecting");
+                            "stopped consuming; reconnecting");
                     }
                 }
                 Err(error) => match error.downcast_ref::<TopologyError>() {
@@ -125,7 +136,13 @@ impl Worker {
             )
             .await
             .context("cannot start consuming")?;
-        Ok(Session { connection, channel, consumer })
+        let dead_letters =
+            connection.create_channel().await.context("cannot open the dead-lettering channel")?;
+        dead_letters
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .context("cannot switch the dead-lettering channel to publisher confirms")?;
+        Ok(Session { connection, channel, consumer, dead_letters })
     }
 
     /// Returns `Ok` on shutdown, an error when the channel fails.
@@ -143,28 +160,34 @@ impl Worker {
             let deliveries: Vec<Delivery> =
                 batch.into_iter().collect::<Result<_, _>>().context("the channel failed")?;
             // Once a batch is taken it is finished, even during shutdown.
-            if !self.handle(&session.channel, deliveries).await? {
+            if !self.handle(session, deliveries).await? {
                 return Ok(());
             }
         }
     }
 
     /// Applies and settles one batch. `Ok(false)`: shutdown came while the
-    /// database was down; the batch stays unacked and will be redelivered.
-    async fn handle(&self, channel: &Channel, deliveries: Vec<Delivery>) -> anyhow::Result<bool> {
+    /// database was down; the batch stays unacked and will be redelivered. An
+    /// error when poison could not be dead-lettered: it went back to the queue
+    /// (the rest of the batch was acked), and the worker reconnects after a pause,
+    /// declaring its topology afresh (a deleted dead-letter exchange comes back).
+    async fn handle(&self, session: &Session, deliveries: Vec<Delivery>) -> anyhow::Result<bool> {
         // A panic here drops the session, whose connection closes: the broker
         // redelivers the batch to the restarted worker or another one.
         self.config.crash_switch.check(&self.name);
+        let channel = &session.channel;
         let mut messages = Vec::with_capacity(deliveries.len());
-        let mut message_tags = Vec::with_capacity(deliveries.len());
+        // The delivery (its index) of each message.
+        let mut delivered_as = Vec::with_capacity(deliveries.len());
+        // Poison: the delivery's index and the reason.
         let mut poison = Vec::new();
-        for delivery in &deliveries {
+        for (index, delivery) in deliveries.iter().enumerate() {
             match decode(delivery) {
                 Ok(message) => {
                     messages.push(message);
-                    message_tags.push(delivery.delivery_tag);
+                    delivered_as.push(index);
                 }
-                Err(reason) => poison.push((delivery.delivery_tag, message_id(delivery), reason)),
+                Err(reason) => poison.push((index, reason)),
             }
         }
 
@@ -173,36 +196,71 @@ impl Worker {
         };
         self.metrics.batch_size.observe(messages.len() as f64);
 
-        let mut last_ack = None;
-        for ((message, tag), outcome) in messages.iter().zip(message_tags).zip(&outcomes) {
+        // The highest tag to ack with `multiple`: an ack settles every earlier
+        // delivery on the channel, so poison that is not dead-lettered must be
+        // settled (handed back) before it.
+        let mut ack_up_to = None;
+        for ((message, &index), outcome) in messages.iter().zip(&delivered_as).zip(&outcomes) {
             if *outcome == Outcome::UnknownOrder {
-                let reason = format!("order {} does not exist", message.event.order_id);
-                poison.push((tag, message.id.to_string(), reason));
+                poison.push((index, format!("order {} does not exist", message.event.order_id)));
             } else if let Outcome::Refused(reason) = outcome {
-                poison.push((tag, message.id.to_string(), reason.clone()));
+                poison.push((index, reason.clone()));
             } else {
                 self.metrics.record(outcome.label());
-                last_ack = Some(tag);
+                ack_up_to = ack_up_to.max(Some(deliveries[index].delivery_tag));
             }
         }
-        // Reject before the ack: an ack with `multiple` settles every earlier
-        // delivery on the channel, the poison ones included.
-        for (tag, message_id, reason) in poison {
-            tracing::warn!(worker = %self.name, message_id, reason,
-                "poison message rejected to the dead-letter queue");
-            channel
-                .basic_reject(tag, BasicRejectOptions { requeue: false })
-                .await
-                .context("cannot reject a poison message")?;
-            self.metrics.record("poison");
+
+        // After the commit of the good messages, before any ack.
+        let letters: Vec<(&Delivery, &str)> =
+            poison.iter().map(|(index, reason)| (&deliveries[*index], reason.as_str())).collect();
+        let confirmed = if letters.is_empty() {
+            Vec::new()
+        } else {
+            outbox::dead_letter::publish(
+                &session.dead_letters,
+                &self.config.topology.dead_letter_exchange,
+                &letters,
+                DEAD_LETTER_CONFIRM_TIMEOUT,
+            )
+            .await
+        };
+        let mut handed_back = 0;
+        for ((delivery, reason), confirmed) in letters.iter().zip(confirmed) {
+            let message_id = message_id(delivery);
+            if confirmed {
+                tracing::warn!(worker = %self.name, message_id, reason,
+                    "poison message moved to the dead-letter queue");
+                self.metrics.record("poison");
+                ack_up_to = ack_up_to.max(Some(delivery.delivery_tag));
+            } else {
+                tracing::warn!(worker = %self.name, message_id, reason,
+                    "the dead-letter exchange did not confirm a poison message; handing it back");
+                channel
+                    .basic_nack(
+                        delivery.delivery_tag,
+                        BasicNackOptions { multiple: false, requeue: true },
+                    )
+                    .await
+                    .context("cannot hand a poison message back to the queue")?;
+                self.metrics.dead_letter_failures.inc();
+                handed_back += 1;
+            }
         }
-        if let Some(tag) = last_ack {
+        if let Some(tag) = ack_up_to {
             channel
                 .basic_ack(tag, BasicAckOptions { multiple: true })
                 .await
                 .context("cannot ack the batch")?;
         }
         tracing::debug!(worker = %self.name, batch = deliveries.len(), "batch settled");
+        if handed_back > 0 {
+            anyhow::bail!(
+                "the broker did not confirm {handed_back} poison message(s) on the dead-letter \
+                 exchange {:?}; they went back to the queue",
+                self.config.topology.dead_letter_exchange
+            );
+        }
         Ok(true)
     }
 
@@ -264,10 +322,13 @@ impl Worker {
 
     /// Stops consuming; deliveries received but not acked go back to the queue.
     async fn close(&self, session: Session) {
-        let Session { connection, channel, consumer } = session;
+        let Session { connection, channel, consumer, dead_letters } = session;
         if channel.status().connected() {
             let _ = channel.basic_cancel(consumer.tag(), BasicCancelOptions::default()).await;
             let _ = channel.close(200, "consumer stopping".into()).await;
+        }
+        if dead_letters.status().connected() {
+            let _ = dead_letters.close(200, "consumer stopping".into()).await;
         }
         if connection.status().connected() {
             let _ = connection.close(200, "consumer stopping".into()).await;

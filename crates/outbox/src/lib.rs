@@ -14,6 +14,7 @@
 
 pub mod amqp;
 pub mod backoff;
+pub mod dead_letter;
 pub mod inbox;
 pub mod metrics;
 pub mod publisher;

@@ -133,19 +133,16 @@ impl TestBroker {
 
     /// Messages ready in the inventory queue (not counting unacked ones).
     pub async fn ready_messages(&self) -> u32 {
-        let options = lapin::options::QueueDeclareOptions {
-            passive: true,
-            ..lapin::options::QueueDeclareOptions::default()
-        };
-        self.channel
-            .queue_declare(
-                self.config.inventory_queue.as_str().into(),
-                options,
-                lapin::types::FieldTable::default(),
-            )
-            .await
-            .expect("queue exists")
-            .message_count()
+        self.depth(&self.config.inventory_queue).await
+    }
+
+    /// Messages ready in the dead-letter queue (not counting unacked ones).
+    pub async fn dead_letter_depth(&self) -> u32 {
+        self.depth(&self.config.dead_letter_queue).await
+    }
+
+    async fn depth(&self, queue: &str) -> u32 {
+        outbox::dead_letter::queue_depth(&self.channel, queue).await.expect("queue exists")
     }
 
     pub async fn delete(self) {
