@@ -14,6 +14,8 @@ use prometheus_client::registry::Registry;
 use serde_json::json;
 use sqlx::PgPool;
 
+use crate::metrics::QueueDepthProbe;
+
 #[derive(Clone)]
 pub struct HttpState {
     pub db: PgPool,
@@ -23,6 +25,8 @@ pub struct HttpState {
     /// Whether a supervised task crashed and is not running again.
     pub health: Health,
     pub registry: Arc<Registry>,
+    /// Reads the queue depths into their gauges at each scrape.
+    pub queue_depth: QueueDepthProbe,
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -54,7 +58,9 @@ async fn readyz(State(state): State<HttpState>) -> Response {
     (status, Json(body)).into_response()
 }
 
-/// `GET /metrics`: Prometheus text format.
+/// `GET /metrics`: Prometheus text format. The queue depths are read from the
+/// broker first; if it cannot answer they read NaN and the rest is served as usual.
 async fn metrics(State(state): State<HttpState>) -> Response {
+    state.queue_depth.refresh().await;
     common::http::metrics_response(&state.registry)
 }

@@ -32,7 +32,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 pub use config::{Command, Config, DlqCommand};
-use metrics::ConsumerMetrics;
+use metrics::{ConsumerMetrics, QueueDepthProbe};
 use worker::{Worker, WorkerConfig};
 
 pub struct Application {
@@ -125,12 +125,18 @@ impl Application {
             self.retention_metrics.clone(),
         );
 
+        let queue_depth = QueueDepthProbe::new(
+            &config.broker,
+            &format!("{}-metrics", config.consumer_name),
+            self.metrics.clone(),
+        );
         let state = http::HttpState {
             db: self.db.clone(),
             connected_workers: connected,
             topology,
             health: supervisor.health(),
             registry: Arc::new(self.registry),
+            queue_depth: queue_depth.clone(),
         };
         tracing::info!(addr = %self.listener.local_addr()?, "inventory-consumer listening");
         let served = axum::serve(self.listener, http::router(state))
@@ -139,6 +145,7 @@ impl Application {
             .context("HTTP server failed");
         shutdown.cancel();
         while workers.join_next().await.is_some() {}
+        queue_depth.close().await;
         self.db.close().await;
         tracing::info!("inventory-consumer stopped");
         served

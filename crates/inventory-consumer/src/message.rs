@@ -3,9 +3,11 @@
 //! A message that fails here can never succeed, however often it is retried, so the
 //! worker moves it to the dead-letter queue with the reason (never requeues it).
 
+use chrono::{DateTime, Utc};
 use common::events::{OrderPlaced, VERSION_HEADER};
 use lapin::message::Delivery;
 use lapin::types::AMQPValue;
+use outbox::publisher::CREATED_AT_HEADER;
 use uuid::Uuid;
 
 /// A delivery's event, identified by the message id the outbox gave it.
@@ -55,4 +57,61 @@ fn check(event: &OrderPlaced) -> Result<(), String> {
         return Err(format!("line sku {:?} contains a NUL character", line.sku));
     }
     Ok(())
+}
+
+/// When the event was created, for the end-to-end lag: the relay's
+/// `x-created-at` header (the outbox row's `created_at`, RFC 3339 to the
+/// microsecond), else the AMQP `timestamp` property (whole seconds, stamped when
+/// the relay published it), else `None`.
+pub fn created_at(delivery: &Delivery) -> Option<DateTime<Utc>> {
+    let properties = &delivery.properties;
+    let header = properties.headers().as_ref().and_then(|h| h.inner().get(CREATED_AT_HEADER));
+    let text = match header {
+        Some(AMQPValue::LongString(text)) => {
+            Some(String::from_utf8_lossy(text.as_bytes()).into_owned())
+        }
+        Some(AMQPValue::ShortString(text)) => Some(text.as_str().to_owned()),
+        _ => None,
+    };
+    text.and_then(|text| DateTime::parse_from_rfc3339(text.trim()).ok())
+        .map(|at| at.with_timezone(&Utc))
+        .or_else(|| {
+            let seconds = i64::try_from((*properties.timestamp())?).ok()?;
+            DateTime::from_timestamp(seconds, 0)
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::BasicProperties;
+    use lapin::types::FieldTable;
+
+    fn delivery(properties: BasicProperties) -> Delivery {
+        let mut delivery = Delivery::mock(1, "".into(), "".into(), false, Vec::new());
+        delivery.properties = properties;
+        delivery
+    }
+
+    #[test]
+    fn the_creation_time_comes_from_the_header_else_the_timestamp() {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            CREATED_AT_HEADER.into(),
+            AMQPValue::LongString("2026-11-24T10:00:00.123456Z".into()),
+        );
+        let both = BasicProperties::default().with_headers(headers).with_timestamp(1);
+        let at = created_at(&delivery(both)).expect("a time");
+        assert_eq!(at.to_rfc3339(), "2026-11-24T10:00:00.123456+00:00");
+
+        let timestamp_only = BasicProperties::default().with_timestamp(1_795_000_000);
+        assert_eq!(
+            created_at(&delivery(timestamp_only)),
+            DateTime::from_timestamp(1_795_000_000, 0)
+        );
+
+        let mut bad = FieldTable::default();
+        bad.insert(CREATED_AT_HEADER.into(), AMQPValue::LongString("yesterday".into()));
+        assert_eq!(created_at(&delivery(BasicProperties::default().with_headers(bad))), None);
+    }
 }

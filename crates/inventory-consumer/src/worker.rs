@@ -29,7 +29,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::apply::{Outcome, apply_batch};
-use crate::message::{Message, decode};
+use crate::message::{Message, created_at, decode};
 use crate::metrics::ConsumerMetrics;
 
 /// How long the broker has to confirm the dead-lettered copies of a batch's poison.
@@ -194,6 +194,7 @@ impl Worker {
         let Some(outcomes) = self.apply_until_done(&messages).await else {
             return Ok(false);
         };
+        let committed_at = chrono::Utc::now();
         self.metrics.batch_size.observe(messages.len() as f64);
 
         // The highest tag to ack with `multiple`: an ack settles every earlier
@@ -207,7 +208,15 @@ impl Worker {
                 poison.push((index, reason.clone()));
             } else {
                 self.metrics.record(outcome.label());
-                ack_up_to = ack_up_to.max(Some(deliveries[index].delivery_tag));
+                let delivery = &deliveries[index];
+                if matches!(outcome, Outcome::Completed | Outcome::Rejected)
+                    && let Some(created_at) = created_at(delivery)
+                {
+                    // Clocks of different hosts may disagree a little: never negative.
+                    let lag = (committed_at - created_at).as_seconds_f64().max(0.0);
+                    self.metrics.e2e_lag_seconds.observe(lag);
+                }
+                ack_up_to = ack_up_to.max(Some(delivery.delivery_tag));
             }
         }
 

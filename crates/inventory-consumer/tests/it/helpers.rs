@@ -58,6 +58,17 @@ impl TestBroker {
         self.publish_raw(Some(&id), Some(OrderPlaced::EVENT_TYPE), &body).await;
     }
 
+    /// Publishes `message` as the relay does, with `properties` (message id and
+    /// type are set here), and waits for the broker's confirm.
+    pub async fn publish_with(&self, message: &Message, properties: BasicProperties) {
+        let body = serde_json::to_vec(&message.event).expect("json");
+        let properties = properties
+            .with_delivery_mode(2)
+            .with_message_id(ShortString::from(message.id.to_string()))
+            .with_type(ShortString::from(OrderPlaced::EVENT_TYPE));
+        self.publish_properties(properties, &body).await;
+    }
+
     /// Publishes a message with these properties and body, and waits for the
     /// broker's confirm.
     pub async fn publish_raw(&self, message_id: Option<&str>, kind: Option<&str>, body: &[u8]) {
@@ -90,6 +101,10 @@ impl TestBroker {
         if let Some(kind) = kind {
             properties = properties.with_type(ShortString::from(kind));
         }
+        self.publish_properties(properties, body).await;
+    }
+
+    async fn publish_properties(&self, properties: BasicProperties, body: &[u8]) {
         let confirm = self
             .channel
             .basic_publish(

@@ -10,3 +10,4 @@ mod fuzz;
 mod helpers;
 mod months;
 mod queues;
+mod slo;
