@@ -9,13 +9,15 @@ use inventory_consumer::{Application, Command, Config};
 async fn main() -> ExitCode {
     let config = Config::parse_command_line(std::env::args_os());
     common::telemetry::init();
-    match run(config).await {
+    let status = match run(config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(error = format!("{error:#}"), "inventory-consumer failed");
             ExitCode::FAILURE
         }
-    }
+    };
+    common::telemetry::shutdown();
+    status
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {

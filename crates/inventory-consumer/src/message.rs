@@ -59,21 +59,30 @@ fn check(event: &OrderPlaced) -> Result<(), String> {
     Ok(())
 }
 
+/// A header's text, when the delivery has it as a string.
+pub fn header_text(delivery: &Delivery, name: &str) -> Option<String> {
+    let headers = delivery.properties.headers().as_ref()?;
+    match headers.inner().get(name)? {
+        AMQPValue::LongString(text) => Some(String::from_utf8_lossy(text.as_bytes()).into_owned()),
+        AMQPValue::ShortString(text) => Some(text.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+/// The W3C trace context the message carries (`traceparent`, `tracestate`);
+/// empty when it carries none, so the consumer's span then starts a trace.
+pub fn trace_parent(delivery: &Delivery) -> opentelemetry::Context {
+    common::trace_context::extract(|name| header_text(delivery, name))
+}
+
 /// When the event was created, for the end-to-end lag: the relay's
 /// `x-created-at` header (the outbox row's `created_at`, RFC 3339 to the
 /// microsecond), else the AMQP `timestamp` property (whole seconds, stamped when
 /// the relay published it), else `None`.
 pub fn created_at(delivery: &Delivery) -> Option<DateTime<Utc>> {
     let properties = &delivery.properties;
-    let header = properties.headers().as_ref().and_then(|h| h.inner().get(CREATED_AT_HEADER));
-    let text = match header {
-        Some(AMQPValue::LongString(text)) => {
-            Some(String::from_utf8_lossy(text.as_bytes()).into_owned())
-        }
-        Some(AMQPValue::ShortString(text)) => Some(text.as_str().to_owned()),
-        _ => None,
-    };
-    text.and_then(|text| DateTime::parse_from_rfc3339(text.trim()).ok())
+    header_text(delivery, CREATED_AT_HEADER)
+        .and_then(|text| DateTime::parse_from_rfc3339(text.trim()).ok())
         .map(|at| at.with_timezone(&Utc))
         .or_else(|| {
             let seconds = i64::try_from((*properties.timestamp())?).ok()?;

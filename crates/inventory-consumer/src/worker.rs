@@ -14,6 +14,7 @@ use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
 use anyhow::Context;
+use common::trace_context;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
@@ -22,6 +23,8 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
+use opentelemetry::KeyValue;
+use opentelemetry::trace::SpanKind;
 use outbox::amqp::{ConsumerQueue, TopologyError, TopologyStatus};
 use outbox::backoff::Backoff;
 use outbox::supervisor::{CountGuard, CrashSwitch};
@@ -29,7 +32,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::apply::{Outcome, apply_batch};
-use crate::message::{Message, created_at, decode};
+use crate::message::{Message, created_at, decode, trace_parent};
 use crate::metrics::ConsumerMetrics;
 
 /// How long the broker has to confirm the dead-lettered copies of a batch's poison.
@@ -176,6 +179,16 @@ impl Worker {
         // redelivers the batch to the restarted worker or another one.
         self.config.crash_switch.check(&self.name);
         let channel = &session.channel;
+        // One span per message, a child of the producer's span whose context the
+        // message carries; ended once the message is settled.
+        let spans: Vec<opentelemetry::Context> = deliveries
+            .iter()
+            .map(|delivery| {
+                let attributes = vec![KeyValue::new("messaging.message.id", message_id(delivery))];
+                let parent = trace_parent(delivery);
+                trace_context::start("OrderPlaced process", SpanKind::Consumer, &parent, attributes)
+            })
+            .collect();
         let mut messages = Vec::with_capacity(deliveries.len());
         // The delivery (its index) of each message.
         let mut delivered_as = Vec::with_capacity(deliveries.len());
@@ -235,15 +248,19 @@ impl Worker {
             .await
         };
         let mut handed_back = 0;
-        for ((delivery, reason), confirmed) in letters.iter().zip(confirmed) {
+        for ((index, reason), confirmed) in poison.iter().zip(confirmed) {
+            let delivery = &deliveries[*index];
             let message_id = message_id(delivery);
+            let span = &spans[*index];
+            trace_context::end(span, Some(reason));
+            let trace_id = trace_context::trace_id(span);
             if confirmed {
-                tracing::warn!(worker = %self.name, message_id, reason,
+                tracing::warn!(worker = %self.name, message_id, reason, trace_id,
                     "poison message moved to the dead-letter queue");
                 self.metrics.record("poison");
                 ack_up_to = ack_up_to.max(Some(delivery.delivery_tag));
             } else {
-                tracing::warn!(worker = %self.name, message_id, reason,
+                tracing::warn!(worker = %self.name, message_id, reason, trace_id,
                     "the dead-letter exchange did not confirm a poison message; handing it back");
                 channel
                     .basic_nack(
@@ -261,6 +278,9 @@ impl Worker {
                 .basic_ack(tag, BasicAckOptions { multiple: true })
                 .await
                 .context("cannot ack the batch")?;
+        }
+        for span in &spans {
+            trace_context::end(span, None); // a poison message's span has ended already
         }
         tracing::debug!(worker = %self.name, batch = deliveries.len(), "batch settled");
         if handed_back > 0 {

@@ -11,3 +11,4 @@ mod helpers;
 mod months;
 mod queues;
 mod slo;
+mod trace;
