@@ -4,6 +4,7 @@
 
 mod consumer;
 mod crash;
+mod dashboard;
 mod dlq;
 mod end_to_end;
 mod fuzz;
