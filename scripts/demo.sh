@@ -25,6 +25,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/services.sh
+# shellcheck source-path=SCRIPTDIR/..
+source scripts/lib.sh
 
 DEMO_DATABASE_URL=${DEMO_DATABASE_URL:-postgres://postgres:postgres@$PG_HOST:$PG_PORT/outbox_demo}
 DEMO_AMQP_URL=${DEMO_AMQP_URL:-amqp://guest:guest@$AMQP_HOST:$AMQP_PORT/%2f}
@@ -49,83 +51,20 @@ export DEAD_LETTER_EXCHANGE=$DEMO_PREFIX.orders.dlx
 export DEAD_LETTER_QUEUE=$DEMO_PREFIX.inventory.order-placed.dead
 export RUST_LOG=${RUST_LOG:-info,sqlx::postgres::notice=warn}
 
-fail() {
-    echo "error: $*" >&2
-    exit 1
-}
 
-# --- the processes this script starts, and only those, are stopped on exit ---
-
-pids=()
-names=()
-
-cleanup() {
+# The processes this script starts (scripts/lib.sh: start, wait_ready), and only
+# those, are stopped on exit.
+LOG_DIR=$RUN_DIR
+LOG_PREFIX=demo-
+on_exit() {
     local status=$?
     trap - EXIT INT TERM
-    if ((${#pids[@]} > 0)); then
-        echo "== stopping ${names[*]}"
-        local pid i
-        for pid in "${pids[@]}"; do
-            kill -TERM "$pid" 2>/dev/null || true
-        done
-        # A graceful stop finishes the in-flight batch; give it 15 s.
-        for ((i = 0; i < 60; i++)); do
-            local alive=0
-            for pid in "${pids[@]}"; do
-                if kill -0 "$pid" 2>/dev/null; then alive=1; fi
-            done
-            ((alive)) || break
-            sleep 0.25
-        done
-        for pid in "${pids[@]}"; do
-            if kill -0 "$pid" 2>/dev/null; then
-                echo "   $pid did not stop within 15 s; killing it" >&2
-                kill -KILL "$pid" 2>/dev/null || true
-            fi
-            wait "$pid" 2>/dev/null || true
-        done
-        echo "   logs: $RUN_DIR/demo-order-service.log $RUN_DIR/demo-inventory-consumer.log"
-    fi
+    stop_started
     exit "$status"
 }
-trap cleanup EXIT
+trap on_exit EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
-
-start() { # name listen-port
-    local name=$1 port=$2
-    local log=$RUN_DIR/demo-$name.log
-    LISTEN_ADDR=127.0.0.1:$port "$BIN_DIR/$name" >"$log" 2>&1 &
-    pids+=($!)
-    names+=("$name")
-    echo "   $name: pid $!, http://127.0.0.1:$port, log $log"
-}
-
-show_log() { # name
-    local log=$RUN_DIR/demo-$1.log
-    echo "---- last lines of $log" >&2
-    tail -n 30 "$log" >&2 || true
-    echo "----" >&2
-}
-
-wait_ready() { # name pid url seconds
-    local name=$1 pid=$2 url=$3 i
-    for ((i = 0; i < $4 * 4; i++)); do
-        if curl -fsS -o /dev/null --max-time 2 "$url/readyz" 2>/dev/null; then
-            echo "   $name is ready"
-            return 0
-        fi
-        if ! kill -0 "$pid" 2>/dev/null; then
-            local code=0
-            wait "$pid" || code=$?
-            show_log "$name"
-            fail "$name exited (status $code) before it was ready"
-        fi
-        sleep 0.25
-    done
-    show_log "$name"
-    fail "$name was not ready at $url/readyz within $4 s"
-}
 
 # --- small JSON helpers without a jq dependency -------------------------------
 
@@ -248,9 +187,9 @@ echo "== outbox backlog (no rows: every event was published)"
 psql_demo -c "SELECT state, count(*) FROM outbox GROUP BY state ORDER BY state"
 
 echo "== peak memory (VmHWM)"
-for i in "${!pids[@]}"; do
-    rss=$(awk '/^VmHWM/ { printf "%.1f MiB", $2 / 1024 }' "/proc/${pids[$i]}/status" 2>/dev/null || true)
-    printf '   %-20s %s\n' "${names[$i]}" "${rss:-unknown (no /proc)}"
+for i in "${!started_pids[@]}"; do
+    rss=$(awk '/^VmHWM/ { printf "%.1f MiB", $2 / 1024 }' "/proc/${started_pids[$i]}/status" 2>/dev/null || true)
+    printf '   %-20s %s\n' "${started_names[$i]}" "${rss:-unknown (no /proc)}"
 done
 
 if ((stress_status != 0)); then
