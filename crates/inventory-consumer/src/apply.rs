@@ -101,7 +101,8 @@ pub async fn apply_batch(
     // 4. Decide each message in order, against the stock left by those before it.
     let mut outcomes = Vec::with_capacity(messages.len());
     let mut reserved: BTreeMap<&str, i64> = BTreeMap::new();
-    let mut decided: Vec<(Uuid, &'static str)> = Vec::new();
+    // (order, its new status, the message that decided it)
+    let mut decided: Vec<(Uuid, &'static str, Uuid)> = Vec::new();
     for message in messages {
         let order_id = message.event.order_id;
         let Some(order_status) = status.get_mut(&order_id) else {
@@ -132,11 +133,13 @@ pub async fn apply_batch(
         };
         let new_status = if outcome == Outcome::Completed { "COMPLETED" } else { "REJECTED" };
         new_status.clone_into(order_status);
-        decided.push((order_id, new_status));
+        decided.push((order_id, new_status, message.id));
         outcomes.push(outcome);
     }
 
     // 5. Write the decisions: one statement for the stock, one for the orders.
+    //    Each decided order names its message (`decided_by`), whose id step 2
+    //    recorded in this transaction: `order-service reconcile` checks the pair.
     if !reserved.is_empty() {
         let (skus, quantities): (Vec<&str>, Vec<i64>) = reserved.into_iter().unzip();
         sqlx::query(
@@ -150,14 +153,22 @@ pub async fn apply_batch(
         .await?;
     }
     if !decided.is_empty() {
-        let (ids, statuses): (Vec<Uuid>, Vec<&str>) = decided.into_iter().unzip();
+        let mut ids = Vec::with_capacity(decided.len());
+        let mut statuses = Vec::with_capacity(decided.len());
+        let mut deciders = Vec::with_capacity(decided.len());
+        for (id, status, message_id) in decided {
+            ids.push(id);
+            statuses.push(status);
+            deciders.push(message_id);
+        }
         sqlx::query(
-            "UPDATE orders SET status = d.status, updated_at = now()
-             FROM unnest($1::uuid[], $2::text[]) AS d(id, status)
+            "UPDATE orders SET status = d.status, decided_by = d.message_id, updated_at = now()
+             FROM unnest($1::uuid[], $2::text[], $3::uuid[]) AS d(id, status, message_id)
              WHERE orders.id = d.id",
         )
         .bind(&ids)
         .bind(&statuses)
+        .bind(&deciders)
         .execute(&mut **tx)
         .await?;
     }

@@ -15,6 +15,7 @@ pub mod config;
 pub mod error;
 pub mod idempotency;
 pub mod orders;
+pub mod reconcile;
 pub mod routes;
 pub mod writer;
 
@@ -32,7 +33,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use writer::{OrderWriter, WriterMetrics};
 
-pub use config::{Command, Config, OutboxCommand};
+pub use config::{Command, Config, OutboxCommand, ReconcileArgs};
 
 pub struct Application {
     listener: TcpListener,
@@ -178,4 +179,17 @@ pub async fn run_outbox_command(config: &Config, command: &OutboxCommand) -> any
         }
     }
     Ok(())
+}
+
+/// Runs `order-service reconcile`: prints its report (text, or JSON with
+/// `--json`) and returns whether every check held. An error means the checks
+/// could not run (no database, an unmigrated schema).
+pub async fn run_reconcile_command(config: &Config, args: &ReconcileArgs) -> anyhow::Result<bool> {
+    let report = reconcile::run(&config.db, args).await?;
+    if args.json {
+        println!("{}", report.json());
+    } else {
+        print!("{}", report.text());
+    }
+    Ok(report.ok())
 }

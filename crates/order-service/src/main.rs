@@ -4,12 +4,15 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use order_service::{Application, Command, Config};
+use order_service::{Application, Command, Config, ReconcileArgs};
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = Config::parse();
     common::telemetry::init();
+    if let Some(Command::Reconcile(args)) = &config.command {
+        return reconcile(&config, args).await;
+    }
     match run(config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -25,4 +28,17 @@ async fn run(config: Config) -> anyhow::Result<()> {
     }
     let shutdown = common::shutdown::on_signal();
     Application::build(config).await?.run_until_stopped(shutdown).await
+}
+
+/// `order-service reconcile`: 0 when every check holds, 1 when one fails, 2
+/// when the checks cannot run (as for a command line clap rejects).
+async fn reconcile(config: &Config, args: &ReconcileArgs) -> ExitCode {
+    match order_service::run_reconcile_command(config, args).await {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(error) => {
+            tracing::error!(error = format!("{error:#}"), "reconcile could not run");
+            ExitCode::from(2)
+        }
+    }
 }

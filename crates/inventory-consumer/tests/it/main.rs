@@ -4,12 +4,10 @@
 
 mod consumer;
 mod crash;
-mod dashboard;
 mod dlq;
 mod end_to_end;
 mod fuzz;
 mod helpers;
 mod months;
 mod queues;
-mod slo;
-mod trace;
+mod reconcile;

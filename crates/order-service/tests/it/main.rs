@@ -5,4 +5,5 @@ mod batch;
 mod helpers;
 mod openapi;
 mod orders;
+mod reconcile;
 mod relay;
