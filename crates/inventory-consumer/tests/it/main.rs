@@ -4,6 +4,7 @@
 
 mod consumer;
 mod crash;
+mod dashboard;
 mod dlq;
 mod end_to_end;
 mod fuzz;
@@ -11,3 +12,5 @@ mod helpers;
 mod months;
 mod queues;
 mod reconcile;
+mod slo;
+mod trace;
