@@ -13,13 +13,15 @@ async fn main() -> ExitCode {
     if let Some(Command::Reconcile(args)) = &config.command {
         return reconcile(&config, args).await;
     }
-    match run(config).await {
+    let status = match run(config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(error = format!("{error:#}"), "order-service failed");
             ExitCode::FAILURE
         }
-    }
+    };
+    common::telemetry::shutdown();
+    status
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
