@@ -352,7 +352,7 @@ async fn require_schema(conn: &mut PgConnection) -> anyhow::Result<DateTime<Utc>
     }
     if !missing.is_empty() {
         bail!(
-            "the database lacks {} (migration 20261124000003_reconciliation): \
+            "the database lacks {} (migrations 20261124000003_stock_received and 20261124000004_decided_by): \
              run the service once to migrate it; reconcile does not change the database",
             missing.join(", ")
         );
