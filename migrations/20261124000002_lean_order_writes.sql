@@ -17,3 +17,11 @@ DROP INDEX IF EXISTS orders_status_idx;
 
 -- Room on each page for the one update of each order, so it can stay HOT.
 ALTER TABLE orders SET (fillfactor = 90);
+
+-- An order's Idempotency-Key is written before the order itself: a batch
+-- inserts its keys first (ON CONFLICT DO NOTHING) and then only the orders whose
+-- key it won, so an order that lost its key to a concurrent request is never
+-- written (and never deleted again, whose cascade would scan this table). The
+-- key's reference to its order is therefore checked at commit.
+ALTER TABLE idempotency_keys
+    ALTER CONSTRAINT idempotency_keys_order_id_fkey DEFERRABLE INITIALLY DEFERRED;

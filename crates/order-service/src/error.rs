@@ -37,6 +37,10 @@ pub enum ApiError {
     #[error(transparent)]
     Database(#[from] sqlx::Error),
 
+    /// The database cannot serve the request now (the text says why).
+    #[error("{0}")]
+    Unavailable(String),
+
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
 }
@@ -44,6 +48,16 @@ pub enum ApiError {
 impl ApiError {
     pub fn validation(code: &'static str, message: impl Into<String>) -> Self {
         Self::Validation { code, message: message.into() }
+    }
+
+    /// The error each request of a batch gets when the batch's transaction
+    /// failed for a reason that is no one order's (sqlx errors cannot be cloned).
+    pub fn batch_failed(error: &sqlx::Error) -> Self {
+        if database_unavailable(error) {
+            Self::Unavailable(error.to_string())
+        } else {
+            Self::Internal(anyhow::anyhow!("writing a batch of orders failed: {error}"))
+        }
     }
 
     fn status_and_code(&self) -> (StatusCode, &'static str) {
@@ -56,13 +70,29 @@ impl ApiError {
             }
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
-            Self::Database(
-                sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_),
-            ) => (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable"),
+            Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable"),
+            Self::Database(error) if database_unavailable(error) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable")
+            }
             Self::Database(_) | Self::Internal(_) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal")
             }
         }
+    }
+}
+
+/// Whether `error` means the database cannot serve now, rather than that the
+/// request or the code is wrong: no connection (the pool timed out or closed, an
+/// I/O error), or an SQLSTATE of class 08 (connection), 53 (insufficient
+/// resources), 57 (operator intervention: shutdown, cancel), 58 (system error)
+/// or 25006 (read-only transaction, as after a failover). A retry may succeed.
+fn database_unavailable(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => true,
+        sqlx::Error::Database(error) => error.code().is_some_and(|code| {
+            ["08", "53", "57", "58"].iter().any(|class| code.starts_with(class)) || code == "25006"
+        }),
+        _ => false,
     }
 }
 

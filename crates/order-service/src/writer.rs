@@ -11,16 +11,18 @@
 //! Each order still commits atomically with its lines, its event and its
 //! Idempotency-Key, and what concerns one request is answered for it alone:
 //! - an unknown SKU is found in the batch's one price lookup; that order is left out;
-//! - a key that another transaction committed first is skipped by
-//!   `ON CONFLICT DO NOTHING`, and its order deleted again before any event is written;
+//! - the keys are inserted first (`ON CONFLICT DO NOTHING`): an order whose key
+//!   another request committed first is not written at all;
 //! - of two requests with one key in a batch only the first is written; the
 //!   second is answered after it, as a retry of it;
-//! - when the database refuses the batch (an error of one order's making, say),
-//!   the batch is rolled back and its orders are written one by one, so the error
-//!   reaches only the request that causes it. When the database cannot be
-//!   reached, or the connection breaks, every request of the batch gets the error:
-//!   a broken connection may have committed the batch, so writing it again could
-//!   place orders twice.
+//! - when the database refuses the batch for its data (an error of one order's
+//!   making, say), the batch is rolled back and its orders are written one by
+//!   one, so the error reaches only the request that causes it. Any other error
+//!   (the database cannot be reached, is shutting down, the connection breaks)
+//!   reaches every request of the batch: a broken connection may have committed
+//!   the batch, so writing it again could place orders twice;
+//! - a request that is gone (timed out, client disconnected) before its batch
+//!   is formed is not written.
 //!
 //! After a commit the writer wakes the in-process relay, which publishes the
 //! events at once; no `NOTIFY` is needed (see the migration that dropped it).
@@ -164,6 +166,20 @@ impl WriterTask {
             if received == 0 {
                 return; // every sender is gone: the server has stopped
             }
+            // A request that timed out or whose client went away no longer waits
+            // for its answer: its order is not written, as before group commit a
+            // dropped request rolled its transaction back.
+            let before = jobs.len();
+            jobs.retain(|job| !job.answer.is_closed());
+            if jobs.len() < before {
+                tracing::warn!(
+                    orders = before - jobs.len(),
+                    "requests gone before their orders were written; not writing them"
+                );
+            }
+            if jobs.is_empty() {
+                continue;
+            }
             let (orders, answers): (Vec<NewOrder>, Vec<_>) =
                 jobs.drain(..).map(|job| (job.order, job.answer)).unzip();
             let results = write_batch(&self.db, &orders, self.config.notify, &self.metrics).await;
@@ -173,7 +189,8 @@ impl WriterTask {
                 relay.wake();
             }
             for (answer, result) in answers.into_iter().zip(results) {
-                // A request that timed out no longer waits; its order stands.
+                // A request that timed out while its batch was being written gets
+                // no answer; its order stands (a retry with its key says so).
                 let _ = answer.send(result);
             }
         }
@@ -230,19 +247,22 @@ async fn write_members(
         Ok(results) => return results,
         Err(error) => error,
     };
-    match error {
-        sqlx::Error::Database(_) if orders.len() > 1 => {
-            tracing::warn!(orders = orders.len(), error = %error,
-                "the database refused a batch of orders; writing them one by one");
-            let mut results = Vec::with_capacity(orders.len());
-            for order in orders {
-                results.push(write_alone(db, order, notify, metrics).await);
-            }
-            results
-        }
-        sqlx::Error::Database(_) => vec![Err(error.into())],
-        _ => orders.iter().map(|_| Err(same_failure(&error))).collect(),
+    if !refused_by_data(&error) {
+        // The database as a whole, not one order: every order gets the error,
+        // and none is written again (a broken connection may have committed).
+        tracing::error!(orders = orders.len(), error = %error, "writing a batch of orders failed");
+        return orders.iter().map(|_| Err(ApiError::batch_failed(&error))).collect();
     }
+    if orders.len() == 1 {
+        return vec![Err(error.into())];
+    }
+    tracing::warn!(orders = orders.len(), error = %error,
+        "the database refused a batch of orders; writing them one by one");
+    let mut results = Vec::with_capacity(orders.len());
+    for order in orders {
+        results.push(write_alone(db, order, notify, metrics).await);
+    }
+    results
 }
 
 async fn write_alone(
@@ -257,20 +277,16 @@ async fn write_alone(
     }
 }
 
-/// The error each order of a batch is answered with when the batch failed for
-/// a reason that is not one order's.
-fn same_failure(error: &sqlx::Error) -> ApiError {
-    let copy = match error {
-        sqlx::Error::PoolTimedOut => sqlx::Error::PoolTimedOut,
-        sqlx::Error::PoolClosed => sqlx::Error::PoolClosed,
-        sqlx::Error::Io(io) => sqlx::Error::Io(std::io::Error::new(io.kind(), io.to_string())),
-        other => {
-            return ApiError::Internal(anyhow::anyhow!(
-                "writing a batch of orders failed: {other}"
-            ));
-        }
+/// Whether the database refused the transaction for its data, so that one
+/// order may be the cause and the others can be written without it: a data
+/// exception (SQLSTATE class 22), a violated constraint (23), an error raised by
+/// a trigger (P0), or a serialization failure or deadlock (40). The transaction
+/// is rolled back in each case, so writing its orders again is safe.
+fn refused_by_data(error: &sqlx::Error) -> bool {
+    let Some(code) = error.as_database_error().and_then(|error| error.code()) else {
+        return false;
     };
-    ApiError::Database(copy)
+    ["22", "23", "P0", "40"].iter().any(|class| code.starts_with(class))
 }
 
 /// An order priced from the catalogue, before it is written.
@@ -291,27 +307,20 @@ async fn write_transaction(
     metrics: &WriterMetrics,
 ) -> sqlx::Result<Vec<Result<Written>>> {
     let mut tx = db.begin().await?;
-    let prices = prices(&mut tx, orders).await?;
+    let (prices, created_at) = prices(&mut tx, orders).await?;
     let priced: Vec<Result<Priced>> = orders.iter().map(|order| price(order, &prices)).collect();
     let batch: Vec<&Priced> = priced.iter().filter_map(|priced| priced.as_ref().ok()).collect();
-    let mut placed: HashMap<Uuid, Order> = HashMap::with_capacity(batch.len());
-    let mut taken = HashSet::new();
-    if !batch.is_empty() {
-        let created_at = insert_orders(&mut tx, &batch).await?;
-        placed.extend(batch.iter().map(|priced| (priced.id, priced.to_order(created_at))));
-        taken = insert_keys(&mut tx, &batch, &placed).await?;
-        if !taken.is_empty() {
-            // Rare: a concurrent request with the same key committed first. Its
-            // order goes again (its lines by cascade); no event is written for it.
-            let ids: Vec<Uuid> = taken.iter().copied().collect();
-            sqlx::query("DELETE FROM orders WHERE id = ANY($1)")
-                .bind(&ids)
-                .execute(&mut *tx)
-                .await?;
-        }
-        let events: Vec<outbox::NewEvent> = batch
+    let mut placed: HashMap<Uuid, Order> =
+        batch.iter().map(|priced| (priced.id, priced.to_order(created_at))).collect();
+    // Keys first: an order whose key a concurrent request committed (or is
+    // committing) first is not written at all.
+    let taken = insert_keys(&mut tx, &batch, &placed).await?;
+    let winners: Vec<&Priced> =
+        batch.iter().copied().filter(|priced| !taken.contains(&priced.id)).collect();
+    if !winners.is_empty() {
+        insert_orders(&mut tx, &winners).await?;
+        let events: Vec<outbox::NewEvent> = winners
             .iter()
-            .filter(|priced| !taken.contains(&priced.id))
             .map(|priced| priced.event())
             .collect::<Result<_, serde_json::Error>>()
             .map_err(|error| sqlx::Error::Encode(error.into()))?;
@@ -320,7 +329,7 @@ async fn write_transaction(
             outbox::notify(&mut tx).await?;
         }
         tx.commit().await?;
-        metrics.batch_size.observe(events.len() as f64);
+        metrics.batch_size.observe(winners.len() as f64);
     }
     Ok(priced
         .into_iter()
@@ -335,21 +344,26 @@ async fn write_transaction(
         .collect())
 }
 
-/// The catalogue price of every SKU the orders name.
+/// The catalogue price of every SKU the orders name, and the transaction's
+/// start, which is every order's `created_at`.
 async fn prices(
     tx: &mut Transaction<'_, Postgres>,
     orders: &[&NewOrder],
-) -> sqlx::Result<HashMap<String, i64>> {
+) -> sqlx::Result<(HashMap<String, i64>, DateTime<Utc>)> {
     let mut skus: Vec<&str> =
         orders.iter().flat_map(|order| order.lines.iter().map(|line| line.sku.as_str())).collect();
     skus.sort_unstable();
     skus.dedup();
-    let rows: Vec<(String, i64)> =
-        sqlx::query_as("SELECT sku, price_cents FROM inventory WHERE sku = ANY($1)")
-            .bind(&skus)
-            .fetch_all(&mut **tx)
-            .await?;
-    Ok(rows.into_iter().collect())
+    let (now, found, prices): (DateTime<Utc>, Option<Vec<String>>, Option<Vec<i64>>) =
+        sqlx::query_as(
+            "SELECT now(), array_agg(sku), array_agg(price_cents)
+             FROM inventory WHERE sku = ANY($1)",
+        )
+        .bind(&skus)
+        .fetch_one(&mut **tx)
+        .await?;
+    let prices = found.unwrap_or_default().into_iter().zip(prices.unwrap_or_default()).collect();
+    Ok((prices, now))
 }
 
 /// Prices `order`'s lines; a SKU that is not in the catalogue is this order's error.
@@ -410,28 +424,24 @@ impl Priced<'_> {
     }
 }
 
-/// Inserts the orders and their lines, one statement each, and returns their
-/// creation time (the transaction's start, the same for all).
+/// Inserts the orders and their lines, one statement each. `created_at` is the
+/// column's default, the transaction's start.
 async fn insert_orders(
     tx: &mut Transaction<'_, Postgres>,
     batch: &[&Priced<'_>],
-) -> sqlx::Result<DateTime<Utc>> {
+) -> sqlx::Result<()> {
     let ids: Vec<Uuid> = batch.iter().map(|priced| priced.id).collect();
     let customers: Vec<&str> =
         batch.iter().map(|priced| priced.order.customer_id.as_str()).collect();
     let totals: Vec<i64> = batch.iter().map(|priced| priced.total_cents).collect();
-    let created_at: DateTime<Utc> = sqlx::query_scalar(
-        "WITH inserted AS (
-             INSERT INTO orders (id, customer_id, total_cents)
-             SELECT * FROM unnest($1::uuid[], $2::text[], $3::int8[])
-             RETURNING created_at
-         )
-         SELECT max(created_at) FROM inserted",
+    sqlx::query(
+        "INSERT INTO orders (id, customer_id, total_cents)
+         SELECT * FROM unnest($1::uuid[], $2::text[], $3::int8[])",
     )
     .bind(&ids)
     .bind(&customers)
     .bind(&totals)
-    .fetch_one(&mut **tx)
+    .execute(&mut **tx)
     .await?;
 
     let lines = batch.iter().flat_map(|priced| priced.items.iter().map(|item| (priced.id, item)));
@@ -449,11 +459,13 @@ async fn insert_orders(
     .bind(&unit_prices)
     .execute(&mut **tx)
     .await?;
-    Ok(created_at)
+    Ok(())
 }
 
 /// Stores the Idempotency-Key of each order that has one, with the response it
-/// gets, and returns the orders whose key another transaction committed first.
+/// gets, and returns the orders whose key another transaction committed first
+/// (their orders are then not written). The key's reference to its order is
+/// checked at commit, when the order exists.
 async fn insert_keys(
     tx: &mut Transaction<'_, Postgres>,
     batch: &[&Priced<'_>],

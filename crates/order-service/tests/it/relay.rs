@@ -12,7 +12,9 @@ use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use uuid::Uuid;
 
-use crate::helpers::{spawn_app_with_relay, spawn_app_with_relay_and_args};
+use crate::helpers::{
+    TestApp, spawn_app_with_relay, spawn_app_with_relay_and_args, spawn_with_args,
+};
 
 fn order() -> Value {
     json!({"customer_id": "bob", "items": [{"sku": "SKU-003", "quantity": 1}]})
@@ -46,6 +48,7 @@ async fn placed_orders_reach_the_inventory_queue(db: PgPool) {
     }
 
     // The relay declared the inventory queue, so the events were routed to it.
+    wait_broker_up(&app).await;
     let connection = outbox::amqp::connect(&broker.amqp_url, "test").await.expect("broker");
     let channel = connection.create_channel().await.expect("channel");
     let mut received = HashSet::new();
@@ -154,5 +157,96 @@ async fn events_reach_the_broker_while_the_api_pool_is_exhausted(db: PgPool) {
     .await;
     assert!(arrived, "the relay published with the API's pool exhausted");
     let _ = connection.close(200, "done".into()).await;
+    delete_topology(&broker).await;
+}
+
+/// Waits until the app's relay is connected, and so has declared the queues.
+async fn wait_broker_up(app: &TestApp) {
+    let up = test_support::eventually(Duration::from_secs(10), || async {
+        let ready = app.client.get(format!("{}/readyz", app.address)).send().await;
+        match ready {
+            Ok(response) => response.json::<Value>().await.is_ok_and(|body| body["broker"] == "up"),
+            Err(_) => false,
+        }
+    })
+    .await;
+    assert!(up, "the relay connects to the broker");
+}
+
+/// How long until the order's event is in the inventory queue, if it arrives
+/// within `within`.
+async fn published_within(
+    broker: &BrokerConfig,
+    order_id: Uuid,
+    within: Duration,
+) -> Option<Duration> {
+    let started = tokio::time::Instant::now();
+    let connection = outbox::amqp::connect(&broker.amqp_url, "test").await.expect("broker");
+    let channel = connection.create_channel().await.expect("channel");
+    let mut arrived = None;
+    while arrived.is_none() && started.elapsed() < within {
+        let got = channel
+            .basic_get(broker.inventory_queue.as_str().into(), BasicGetOptions { no_ack: true })
+            .await
+            .expect("basic_get");
+        match got {
+            Some(message) => {
+                let event: OrderPlaced =
+                    serde_json::from_slice(&message.delivery.data).expect("event");
+                if event.order_id == order_id {
+                    arrived = Some(started.elapsed());
+                }
+            }
+            None => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+    let _ = connection.close(200, "done".into()).await;
+    arrived
+}
+
+async fn place(app: &TestApp) -> Uuid {
+    let response = app.post_order(&order()).await;
+    assert_eq!(response.status(), 201);
+    let body: Value = response.json().await.expect("json");
+    body["id"].as_str().expect("id").parse().expect("uuid")
+}
+
+/// The writer wakes the relay in its process: with polling a minute apart, the
+/// event is still published at once.
+#[sqlx::test(migrator = "common::MIGRATOR")]
+async fn the_writer_wakes_the_relay_in_its_process(db: PgPool) {
+    let broker = BrokerConfig::for_test(&Uuid::new_v4().simple().to_string());
+    let mut args = broker.to_args();
+    args.extend(["--relay-poll-interval-ms".to_owned(), "60000".to_owned()]);
+    let app = spawn_with_args(db, &args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    wait_broker_up(&app).await;
+    // Past the workers' first pass at start-up: only a wake-up finds the next event.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let order_id = place(&app).await;
+
+    let latency = published_within(&broker, order_id, Duration::from_secs(3)).await;
+    assert!(latency.is_some(), "published without waiting for the 60 s poll");
+    delete_topology(&broker).await;
+}
+
+/// A relay in another process is woken by NOTIFY when the writers set
+/// OUTBOX_NOTIFY, again without waiting for its poll.
+#[sqlx::test(migrator = "common::MIGRATOR")]
+async fn outbox_notify_wakes_a_relay_in_another_process(db: PgPool) {
+    let broker = BrokerConfig::for_test(&Uuid::new_v4().simple().to_string());
+    let mut relay_args = broker.to_args();
+    relay_args.extend(["--relay-poll-interval-ms".to_owned(), "60000".to_owned()]);
+    let relay =
+        spawn_with_args(db.clone(), &relay_args.iter().map(String::as_str).collect::<Vec<_>>())
+            .await;
+    let writer = spawn_with_args(db, &["--relay-workers", "0", "--outbox-notify"]).await;
+    wait_broker_up(&relay).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let order_id = place(&writer).await;
+
+    let latency = published_within(&broker, order_id, Duration::from_secs(3)).await;
+    assert!(latency.is_some(), "the other process's relay was notified");
     delete_topology(&broker).await;
 }
