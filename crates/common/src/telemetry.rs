@@ -1,7 +1,7 @@
 //! Structured logs through `tracing`, and OpenTelemetry traces.
 //!
-//! Logs: `RUST_LOG` picks the levels (default `info`), `RUST_LOG_FORMAT=json`
-//! switches to one JSON object per line.
+//! Logs, on stderr: `RUST_LOG` picks the levels (default `info`),
+//! `RUST_LOG_FORMAT=json` switches to one JSON object per line.
 //!
 //! Traces: a real tracer provider is always installed, so spans have real ids and
 //! the W3C trace context travels from the HTTP request through the outbox and the
@@ -26,7 +26,8 @@ static PROVIDER: OnceLock<SdkTracerProvider> = OnceLock::new();
 pub fn init() {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // On stderr: stdout is for what a command prints (`reconcile --json`, say).
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if std::env::var("RUST_LOG_FORMAT").is_ok_and(|format| format.eq_ignore_ascii_case("json")) {
         builder.json().init();
     } else {

@@ -33,6 +33,7 @@ pub fn extract(get: impl Fn(&str) -> Option<String>) -> Context {
 pub fn inject(cx: &Context) -> HashMap<String, String> {
     let mut carrier = HashMap::new();
     TraceContextPropagator::new().inject_context(cx, &mut carrier);
+    carrier.retain(|_, value: &mut String| !value.is_empty());
     carrier
 }
 

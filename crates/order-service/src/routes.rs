@@ -121,6 +121,10 @@ struct JsonBody<T>(T);
 /// gets the first response again (with `Idempotent-Replayed: true`) and creates
 /// nothing; the same key with another body is a 422. A rejected request writes
 /// nothing.
+///
+/// A W3C `traceparent` (and `tracestate`) header is continued: the order's
+/// OrderPlaced event carries the trace to the consumer.
+/// Without one, or with one that is not valid, a new trace starts.
 #[utoipa::path(
     post,
     path = "/orders",
@@ -131,12 +135,6 @@ struct JsonBody<T>(T);
             description = "Makes retries safe: 1 to 255 visible ASCII characters, \
 such as a UUID or `order-42`. Remembered for IDEMPOTENCY_KEY_TTL (24 h by default).",
             pattern = "^[!-~]{1,255}$", example = "order-42"),
-        ("traceparent" = Option<String>, Header,
-            description = "W3C trace context: the order's trace continues this one and its \
-OrderPlaced event carries it to the consumer. Without it, or when it is not valid, a new trace starts.",
-            example = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
-        ("tracestate" = Option<String>, Header,
-            description = "W3C trace state, carried along with `traceparent`."),
     ),
     responses(
         (status = 201, description = "The order was placed (or, for a retried key, had been).",
