@@ -40,15 +40,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/services.sh
-
-usage() {
-    sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
-}
-
-fail() {
-    echo "error: $*" >&2
-    exit 1
-}
+# shellcheck source-path=SCRIPTDIR/..
+source scripts/lib.sh
 
 minutes=30
 rate=
@@ -62,8 +55,8 @@ while (($# > 0)); do
         --rate=*) rate=${1#*=}; shift ;;
         --chart) chart=${2:?--chart needs a value}; shift 2 ;;
         --chart=*) chart=${1#*=}; shift ;;
-        -h | --help) usage; exit 0 ;;
-        *) echo "error: unknown argument '$1'" >&2; usage >&2; exit 2 ;;
+        -h | --help) usage_of "$0"; exit 0 ;;
+        *) echo "error: unknown argument '$1'" >&2; usage_of "$0" >&2; exit 2 ;;
     esac
 done
 [[ $minutes =~ ^[1-9][0-9]*$ ]] || fail "--minutes takes a whole number of minutes, not '$minutes'"
@@ -100,10 +93,10 @@ export DEDUP_WINDOW=${DEDUP_WINDOW:-2m}
 export IDEMPOTENCY_KEY_TTL=${IDEMPOTENCY_KEY_TTL:-2m}
 export SWEEP_INTERVAL=${SWEEP_INTERVAL:-10s}
 
-# --- the processes this script starts, and only those, are stopped on exit ---
+# --- the processes this script starts (scripts/lib.sh), and only those, are
+# stopped on exit ---
 
-pids=()
-names=()
+LOG_DIR=$run_dir
 soak_started=0 # the CSV is this run's only from then on
 stress_pid=
 
@@ -116,30 +109,7 @@ cleanup() {
         kill -TERM "$stress_pid" 2>/dev/null || true
         wait "$stress_pid" 2>/dev/null || true
     fi
-    if ((${#pids[@]} > 0)); then
-        echo "== stopping ${names[*]}"
-        local pid i
-        for pid in "${pids[@]}"; do
-            kill -TERM "$pid" 2>/dev/null || true
-        done
-        # A graceful stop finishes the in-flight batch; give it 15 s.
-        for ((i = 0; i < 60; i++)); do
-            local alive=0
-            for pid in "${pids[@]}"; do
-                if kill -0 "$pid" 2>/dev/null; then alive=1; fi
-            done
-            ((alive)) || break
-            sleep 0.25
-        done
-        for pid in "${pids[@]}"; do
-            if kill -0 "$pid" 2>/dev/null; then
-                echo "   $pid did not stop within 15 s; killing it" >&2
-                kill -KILL "$pid" 2>/dev/null || true
-            fi
-            wait "$pid" 2>/dev/null || true
-        done
-        echo "   logs: $run_dir/order-service.log $run_dir/inventory-consumer.log"
-    fi
+    stop_started
     if ((soak_started)) && [[ -s $csv ]]; then
         echo "   rows: $csv"
     fi
@@ -148,55 +118,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
-
-start() { # name listen-port
-    local name=$1 port=$2
-    local log=$run_dir/$name.log
-    LISTEN_ADDR=127.0.0.1:$port "$BIN_DIR/$name" >"$log" 2>&1 &
-    pids+=($!)
-    names+=("$name")
-    echo "   $name: pid $!, http://127.0.0.1:$port, log $log"
-}
-
-show_log() { # name
-    local log=$run_dir/$1.log
-    echo "---- last lines of $log" >&2
-    tail -n 30 "$log" >&2 || true
-    echo "----" >&2
-}
-
-wait_ready() { # name pid url seconds
-    local name=$1 pid=$2 url=$3 i
-    for ((i = 0; i < $4 * 4; i++)); do
-        if curl -fsS -o /dev/null --max-time 2 "$url/readyz" 2>/dev/null; then
-            echo "   $name is ready"
-            return 0
-        fi
-        if ! kill -0 "$pid" 2>/dev/null; then
-            local code=0
-            wait "$pid" || code=$?
-            show_log "$name"
-            fail "$name exited (status $code) before it was ready"
-        fi
-        sleep 0.25
-    done
-    show_log "$name"
-    fail "$name was not ready at $url/readyz within $4 s"
-}
-
-# Both services must still run: a crash between minutes would otherwise show
-# only as the next minute's transport errors.
-check_alive() {
-    local i code
-    for i in "${!pids[@]}"; do
-        if ! kill -0 "${pids[$i]}" 2>/dev/null; then
-            code=0
-            wait "${pids[$i]}" || code=$?
-            show_log "${names[$i]}"
-            fail "${names[$i]} exited (status $code) during the soak"
-        fi
-    done
-}
 
 rss_kib() { # pid: VmRSS in KiB, or nothing without /proc
     awk '/^VmRSS:/ { print $2 }' "/proc/$1/status" 2>/dev/null || true
