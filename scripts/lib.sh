@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# Sourced by the scripts that run the whole system (demo.sh, bench-e2e.sh, chaos.sh): the
+# Sourced by the scripts that run the whole system (demo.sh, soak.sh, bench-e2e.sh, chaos.sh): the
 # processes a script starts, waiting for them to be ready, stopping them on
 # exit, and the CPU time of process trees from /proc.
 #
