@@ -61,12 +61,7 @@ fn check(event: &OrderPlaced) -> Result<(), String> {
 
 /// A header's text, when the delivery has it as a string.
 pub fn header_text(delivery: &Delivery, name: &str) -> Option<String> {
-    let headers = delivery.properties.headers().as_ref()?;
-    match headers.inner().get(name)? {
-        AMQPValue::LongString(text) => Some(String::from_utf8_lossy(text.as_bytes()).into_owned()),
-        AMQPValue::ShortString(text) => Some(text.as_str().to_owned()),
-        _ => None,
-    }
+    outbox::dead_letter::header_text(delivery.properties.headers().as_ref(), name)
 }
 
 /// The W3C trace context the message carries (`traceparent`, `tracestate`);

@@ -418,7 +418,8 @@ fn header<'a>(headers: Option<&'a FieldTable>, name: &str) -> Option<&'a AMQPVal
     headers.and_then(|headers| headers.inner().get(name))
 }
 
-fn header_text(headers: Option<&FieldTable>, name: &str) -> Option<String> {
+/// A header's text, when `headers` has it as a string (long or short).
+pub fn header_text(headers: Option<&FieldTable>, name: &str) -> Option<String> {
     header(headers, name).and_then(text)
 }
 
