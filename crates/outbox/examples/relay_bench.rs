@@ -18,6 +18,7 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use outbox::amqp::QueueType;
 use outbox::metrics::RelayMetrics;
+use outbox::rabbitmq::RabbitMq;
 use outbox::relay::{Relay, RelayConfig};
 use sqlx::migrate::MigrateDatabase;
 use sqlx::{PgPool, Postgres};
@@ -60,7 +61,7 @@ async fn main() -> anyhow::Result<()> {
     let db_url = db_url.to_string();
     Postgres::create_database(&db_url).await?;
     let db = PgPool::connect(&db_url).await?;
-    sqlx::migrate!("../../migrations").run(&db).await?;
+    outbox::MIGRATOR.run(&db).await?;
 
     let exchange = format!("bench.{suffix}");
     let queue = format!("bench.q.{suffix}");
@@ -152,15 +153,15 @@ async fn main() -> anyhow::Result<()> {
     .execute(&db)
     .await?;
     let config = RelayConfig {
-        amqp_url: args.amqp_url.clone(),
-        exchange: exchange.clone(),
         workers: args.workers,
         batch_size: args.batch_size,
         ..RelayConfig::default()
     };
     let shutdown = CancellationToken::new();
     let started = Instant::now();
-    let relay = Relay::spawn(db.clone(), config, RelayMetrics::default(), shutdown.clone());
+    let transport = RabbitMq::new(args.amqp_url.clone(), exchange.clone());
+    let relay =
+        Relay::spawn(db.clone(), transport, config, RelayMetrics::default(), shutdown.clone())?;
     loop {
         let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(&db).await?;
         if left == 0 {
@@ -184,7 +185,7 @@ async fn main() -> anyhow::Result<()> {
             payload: serde_json::json!({ "n": n }),
             headers: serde_json::Map::new(),
         };
-        let id = outbox::enqueue(&mut tx, &event).await?.to_string();
+        let id = outbox::enqueue_untyped(&mut tx, &event).await?.to_string();
         let committing = Instant::now();
         tx.commit().await?;
         loop {

@@ -123,23 +123,6 @@ pub struct ConsumerQueue {
     pub delivery_limit: u32,
 }
 
-/// Why the topology could not be declared.
-#[derive(Debug, thiserror::Error)]
-pub enum TopologyError {
-    /// A queue exists with another type or other arguments. Not transient: the
-    /// queue must be migrated, or the settings changed to match it.
-    #[error(
-        "queue {queue:?} already exists with another type or other arguments than this \
-         service declares ({reason}). A queue's type and arguments cannot change in place: \
-         either set QUEUE_TYPE (and DELIVERY_LIMIT) to match the existing queue, or migrate it: \
-         stop the consumers, move its messages to a new queue (a shovel, or drain it), delete it, \
-         and start the services, which declare it afresh"
-    )]
-    Mismatch { queue: String, reason: String },
-    #[error(transparent)]
-    Broker(#[from] lapin::Error),
-}
-
 /// The topology mismatch a service's workers last met, if any: shared between
 /// them and the readiness check that reports it. Cheap to clone.
 #[derive(Debug, Clone, Default)]
@@ -161,7 +144,7 @@ impl TopologyStatus {
 impl ConsumerQueue {
     /// Declares the exchange, the dead-letter exchange and queue, and the queue
     /// with its binding. Redeclaring with the same arguments is a no-op; a queue
-    /// that exists with other arguments is a [`TopologyError::Mismatch`].
+    /// that exists with other arguments is a [`crate::Error::TopologyMismatch`].
     ///
     /// The arguments of a quorum queue:
     /// - `x-dead-letter-exchange`: where rejected (poison) messages go.
@@ -178,7 +161,7 @@ impl ConsumerQueue {
     ///
     /// The dead-letter queue has no delivery limit: listing or replaying it must
     /// never drop a message.
-    pub async fn declare(&self, channel: &Channel) -> Result<(), TopologyError> {
+    pub async fn declare(&self, channel: &Channel) -> crate::Result<()> {
         declare_exchange(channel, &self.exchange).await?;
         channel
             .exchange_declare(
@@ -217,12 +200,14 @@ impl ConsumerQueue {
         channel: &Channel,
         queue: &str,
         arguments: FieldTable,
-    ) -> Result<(), TopologyError> {
+    ) -> crate::Result<()> {
         let durable = QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() };
         match channel.queue_declare(queue.into(), durable, arguments).await {
             Ok(_) => Ok(()),
             Err(error) => match precondition_failed(&error) {
-                Some(reason) => Err(TopologyError::Mismatch { queue: queue.to_owned(), reason }),
+                Some(reason) => {
+                    Err(crate::Error::TopologyMismatch { queue: queue.to_owned(), reason })
+                }
                 None => Err(error.into()),
             },
         }

@@ -323,8 +323,8 @@ pub async fn replay(
     target_queue: &str,
     selection: &Selection,
     confirm_timeout: Duration,
-) -> anyhow::Result<Replayed> {
-    use anyhow::Context;
+) -> crate::Result<Replayed> {
+    use crate::error::Context;
 
     channel
         .confirm_select(ConfirmSelectOptions::default())
@@ -338,7 +338,7 @@ pub async fn replay(
     // or held, so one multiple nack up to it returns exactly the held ones.
     let mut hand_back = None;
     let mut taken = 0;
-    let outcome: anyhow::Result<()> = async {
+    let outcome: crate::Result<()> = async {
         while taken < present && done.failed == 0 {
             let mut chunk = Vec::new();
             let mut exhausted = false;

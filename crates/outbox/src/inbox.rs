@@ -14,7 +14,7 @@ pub async fn claim_new(
     tx: &mut Transaction<'_, Postgres>,
     consumer: &str,
     ids: &[Uuid],
-) -> sqlx::Result<Vec<Uuid>> {
+) -> crate::Result<Vec<Uuid>> {
     sqlx::query_scalar(
         "INSERT INTO processed_messages (consumer, message_id)
          SELECT $1, id FROM unnest($2::uuid[]) AS t(id)
@@ -25,4 +25,5 @@ pub async fn claim_new(
     .bind(ids)
     .fetch_all(&mut **tx)
     .await
+    .map_err(Into::into)
 }

@@ -2,31 +2,62 @@
 //!
 //! - [`enqueue`] writes an event inside the caller's transaction, so the event
 //!   exists exactly when the business change it describes does.
-//! - [`relay::Relay`] moves committed events to RabbitMQ with publisher confirms
-//!   and deletes only what the broker confirmed; [`store`] has its SQL, including
-//!   listing and replaying dead events.
+//! - [`relay::Relay`] moves committed events to a broker through a
+//!   [`Transport`] ([`rabbitmq::RabbitMq`] with publisher confirms, or Kafka with
+//!   the feature `kafka`) and deletes only what the broker confirmed; [`store`]
+//!   has its SQL, including listing and replaying dead events.
 //! - [`inbox`] lets a consumer apply each message once although it may be
 //!   delivered more than once; [`retention`] forgets what is past its window.
 //! - [`supervisor`] restarts a background task that panicked.
-//!
-//! The tables are created by the workspace's migrations (`outbox`,
-//! `processed_messages`).
+//! - [`MIGRATOR`] creates the tables (`outbox`, `processed_messages`).
 
 pub mod amqp;
 pub mod backoff;
 pub mod dead_letter;
 pub mod inbox;
 pub mod metrics;
-pub mod publisher;
+pub mod rabbitmq;
 pub mod relay;
 pub mod retention;
 pub mod store;
 pub mod supervisor;
+pub mod transport;
 
 mod enqueue;
+mod error;
 mod listener;
 
-pub use enqueue::{NewEvent, enqueue, enqueue_many, notify};
+use std::sync::LazyLock;
+
+pub use enqueue::{Event, NewEvent, enqueue, enqueue_many, enqueue_untyped, notify};
+pub use error::{Error, Result};
+pub use transport::{Outcome, Publisher, Transport};
 
 /// The Postgres channel [`notify`] sends on and the relay listens to.
 pub const NOTIFY_CHANNEL: &str = "outbox_events";
+
+/// Creates and upgrades this crate's tables (`outbox`, `processed_messages`).
+/// Run it before the application's own migrations, or combine the two (see
+/// [`migrator_with`]). Its versions are 1 to 999; it ignores the versions of
+/// other migrators in the shared `_sqlx_migrations` table.
+pub static MIGRATOR: LazyLock<sqlx::migrate::Migrator> = LazyLock::new(|| {
+    let mut migrator = sqlx::migrate!("./migrations");
+    migrator.set_ignore_missing(true);
+    migrator
+});
+
+/// One migrator applying this crate's migrations and then `application`'s, in
+/// one run under one lock, ignoring versions neither knows. For an
+/// application's start-up and for `#[sqlx::test(migrator = ...)]`, which takes
+/// one migrator. `application`'s versions must not overlap this crate's (1 to 999).
+pub fn migrator_with(application: &sqlx::migrate::Migrator) -> sqlx::migrate::Migrator {
+    // `Migrator` has no constructor from a list; these fields are public for
+    // `sqlx::migrate!` (whose expansion sets them the same way).
+    sqlx::migrate::Migrator {
+        migrations: std::borrow::Cow::Owned(
+            MIGRATOR.iter().chain(application.iter()).cloned().collect(),
+        ),
+        ignore_missing: true,
+        ..sqlx::migrate::Migrator::DEFAULT
+    }
+}

@@ -85,7 +85,7 @@ impl RelayMetrics {
     }
 
     /// Reads the backlog gauges from the table; called when metrics are scraped.
-    pub async fn refresh_backlog(&self, db: &PgPool) -> sqlx::Result<()> {
+    pub async fn refresh_backlog(&self, db: &PgPool) -> crate::Result<()> {
         let backlog = crate::store::backlog(db).await?;
         self.backlog.set(backlog.pending);
         self.oldest_pending_age_seconds.set(backlog.oldest_pending_age_seconds);

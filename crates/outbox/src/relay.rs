@@ -20,21 +20,18 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::amqp::{ConsumerQueue, TopologyError, TopologyStatus};
+use crate::amqp::TopologyStatus;
 use crate::backoff::Backoff;
 use crate::metrics::RelayMetrics;
-use crate::publisher::{Outcome, Publisher};
-use crate::store::{self, Failure};
+use crate::store::{self, Failure, FailureKind};
 use crate::supervisor::{CountGuard, CrashSwitch, Supervisor};
+use crate::transport::{Outcome, Publisher, Transport};
+use crate::{Error, Result};
 
+/// How the relay works, whatever the broker. Checked by [`RelayConfig::validate`]
+/// (which [`Relay::spawn`] calls).
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
-    pub amqp_url: String,
-    /// The topic exchange events are published to (`<aggregate>.<event>` routing keys).
-    pub exchange: String,
-    /// Consumer queues to declare (idempotently) on every connect, so that events
-    /// published before their consumer first starts are routed, not returned.
-    pub queues: Vec<ConsumerQueue>,
     /// Concurrent workers; each has its own broker connection and claims its own rows.
     pub workers: usize,
     /// Most events one worker claims and publishes per transaction.
@@ -44,8 +41,8 @@ pub struct RelayConfig {
     pub poll_interval: Duration,
     /// Failed attempts after which an event is marked dead.
     pub max_attempts: i32,
-    /// How long to wait for the broker to confirm a batch.
-    pub confirm_timeout: Duration,
+    /// What becomes of an event that nothing would receive.
+    pub unroutable: Unroutable,
     /// Delay before the first retry of a failed event; doubles with every attempt.
     pub retry_base: Duration,
     /// Longest delay between two attempts of one event.
@@ -64,14 +61,11 @@ pub struct RelayConfig {
 impl Default for RelayConfig {
     fn default() -> Self {
         Self {
-            amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned(),
-            exchange: "events".to_owned(),
-            queues: Vec::new(),
             workers: 2,
             batch_size: 200,
             poll_interval: Duration::from_millis(100),
             max_attempts: 10,
-            confirm_timeout: Duration::from_secs(10),
+            unroutable: Unroutable::Park,
             retry_base: Duration::from_secs(1),
             retry_max: Duration::from_secs(300),
             claim_lookback: Duration::from_secs(10),
@@ -81,7 +75,58 @@ impl Default for RelayConfig {
     }
 }
 
+/// What becomes of an event the broker says nothing would receive (RabbitMQ: no
+/// queue is bound for its routing key; Kafka: its topic does not exist). It is
+/// never dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Unroutable {
+    /// Marked dead at once, with the broker's reason in `last_error`: visible to
+    /// operators (`state = 'dead'`), published again by a replay once something
+    /// is bound. The default.
+    #[default]
+    Park,
+    /// Left pending and tried again every `retry_max` (with jitter), without
+    /// counting towards `max_attempts`, until something is bound.
+    Retry,
+}
+
+impl std::str::FromStr for Unroutable {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "park" => Ok(Self::Park),
+            "retry" => Ok(Self::Retry),
+            _ => Err(format!("{text:?} is not an unroutable policy: use park or retry")),
+        }
+    }
+}
+
 impl RelayConfig {
+    /// Checks every setting, naming the first one out of its range: a pool that
+    /// could never publish (no workers, batches of 0, no attempts) or would
+    /// spin (a zero poll interval) is an error, not a silent idle loop.
+    pub fn validate(&self) -> Result<()> {
+        let problem = if self.workers == 0 {
+            "workers must be at least 1"
+        } else if self.batch_size < 1 {
+            "batch_size must be at least 1"
+        } else if self.poll_interval.is_zero() {
+            "poll_interval must be more than zero"
+        } else if self.max_attempts < 1 {
+            "max_attempts must be at least 1"
+        } else if self.retry_base.is_zero() {
+            "retry_base must be more than zero"
+        } else if self.retry_max < self.retry_base {
+            "retry_max must be at least retry_base"
+        } else if self.full_scan_interval.is_zero() {
+            "full_scan_interval must be more than zero"
+        } else {
+            return Ok(());
+        };
+        Err(Error::Config(problem.to_owned()))
+    }
+
     /// The delay before the next attempt of an event that has failed `attempts`
     /// times before this failure: exponential, capped, with "equal jitter" (a
     /// random point in the upper half) so that events failing together do not
@@ -138,25 +183,30 @@ impl RelayStatus {
 }
 
 impl Relay {
-    /// Starts the listener and `config.workers` workers. They run until `shutdown`
-    /// is cancelled; a worker then finishes (or rolls back) its batch and stops.
-    pub fn spawn(
+    /// Checks `config`, then starts the listener and `config.workers` workers
+    /// publishing through `transport`. They run until `shutdown` is cancelled; a
+    /// worker then finishes (or rolls back) its batch and stops.
+    pub fn spawn<T: Transport>(
         db: PgPool,
+        transport: T,
         config: RelayConfig,
         metrics: RelayMetrics,
         shutdown: CancellationToken,
-    ) -> Self {
-        Self::spawn_supervised(db, config, metrics, &Supervisor::unregistered(shutdown))
+    ) -> Result<Self> {
+        Self::spawn_supervised(db, transport, config, metrics, &Supervisor::unregistered(shutdown))
     }
 
     /// Like [`Relay::spawn`], under `supervisor`, which restarts a task that
     /// panics and stops them all with its shutdown token.
-    pub fn spawn_supervised(
+    pub fn spawn_supervised<T: Transport>(
         db: PgPool,
+        transport: T,
         config: RelayConfig,
         metrics: RelayMetrics,
         supervisor: &Supervisor,
-    ) -> Self {
+    ) -> Result<Self> {
+        config.validate()?;
+        let transport = Arc::new(transport);
         let shutdown = supervisor.shutdown().clone();
         let waker = RelayWaker::default();
         let wakeup = waker.0.clone();
@@ -176,6 +226,7 @@ impl Relay {
             let worker = Worker {
                 name: format!("outbox-relay-{worker}"),
                 db: db.clone(),
+                transport: transport.clone(),
                 config: config.clone(),
                 metrics: metrics.clone(),
                 wakeup: wakeup.clone(),
@@ -185,9 +236,10 @@ impl Relay {
             supervisor.spawn(&mut tasks, worker.name.clone(), move || worker.clone().run());
         }
         tracing::info!(workers = config.workers, batch_size = config.batch_size, "relay started");
-        Self { tasks, status, waker }
+        Ok(Self { tasks, status, waker })
     }
 
+    /// The pool's broker connectivity, for readiness checks.
     pub fn status(&self) -> RelayStatus {
         self.status.clone()
     }
@@ -208,10 +260,10 @@ impl Relay {
     }
 }
 
-#[derive(Clone)]
-struct Worker {
+struct Worker<T: Transport> {
     name: String,
     db: PgPool,
+    transport: Arc<T>,
     config: Arc<RelayConfig>,
     metrics: RelayMetrics,
     wakeup: Arc<Notify>,
@@ -219,9 +271,24 @@ struct Worker {
     shutdown: CancellationToken,
 }
 
-impl Worker {
+impl<T: Transport> Clone for Worker<T> {
+    fn clone(&self) -> Self {
+        Self {
+            name: self.name.clone(),
+            db: self.db.clone(),
+            transport: self.transport.clone(),
+            config: self.config.clone(),
+            metrics: self.metrics.clone(),
+            wakeup: self.wakeup.clone(),
+            status: self.status.clone(),
+            shutdown: self.shutdown.clone(),
+        }
+    }
+}
+
+impl<T: Transport> Worker<T> {
     async fn run(self) {
-        let mut publisher: Option<(Publisher, CountGuard)> = None;
+        let mut publisher: Option<(T::Publisher, CountGuard)> = None;
         let mut floor = ClaimFloor::default();
         let mut trouble = Backoff::new();
         while !self.shutdown.is_cancelled() {
@@ -257,7 +324,7 @@ impl Worker {
                 }
                 Err(error) => {
                     let retry_in = trouble.next_pause();
-                    tracing::warn!(worker = %self.name, error = format!("{error:#}"),
+                    tracing::warn!(worker = %self.name, %error,
                         retry_in_ms = retry_in.as_millis() as u64, "relay pass failed; retrying");
                     self.pause(retry_in).await;
                 }
@@ -271,27 +338,20 @@ impl Worker {
 
     async fn reconnect(
         &self,
-        old: Option<(Publisher, CountGuard)>,
-    ) -> Option<(Publisher, CountGuard)> {
+        old: Option<(T::Publisher, CountGuard)>,
+    ) -> Option<(T::Publisher, CountGuard)> {
         if let Some((old, connected)) = old {
             drop(connected);
             tracing::warn!(worker = %self.name, "broker channel lost; reconnecting");
             old.close().await;
         }
-        let connecting = Publisher::connect(
-            &self.config.amqp_url,
-            &self.name,
-            &self.config.exchange,
-            &self.config.queues,
-            self.config.confirm_timeout,
-        );
-        match connecting.await {
+        match self.transport.connect(&self.name).await {
             Ok(publisher) => {
                 tracing::info!(worker = %self.name, "connected to the broker");
                 self.status.topology.set(None);
                 Some((publisher, CountGuard::new(&self.status.connected_workers)))
             }
-            Err(error @ TopologyError::Mismatch { .. }) => {
+            Err(error @ Error::TopologyMismatch { .. }) => {
                 // Not transient: said loudly, retried calmly; orders are still
                 // taken and wait in the outbox until the queue is fixed.
                 tracing::error!(worker = %self.name, error = %error,
@@ -353,7 +413,7 @@ impl ClaimFloor {
 
     /// Learns from a pass: moves up with what it claimed; forgets the floor when
     /// the pass failed or left events unconfirmed, so the next claim finds them.
-    pub fn observe(&mut self, pass: &anyhow::Result<Pass>) {
+    pub fn observe(&mut self, pass: &Result<Pass>) {
         match pass {
             Ok(pass) if pass.unknown == 0 => {
                 self.newest_claimed = self.newest_claimed.max(pass.newest_claimed);
@@ -366,12 +426,16 @@ impl ClaimFloor {
 /// What one pass did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Pass {
+    /// Events claimed.
     pub claimed: usize,
+    /// Events the broker confirmed, now deleted.
     pub published: usize,
+    /// Events that failed (including unroutable ones), recorded with a retry time.
     pub failed: usize,
     /// Events whose fate is unknown (the channel broke before the broker answered):
     /// left as they were, to be published again.
     pub unknown: usize,
+    /// Events that became dead in this pass.
     pub dead: u64,
     /// The latest `next_attempt_at` among the claimed events.
     pub newest_claimed: Option<DateTime<Utc>>,
@@ -380,33 +444,37 @@ pub struct Pass {
 /// One pass over the whole due index: claim a batch, publish it, delete what was
 /// confirmed, record the failures, commit. Public so tests can drive the relay
 /// step by step.
-pub async fn relay_batch(
+pub async fn relay_batch<P: Publisher>(
     db: &PgPool,
-    publisher: &Publisher,
+    publisher: &P,
     config: &RelayConfig,
     metrics: &RelayMetrics,
-) -> anyhow::Result<Pass> {
+) -> Result<Pass> {
     relay_batch_from(db, publisher, config, metrics, None).await
 }
 
 /// [`relay_batch`], claiming only events due at or after `from` (see [`ClaimFloor`]).
-pub async fn relay_batch_from(
+pub async fn relay_batch_from<P: Publisher>(
     db: &PgPool,
-    publisher: &Publisher,
+    publisher: &P,
     config: &RelayConfig,
     metrics: &RelayMetrics,
     from: Option<DateTime<Utc>>,
-) -> anyhow::Result<Pass> {
-    use anyhow::Context;
-
-    let mut tx = db.begin().await.context("cannot begin the claim transaction")?;
-    let events =
-        store::claim_due(&mut tx, config.batch_size, from).await.context("cannot claim events")?;
+) -> Result<Pass> {
+    let mut tx = db.begin().await?;
+    let events = store::claim_due(&mut tx, config.batch_size, from).await?;
     if events.is_empty() {
         return Ok(Pass::default());
     }
     // A broker error here drops `tx`, which rolls back: the events stay as they were.
-    let outcomes = publisher.publish(&events).await.context("cannot publish to the broker")?;
+    let outcomes = publisher.publish(&events).await?;
+    if outcomes.len() != events.len() {
+        return Err(Error::broker(std::io::Error::other(format!(
+            "the transport answered {} outcomes for {} events",
+            outcomes.len(),
+            events.len()
+        ))));
+    }
 
     metrics.batch_size.observe(events.len() as f64);
     let confirmed_at = Utc::now();
@@ -427,20 +495,33 @@ pub async fn relay_batch_from(
                     id: event.id,
                     error,
                     retry_in_ms: config.retry_delay(event.attempts).as_millis() as i64,
+                    kind: FailureKind::Attempt,
+                });
+            }
+            Outcome::Unroutable(error) => {
+                let (kind, retry_in) = match config.unroutable {
+                    Unroutable::Park => (FailureKind::Park, Duration::ZERO),
+                    Unroutable::Retry => (FailureKind::Wait, config.retry_delay(i32::MAX)),
+                };
+                tracing::warn!(message_id = %event.id, routing_key = %event.routing_key(),
+                    policy = ?config.unroutable, %error, "event is unroutable");
+                failures.push(Failure {
+                    id: event.id,
+                    error: format!("unroutable: {error}"),
+                    retry_in_ms: retry_in.as_millis() as i64,
+                    kind,
                 });
             }
             Outcome::Unknown => unknown += 1,
         }
     }
-    store::delete(&mut tx, &confirmed).await.context("cannot delete published events")?;
+    store::delete(&mut tx, &confirmed).await?;
     let dead = if failures.is_empty() {
         0
     } else {
-        store::record_failures(&mut tx, &failures, config.max_attempts)
-            .await
-            .context("cannot record failed attempts")?
+        store::record_failures(&mut tx, &failures, config.max_attempts).await?
     };
-    tx.commit().await.context("cannot commit the relay pass")?;
+    tx.commit().await?;
 
     metrics.published.inc_by(confirmed.len() as u64);
     metrics.publish_failures.inc_by(failures.len() as u64);

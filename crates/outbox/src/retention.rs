@@ -88,7 +88,7 @@ pub async fn sweep(
     retention: &Retention,
     metrics: &RetentionMetrics,
     shutdown: &CancellationToken,
-) -> sqlx::Result<Sweep> {
+) -> crate::Result<Sweep> {
     // A session-level lock on one connection: it is released by the unlock below
     // or, if this process dies, when the server drops the connection.
     let mut conn = db.acquire().await?;
@@ -107,7 +107,7 @@ pub async fn sweep(
     if let Err(error) = unlocked {
         // The lock must not outlive this sweep on a pooled connection.
         drop(conn.detach());
-        return Err(error);
+        return Err(error.into());
     }
     let deleted = swept?;
     metrics.refresh_oldest(&mut conn, retention).await?;
@@ -119,7 +119,7 @@ async fn delete_expired(
     retention: &Retention,
     metrics: &RetentionMetrics,
     shutdown: &CancellationToken,
-) -> sqlx::Result<u64> {
+) -> crate::Result<u64> {
     let (table, column) = (retention.table, retention.timestamp_column);
     // Deleting by `ctid` makes the delete itself a TID scan of exactly the rows
     // the index range scan found. Each batch starts where the previous one ended
@@ -240,7 +240,7 @@ impl RetentionMetrics {
         &self,
         conn: &mut PgConnection,
         retention: &Retention,
-    ) -> sqlx::Result<()> {
+    ) -> crate::Result<()> {
         let (table, column) = (retention.table, retention.timestamp_column);
         let age: f64 = sqlx::query_scalar(&format!(
             "SELECT coalesce(extract(epoch FROM now() - min({column})), 0)::float8 FROM {table}"

@@ -41,8 +41,13 @@ pub async fn claim_due(
     tx: &mut Transaction<'_, Postgres>,
     limit: i64,
     from: Option<DateTime<Utc>>,
-) -> sqlx::Result<Vec<OutboxEvent>> {
-    sqlx::query_as(CLAIM_DUE_SQL).bind(limit).bind(from).fetch_all(&mut **tx).await
+) -> crate::Result<Vec<OutboxEvent>> {
+    sqlx::query_as(CLAIM_DUE_SQL)
+        .bind(limit)
+        .bind(from)
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(Into::into)
 }
 
 /// The claim of [`claim_due`]: `$1` the limit, `$2` the floor or NULL. Public for
@@ -58,7 +63,7 @@ pub const CLAIM_DUE_SQL: &str = "
     FOR UPDATE SKIP LOCKED";
 
 /// Removes the events the broker confirmed.
-pub async fn delete(tx: &mut Transaction<'_, Postgres>, ids: &[Uuid]) -> sqlx::Result<()> {
+pub async fn delete(tx: &mut Transaction<'_, Postgres>, ids: &[Uuid]) -> crate::Result<()> {
     sqlx::query("DELETE FROM outbox WHERE id = ANY($1)").bind(ids).execute(&mut **tx).await?;
     Ok(())
 }
@@ -66,29 +71,58 @@ pub async fn delete(tx: &mut Transaction<'_, Postgres>, ids: &[Uuid]) -> sqlx::R
 /// A publish that did not succeed and when to try again.
 #[derive(Debug, Clone)]
 pub struct Failure {
+    /// The event's id.
     pub id: Uuid,
+    /// Why, kept in `last_error`.
     pub error: String,
+    /// Delay before the next attempt.
     pub retry_in_ms: i64,
+    /// What the failure does to the event.
+    pub kind: FailureKind,
 }
 
-/// Counts a failed attempt for each event; an event reaching `max_attempts` is
-/// marked dead, which takes it out of every later claim.
+/// What a failed publish does to its event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// An attempt: counted, and the event is dead once it reaches the limit.
+    Attempt,
+    /// The event is dead at once (unroutable under [`crate::relay::Unroutable::Park`]).
+    Park,
+    /// Not counted: the event waits and is tried again (unroutable under
+    /// [`crate::relay::Unroutable::Retry`]).
+    Wait,
+}
+
+impl FailureKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Attempt => "attempt",
+            Self::Park => "park",
+            Self::Wait => "wait",
+        }
+    }
+}
+
+/// Records each failure (see [`FailureKind`]); an event whose counted attempts
+/// reach `max_attempts` is marked dead, which takes it out of every later claim.
 /// Returns how many became dead.
 pub async fn record_failures(
     tx: &mut Transaction<'_, Postgres>,
     failures: &[Failure],
     max_attempts: i32,
-) -> sqlx::Result<u64> {
+) -> crate::Result<u64> {
     let ids: Vec<Uuid> = failures.iter().map(|failure| failure.id).collect();
     let errors: Vec<&str> = failures.iter().map(|failure| failure.error.as_str()).collect();
     let delays: Vec<i64> = failures.iter().map(|failure| failure.retry_in_ms).collect();
+    let kinds: Vec<&str> = failures.iter().map(|failure| failure.kind.as_str()).collect();
     let dead: Vec<bool> = sqlx::query_scalar(
         "UPDATE outbox AS o
-         SET attempts = o.attempts + 1,
+         SET attempts = o.attempts + CASE WHEN f.kind = 'wait' THEN 0 ELSE 1 END,
              last_error = f.error,
              next_attempt_at = now() + f.delay_ms * interval '1 millisecond',
-             state = CASE WHEN o.attempts + 1 >= $4 THEN 'dead' ELSE 'pending' END
-         FROM unnest($1::uuid[], $2::text[], $3::bigint[]) AS f(id, error, delay_ms)
+             state = CASE WHEN f.kind = 'park' OR (f.kind = 'attempt' AND o.attempts + 1 >= $4)
+                          THEN 'dead' ELSE 'pending' END
+         FROM unnest($1::uuid[], $2::text[], $3::bigint[], $5::text[]) AS f(id, error, delay_ms, kind)
          WHERE o.id = f.id
          RETURNING o.state = 'dead'",
     )
@@ -96,6 +130,7 @@ pub async fn record_failures(
     .bind(&errors)
     .bind(&delays)
     .bind(max_attempts)
+    .bind(&kinds)
     .fetch_all(&mut **tx)
     .await?;
     Ok(dead.into_iter().filter(|dead| *dead).count() as u64)
@@ -114,7 +149,7 @@ pub struct DeadEvent {
 }
 
 /// The oldest `limit` dead events.
-pub async fn dead_events(db: &PgPool, limit: i64) -> sqlx::Result<Vec<DeadEvent>> {
+pub async fn dead_events(db: &PgPool, limit: i64) -> crate::Result<Vec<DeadEvent>> {
     sqlx::query_as(
         "SELECT id, aggregate_type, aggregate_id, event_type, attempts, last_error, created_at
          FROM outbox WHERE state = 'dead' ORDER BY created_at, id LIMIT $1",
@@ -122,11 +157,12 @@ pub async fn dead_events(db: &PgPool, limit: i64) -> sqlx::Result<Vec<DeadEvent>
     .bind(limit)
     .fetch_all(db)
     .await
+    .map_err(Into::into)
 }
 
 /// Makes dead events pending again with a fresh attempt budget, due now, and wakes
 /// the relay. `None` replays every dead event. Returns how many were revived.
-pub async fn replay_dead(db: &PgPool, id: Option<Uuid>) -> sqlx::Result<u64> {
+pub async fn replay_dead(db: &PgPool, id: Option<Uuid>) -> crate::Result<u64> {
     let mut tx = db.begin().await?;
     let revived = sqlx::query(
         "UPDATE outbox
@@ -150,7 +186,7 @@ pub struct Backlog {
     pub dead: i64,
 }
 
-pub async fn backlog(db: &PgPool) -> sqlx::Result<Backlog> {
+pub async fn backlog(db: &PgPool) -> crate::Result<Backlog> {
     sqlx::query_as(
         "SELECT count(*) FILTER (WHERE state = 'pending') AS pending,
                 coalesce(extract(epoch FROM now() - min(created_at) FILTER (WHERE state = 'pending')), 0)::float8
@@ -160,6 +196,7 @@ pub async fn backlog(db: &PgPool) -> sqlx::Result<Backlog> {
     )
     .fetch_one(db)
     .await
+    .map_err(Into::into)
 }
 
 /// Connection options for the connections that run this crate's statements (and

@@ -7,8 +7,10 @@ use futures_util::StreamExt;
 use lapin::options::{
     BasicConsumeOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
 };
+use lapin::types::AMQPValue;
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, message::Delivery};
+use outbox::rabbitmq::RabbitMq;
 use outbox::relay::RelayConfig;
 use sqlx::PgPool;
 use test_support::amqp_url;
@@ -70,12 +72,48 @@ impl TestBroker {
     }
 
     pub fn relay_config(&self) -> RelayConfig {
-        RelayConfig {
-            amqp_url: amqp_url(),
-            exchange: self.exchange.clone(),
-            poll_interval: Duration::from_millis(100),
-            ..RelayConfig::default()
-        }
+        RelayConfig { poll_interval: Duration::from_millis(100), ..RelayConfig::default() }
+    }
+
+    /// The RabbitMQ transport publishing to this test's exchange.
+    pub fn transport(&self) -> RabbitMq {
+        self.transport_at(&amqp_url())
+    }
+
+    /// The same, through the broker at `url` (a proxy, say).
+    pub fn transport_at(&self, url: &str) -> RabbitMq {
+        RabbitMq::new(url, self.exchange.clone())
+    }
+
+    /// Binds `binding_key` to a second queue that holds nothing and refuses
+    /// what it cannot hold (`x-max-length` 0, `reject-publish`): the broker nacks
+    /// every message routed there, a failure that counts towards the limit.
+    pub async fn bind_rejecting(&self, binding_key: &str) -> String {
+        let queue = format!("{}.rejecting", self.queue);
+        let mut arguments = FieldTable::default();
+        arguments.insert("x-max-length".into(), AMQPValue::LongLongInt(0));
+        arguments.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
+        let options = QueueDeclareOptions { exclusive: true, ..QueueDeclareOptions::default() };
+        self.channel.queue_declare(queue.as_str().into(), options, arguments).await.expect("queue");
+        self.channel
+            .queue_bind(
+                queue.as_str().into(),
+                self.exchange.as_str().into(),
+                binding_key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("bind");
+        queue
+    }
+
+    /// Deletes a queue made by [`TestBroker::bind_rejecting`].
+    pub async fn delete_queue(&self, queue: &str) {
+        self.channel
+            .queue_delete(queue.into(), lapin::options::QueueDeleteOptions::default())
+            .await
+            .expect("delete queue");
     }
 
     /// Receives until `count` deliveries arrived or `within` passed.
@@ -148,7 +186,7 @@ pub async fn enqueue_events(
                     serde_json::json!("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
                 )]),
             };
-            ids.push(outbox::enqueue(&mut tx, &event).await.expect("enqueue"));
+            ids.push(outbox::enqueue_untyped(&mut tx, &event).await.expect("enqueue"));
         }
         tx.commit().await.expect("commit");
     }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use outbox::metrics::RelayMetrics;
 use outbox::relay::{Relay, RelayConfig};
 use outbox::retention::{Retention, RetentionMetrics, Sweep, sweep};
-use outbox::store::{self, Failure};
+use outbox::store::{self, Failure, FailureKind};
 use outbox::supervisor::{CrashSwitch, Supervisor};
 use serde_json::Value;
 use sqlx::PgPool;
@@ -17,8 +17,6 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::helpers::{TestBroker, delivery_counts, enqueue_events, outbox_rows};
-
-const MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
 
 /// Inserts `count` processed message ids, processed `age` ago.
 async fn processed(db: &PgPool, count: i64, age: &str) {
@@ -37,7 +35,7 @@ async fn processed_rows(db: &PgPool) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM processed_messages").fetch_one(db).await.expect("n")
 }
 
-#[sqlx::test(migrator = "MIGRATIONS")]
+#[sqlx::test(migrator = "outbox::MIGRATOR")]
 async fn a_sweep_deletes_only_rows_past_the_window_in_bounded_batches(db: PgPool) {
     processed(&db, 23, "2 hours").await;
     processed(&db, 5, "1 minute").await;
@@ -55,7 +53,7 @@ async fn a_sweep_deletes_only_rows_past_the_window_in_bounded_batches(db: PgPool
     assert_eq!(metrics.swept("processed_messages").get(), 23);
 }
 
-#[sqlx::test(migrator = "MIGRATIONS")]
+#[sqlx::test(migrator = "outbox::MIGRATOR")]
 async fn only_one_sweeper_at_a_time_works_on_a_table(db: PgPool) {
     processed(&db, 10, "2 hours").await;
     let retention = Retention::processed_messages(Duration::from_secs(60));
@@ -103,7 +101,8 @@ async fn service_connection(db: &PgPool) -> PgPool {
 async fn relay_statements(conn: &PgPool, id: Uuid) -> i64 {
     let mut tx = conn.begin().await.expect("begin");
     store::claim_due(&mut tx, 10, None).await.expect("claim");
-    let failure = Failure { id, error: "test".to_owned(), retry_in_ms: 1 };
+    let failure =
+        Failure { id, error: "test".to_owned(), retry_in_ms: 1, kind: FailureKind::Attempt };
     store::record_failures(&mut tx, &[failure], 10).await.expect("record failure");
     store::delete(&mut tx, &[id]).await.expect("delete");
     let scans = seq_scans(&mut tx, "outbox").await;
@@ -111,7 +110,7 @@ async fn relay_statements(conn: &PgPool, id: Uuid) -> i64 {
     scans
 }
 
-#[sqlx::test(migrator = "MIGRATIONS")]
+#[sqlx::test(migrator = "outbox::MIGRATOR")]
 async fn the_relay_s_statements_keep_their_index_plans_as_the_outbox_grows(db: PgPool) {
     let conn = service_connection(&db).await;
     let [id] = enqueue_events(&db, "Happened", 1, 1).await[..] else { unreachable!() };
@@ -133,7 +132,7 @@ async fn the_relay_s_statements_keep_their_index_plans_as_the_outbox_grows(db: P
     assert_eq!(relay_statements(&conn, id).await, 0, "no sequential scan of the outbox");
 }
 
-#[sqlx::test(migrator = "MIGRATIONS")]
+#[sqlx::test(migrator = "outbox::MIGRATOR")]
 async fn the_sweep_keeps_its_index_plan_as_the_table_grows(db: PgPool) {
     let conn = service_connection(&db).await;
     let retention = Retention::processed_messages(Duration::from_secs(3600));
@@ -187,7 +186,7 @@ async fn claim_cost(db: &PgPool, from: Option<chrono::DateTime<chrono::Utc>>) ->
     (blocks, plan[0]["Execution Time"].as_f64().unwrap_or(f64::NAN))
 }
 
-#[sqlx::test(migrator = "MIGRATIONS")]
+#[sqlx::test(migrator = "outbox::MIGRATOR")]
 async fn the_claim_stays_cheap_with_a_million_dead_rows_behind_it(db: PgPool) {
     // A transaction holding an old snapshot (a long report, a forgotten session):
     // while it is open, vacuum cannot remove the rows deleted after it began, and
@@ -225,7 +224,7 @@ async fn the_claim_stays_cheap_with_a_million_dead_rows_behind_it(db: PgPool) {
     old_snapshot.rollback().await.expect("rollback");
 }
 
-#[sqlx::test(migrator = "MIGRATIONS")]
+#[sqlx::test(migrator = "outbox::MIGRATOR")]
 async fn a_relay_worker_that_panics_is_restarted_and_relays_on(db: PgPool) {
     let mut broker = TestBroker::new(&["test.#"]).await;
     let crash_switch = CrashSwitch::default();
@@ -233,7 +232,14 @@ async fn a_relay_worker_that_panics_is_restarted_and_relays_on(db: PgPool) {
     let config = RelayConfig { workers: 1, crash_switch, ..broker.relay_config() };
     let shutdown = CancellationToken::new();
     let supervisor = Supervisor::unregistered(shutdown.clone());
-    let relay = Relay::spawn_supervised(db.clone(), config, RelayMetrics::default(), &supervisor);
+    let relay = Relay::spawn_supervised(
+        db.clone(),
+        broker.transport(),
+        config,
+        RelayMetrics::default(),
+        &supervisor,
+    )
+    .expect("valid settings");
     let ids = enqueue_events(&db, "Happened", 20, 20).await;
 
     let delivered = broker.receive(20, Duration::from_secs(20)).await;

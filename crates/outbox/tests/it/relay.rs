@@ -5,8 +5,9 @@
 use std::time::Duration;
 
 use outbox::metrics::RelayMetrics;
-use outbox::publisher::Publisher;
-use outbox::relay::{Relay, RelayConfig, relay_batch};
+use outbox::rabbitmq::RabbitMqPublisher;
+use outbox::relay::{Relay, RelayConfig, Unroutable, relay_batch};
+use outbox::{Publisher, Transport};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -15,28 +16,20 @@ use test_support::{BrokerProxy, eventually};
 
 use crate::helpers::{TestBroker, delivery_counts, enqueue_events, message_id, outbox_rows};
 
-const MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
-
-async fn publisher_for(config: &RelayConfig) -> Publisher {
-    Publisher::connect(
-        &config.amqp_url,
-        "relay-test",
-        &config.exchange,
-        &[],
-        config.confirm_timeout,
-    )
-    .await
-    .expect("publisher connects")
+async fn publisher_for(broker: &TestBroker) -> RabbitMqPublisher {
+    broker.transport().connect("relay-test").await.expect("publisher connects")
 }
 
-#[sqlx::test(migrator = "MIGRATIONS")]
+#[sqlx::test(migrator = "outbox::MIGRATOR")]
 async fn every_event_arrives_once_with_several_workers(db: PgPool) {
     let mut broker = TestBroker::new(&["test.#"]).await;
     let ids = enqueue_events(&db, "Happened", 3_000, 100).await;
     let config = RelayConfig { workers: 4, batch_size: 50, ..broker.relay_config() };
     let shutdown = CancellationToken::new();
     let metrics = RelayMetrics::default();
-    let relay = Relay::spawn(db.clone(), config, metrics.clone(), shutdown.clone());
+    let relay =
+        Relay::spawn(db.clone(), broker.transport(), config, metrics.clone(), shutdown.clone())
+            .expect("valid settings");
 
     let deliveries = broker.receive(ids.len(), Duration::from_secs(60)).await;
     let extra = broker.receive_rest(Duration::from_millis(300)).await;
@@ -68,14 +61,17 @@ async fn every_event_arrives_once_with_several_workers(db: PgPool) {
     broker.delete().await;
 }
 
-#[sqlx::test(migrator = "MIGRATIONS")]
+#[sqlx::test(migrator = "outbox::MIGRATOR")]
 async fn nothing_is_removed_while_the_broker_is_unreachable(db: PgPool) {
     let mut broker = TestBroker::new(&["test.#"]).await;
     let proxy = BrokerProxy::start().await;
     proxy.down().await;
-    let config = RelayConfig { amqp_url: proxy.url(), workers: 2, ..broker.relay_config() };
+    let config = RelayConfig { workers: 2, ..broker.relay_config() };
     let shutdown = CancellationToken::new();
-    let relay = Relay::spawn(db.clone(), config, RelayMetrics::default(), shutdown.clone());
+    let transport = broker.transport_at(&proxy.url());
+    let relay =
+        Relay::spawn(db.clone(), transport, config, RelayMetrics::default(), shutdown.clone())
+            .expect("valid settings");
     let status = relay.status();
 
     let first = enqueue_events(&db, "Happened", 50, 10).await;
@@ -112,34 +108,109 @@ async fn nothing_is_removed_while_the_broker_is_unreachable(db: PgPool) {
     broker.delete().await;
 }
 
-#[sqlx::test(migrator = "MIGRATIONS")]
-async fn an_unroutable_event_stays_in_the_outbox(db: PgPool) {
+#[sqlx::test(migrator = "outbox::MIGRATOR")]
+async fn an_unroutable_event_is_parked_as_dead_and_replayed_once_bound(db: PgPool) {
     // The queue is bound to other events only: nothing routes this one.
-    let broker = TestBroker::new(&["test.SomethingElse"]).await;
-    let config = broker.relay_config();
-    let publisher = publisher_for(&config).await;
+    let mut broker = TestBroker::new(&["test.SomethingElse"]).await;
+    let config = RelayConfig { unroutable: Unroutable::Park, ..broker.relay_config() };
+    let publisher = publisher_for(&broker).await;
     let [id] = enqueue_events(&db, "Unroutable", 1, 1).await[..] else { unreachable!() };
 
     let pass = relay_batch(&db, &publisher, &config, &RelayMetrics::default()).await.expect("pass");
 
-    assert_eq!((pass.claimed, pass.published, pass.failed), (1, 0, 1));
+    assert_eq!((pass.claimed, pass.published, pass.failed, pass.dead), (1, 0, 1, 1));
+    let (state, last_error): (String, Option<String>) =
+        sqlx::query_as("SELECT state, last_error FROM outbox WHERE id = $1")
+            .bind(id)
+            .fetch_one(&db)
+            .await
+            .expect("still in the outbox");
+    assert_eq!(state, "dead", "parked at once, not after max_attempts");
+    assert!(
+        last_error.is_some_and(|error| error.contains("unroutable") && error.contains("NO_ROUTE"))
+    );
+
+    broker.bind("test.Unroutable").await;
+    assert_eq!(outbox::store::replay_dead(&db, Some(id)).await.expect("replay"), 1);
+    let pass = relay_batch(&db, &publisher, &config, &RelayMetrics::default()).await.expect("pass");
+    assert_eq!(pass.published, 1);
+    let delivered = broker.receive(1, Duration::from_secs(10)).await;
+    assert_eq!(delivered.iter().map(message_id).collect::<Vec<Uuid>>(), vec![id]);
+    publisher.close().await;
+    broker.delete().await;
+}
+
+#[sqlx::test(migrator = "outbox::MIGRATOR")]
+async fn an_unroutable_event_is_retried_without_spending_its_attempts(db: PgPool) {
+    let broker = TestBroker::new(&["test.SomethingElse"]).await;
+    let config = RelayConfig {
+        unroutable: Unroutable::Retry,
+        max_attempts: 1,
+        retry_base: Duration::from_millis(50),
+        retry_max: Duration::from_millis(100),
+        ..broker.relay_config()
+    };
+    let publisher = publisher_for(&broker).await;
+    let [id] = enqueue_events(&db, "Unroutable", 1, 1).await[..] else { unreachable!() };
+
+    for _ in 0..3 {
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                relay_batch(&db, &publisher, &config, &RelayMetrics::default())
+                    .await
+                    .expect("pass")
+                    .failed
+                    == 1
+            })
+            .await
+        );
+    }
     let (state, attempts, last_error): (String, i32, Option<String>) =
         sqlx::query_as("SELECT state, attempts, last_error FROM outbox WHERE id = $1")
             .bind(id)
             .fetch_one(&db)
             .await
             .expect("still in the outbox");
-    assert_eq!((state.as_str(), attempts), ("pending", 1));
+    assert_eq!((state.as_str(), attempts), ("pending", 0), "tried three times, none counted");
     assert!(last_error.is_some_and(|error| error.contains("NO_ROUTE")));
     publisher.close().await;
     broker.delete().await;
 }
 
-#[sqlx::test(migrator = "MIGRATIONS")]
+#[tokio::test]
+async fn settings_that_could_never_publish_are_refused() {
+    let broker_less = outbox::rabbitmq::RabbitMq::new(test_support::amqp_url(), "unused");
+    let db = sqlx::PgPool::connect_lazy("postgres://127.0.0.1/unused").expect("lazy pool");
+    for (config, setting) in [
+        (RelayConfig { batch_size: 0, ..RelayConfig::default() }, "batch_size"),
+        (RelayConfig { workers: 0, ..RelayConfig::default() }, "workers"),
+        (RelayConfig { poll_interval: Duration::ZERO, ..RelayConfig::default() }, "poll_interval"),
+        (RelayConfig { max_attempts: 0, ..RelayConfig::default() }, "max_attempts"),
+        (
+            RelayConfig { retry_max: Duration::from_millis(1), ..RelayConfig::default() },
+            "retry_max",
+        ),
+    ] {
+        let refused = Relay::spawn(
+            db.clone(),
+            broker_less.clone(),
+            config,
+            RelayMetrics::default(),
+            CancellationToken::new(),
+        );
+        let error = refused.err().expect("refused").to_string();
+        assert!(error.contains(setting), "{setting}: {error}");
+    }
+    assert!(
+        outbox::rabbitmq::RabbitMq::new("amqp://x", "e").confirm_timeout(Duration::ZERO).is_err()
+    );
+}
+
+#[sqlx::test(migrator = "outbox::MIGRATOR")]
 async fn a_relay_that_dies_before_its_commit_publishes_again(db: PgPool) {
     let mut broker = TestBroker::new(&["test.#"]).await;
     let config = broker.relay_config();
-    let publisher = publisher_for(&config).await;
+    let publisher = publisher_for(&broker).await;
     let ids = enqueue_events(&db, "Happened", 20, 20).await;
     // The pass publishes, deletes, then fails at COMMIT: as if killed right there.
     sqlx::raw_sql(
@@ -171,17 +242,19 @@ async fn a_relay_that_dies_before_its_commit_publishes_again(db: PgPool) {
     broker.delete().await;
 }
 
-#[sqlx::test(migrator = "MIGRATIONS")]
+#[sqlx::test(migrator = "outbox::MIGRATOR")]
 async fn a_failing_event_backs_off_then_dies_without_blocking_the_others(db: PgPool) {
     let mut broker = TestBroker::new(&["test.Happened"]).await;
+    // The broker nacks every `Rejected` event.
+    let rejecting = broker.bind_rejecting("test.Rejected").await;
     let config = RelayConfig {
         max_attempts: 4,
         retry_base: Duration::from_millis(200),
         ..broker.relay_config()
     };
-    let publisher = publisher_for(&config).await;
+    let publisher = publisher_for(&broker).await;
     let metrics = RelayMetrics::default();
-    let [poison] = enqueue_events(&db, "Unroutable", 1, 1).await[..] else { unreachable!() };
+    let [poison] = enqueue_events(&db, "Rejected", 1, 1).await[..] else { unreachable!() };
     let behind = enqueue_events(&db, "Happened", 10, 10).await;
 
     let mut delays = Vec::new();
@@ -230,10 +303,11 @@ async fn a_failing_event_backs_off_then_dies_without_blocking_the_others(db: PgP
 
     let dead = outbox::store::dead_events(&db, 10).await.expect("dead events");
     assert_eq!(dead.iter().map(|event| event.id).collect::<Vec<Uuid>>(), vec![poison]);
-    assert!(dead[0].last_error.as_deref().is_some_and(|error| error.contains("NO_ROUTE")));
+    assert!(dead[0].last_error.as_deref().is_some_and(|error| error.contains("nacked")));
 
-    // Replay, once it can be routed.
-    broker.bind("test.Unroutable").await;
+    // Replay, once it can be delivered.
+    broker.delete_queue(&rejecting).await;
+    broker.bind("test.Rejected").await;
     assert_eq!(outbox::store::replay_dead(&db, Some(poison)).await.expect("replay"), 1);
     let pass = relay_batch(&db, &publisher, &config, &metrics).await.expect("pass");
     assert_eq!(pass.published, 1);

@@ -1,0 +1,83 @@
+//! The one error type of this crate's public API.
+
+/// What can go wrong in the outbox: the database, the broker, the settings.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A statement failed or the database could not be reached.
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    /// The outbox's tables could not be created or upgraded.
+    #[error("cannot apply the outbox's migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The broker could not be reached, or a channel or connection to it failed.
+    #[error("broker: {0}")]
+    Broker(#[source] Box<dyn std::error::Error + Send + Sync + 'static>),
+    /// The broker holds a queue (or topic) other than the one this process
+    /// declares. Not transient: the settings or the broker must change.
+    #[error(
+        "queue {queue:?} already exists with another type or other arguments than this \
+         service declares ({reason}). A queue's type and arguments cannot change in place: \
+         either change the settings to match the existing queue, or migrate it: stop the \
+         consumers, move its messages to a new queue (a shovel, or drain it), delete it, and \
+         start the services, which declare it afresh"
+    )]
+    TopologyMismatch {
+        /// The queue that disagrees.
+        queue: String,
+        /// The broker's explanation.
+        reason: String,
+    },
+    /// A setting is out of its range; the message names it.
+    #[error("invalid outbox setting: {0}")]
+    Config(String),
+    /// An event could not be turned into JSON.
+    #[error("cannot serialise the event: {0}")]
+    Serialize(#[from] serde_json::Error),
+}
+
+impl Error {
+    /// A broker error, from any client library's error type.
+    pub fn broker(error: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self::Broker(Box::new(error))
+    }
+}
+
+impl From<lapin::Error> for Error {
+    fn from(error: lapin::Error) -> Self {
+        Self::broker(error)
+    }
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A broker error with what was being done, for messages such as "cannot read
+/// the dead-letter queue: <the client's error>".
+#[derive(Debug, thiserror::Error)]
+#[error("{context}: {source}")]
+pub(crate) struct WithContext {
+    context: String,
+    #[source]
+    source: Box<dyn std::error::Error + Send + Sync + 'static>,
+}
+
+/// `.context(...)` for broker calls, as `anyhow` has, returning [`Error::Broker`].
+pub(crate) trait Context<T> {
+    fn context(self, context: impl Into<String>) -> Result<T>;
+    fn with_context(self, context: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T, E: std::error::Error + Send + Sync + 'static> Context<T> for std::result::Result<T, E> {
+    fn context(self, context: impl Into<String>) -> Result<T> {
+        self.map_err(|source| {
+            Error::broker(WithContext { context: context.into(), source: Box::new(source) })
+        })
+    }
+
+    fn with_context(self, context: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|source| {
+            Error::broker(WithContext { context: context(), source: Box::new(source) })
+        })
+    }
+}

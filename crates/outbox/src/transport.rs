@@ -1,0 +1,62 @@
+//! What the relay needs of a broker: connect a publisher, publish a batch and
+//! say what became of each event.
+//!
+//! [`crate::rabbitmq`] (RabbitMQ, publisher confirms) is one implementation;
+//! `kafka` (acknowledged writes, behind the cargo feature `kafka`) another. The
+//! relay ([`crate::relay`]) is generic over them: it claims events, hands them to
+//! a [`Publisher`], deletes the confirmed ones and records the others.
+
+use std::future::Future;
+
+use crate::Result;
+use crate::store::OutboxEvent;
+
+/// The header carrying the event's creation time (RFC 3339, microseconds, UTC),
+/// from which consumers measure their end-to-end lag.
+pub const CREATED_AT_HEADER: &str = "x-created-at";
+
+/// A broker the relay publishes to: the settings and topology of one
+/// connection, from which each relay worker opens its own [`Publisher`].
+pub trait Transport: Send + Sync + 'static {
+    /// A connection (and channel) owned by one relay worker.
+    type Publisher: Publisher;
+
+    /// Opens a publisher for the relay worker `name` (shown by the broker when
+    /// it can name connections). Errors are retried by the worker with backoff;
+    /// [`crate::Error::TopologyMismatch`] is reported on the relay's status.
+    fn connect(&self, name: &str) -> impl Future<Output = Result<Self::Publisher>> + Send;
+}
+
+/// One worker's connection to the broker.
+pub trait Publisher: Send + Sync + 'static {
+    /// Publishes `events` and returns one outcome per event, in order.
+    ///
+    /// `Err` means the connection failed while sending: nothing can be said of
+    /// any of them, so the relay rolls back its claim and they are published
+    /// again later (consumers deduplicate on the message id).
+    fn publish(&self, events: &[OutboxEvent]) -> impl Future<Output = Result<Vec<Outcome>>> + Send;
+
+    /// Whether this publisher can still be used; if not, the worker connects a new one.
+    fn is_usable(&self) -> bool;
+
+    /// Closes the connection politely (best effort).
+    fn close(self) -> impl Future<Output = ()> + Send;
+}
+
+/// What became of one event of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The broker acknowledged the write (RabbitMQ: routed and confirmed; Kafka:
+    /// written to all in-sync replicas): the event may leave the outbox.
+    Confirmed,
+    /// The broker refused it or did not answer in time: an attempt that counts
+    /// towards the event's limit, after which it is dead.
+    Failed(String),
+    /// Nothing would receive it (RabbitMQ: no queue is bound for its routing key;
+    /// Kafka: its topic does not exist). What happens then is the relay's
+    /// [`Unroutable`](crate::relay::Unroutable) setting; it is never dropped.
+    Unroutable(String),
+    /// The connection broke before the broker answered: whether it arrived is
+    /// unknown. The event stays as it is and is published again.
+    Unknown,
+}
