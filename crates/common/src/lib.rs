@@ -10,7 +10,10 @@ pub mod shutdown;
 pub mod telemetry;
 pub mod trace_context;
 
-/// The schema of the whole system, from `migrations/`. Both services run it at
-/// start-up (sqlx serialises concurrent runs with an advisory lock), so it does not
-/// matter which starts first. Tests pass it to `#[sqlx::test(migrator = ...)]`.
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
+/// The schema of the whole system: the outbox crate's tables (`outbox::MIGRATOR`)
+/// and then this system's, from `migrations/`, as one migrator. Both services
+/// run it at start-up (sqlx serialises concurrent runs with an advisory lock),
+/// so it does not matter which starts first. Tests pass it to
+/// `#[sqlx::test(migrator = ...)]`.
+pub static MIGRATOR: std::sync::LazyLock<sqlx::migrate::Migrator> =
+    std::sync::LazyLock::new(|| outbox::migrator_with(&sqlx::migrate!("../../migrations")));

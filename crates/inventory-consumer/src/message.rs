@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use common::events::{OrderPlaced, VERSION_HEADER};
 use lapin::message::Delivery;
 use lapin::types::AMQPValue;
-use outbox::publisher::CREATED_AT_HEADER;
+use outbox::transport::CREATED_AT_HEADER;
 use uuid::Uuid;
 
 /// A delivery's event, identified by the message id the outbox gave it.

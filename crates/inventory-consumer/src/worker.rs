@@ -25,7 +25,7 @@ use lapin::types::FieldTable;
 use lapin::{Channel, Connection, Consumer};
 use opentelemetry::KeyValue;
 use opentelemetry::trace::SpanKind;
-use outbox::amqp::{ConsumerQueue, TopologyError, TopologyStatus};
+use outbox::amqp::{ConsumerQueue, TopologyStatus};
 use outbox::backoff::Backoff;
 use outbox::supervisor::{CountGuard, CrashSwitch};
 use sqlx::PgPool;
@@ -95,8 +95,8 @@ impl Worker {
                             "stopped consuming; reconnecting");
                     }
                 }
-                Err(error) => match error.downcast_ref::<TopologyError>() {
-                    Some(mismatch @ TopologyError::Mismatch { .. }) => {
+                Err(error) => match error.downcast_ref::<outbox::Error>() {
+                    Some(mismatch @ outbox::Error::TopologyMismatch { .. }) => {
                         // Not transient: said loudly, retried calmly, shown by /readyz.
                         tracing::error!(worker = %self.name, error = %mismatch,
                             "the broker's queue does not match this service's settings");

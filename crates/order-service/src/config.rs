@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use common::broker::BrokerConfig;
 use common::db::DbConfig;
-use outbox::relay::RelayConfig;
+use outbox::rabbitmq::RabbitMq;
+use outbox::relay::{RelayConfig, Unroutable};
 use uuid::Uuid;
 
 use crate::writer::WriterConfig;
@@ -192,6 +193,13 @@ pub struct RelayArgs {
     #[arg(long, env = "RELAY_CONFIRM_TIMEOUT_MS", default_value_t = 10_000)]
     pub relay_confirm_timeout_ms: u64,
 
+    /// What becomes of an event no queue is bound for: `park` (marked dead at
+    /// once, listed by `dead-events`, published by `replay` once a queue is
+    /// bound) or `retry` (tried again every RELAY_RETRY_MAX_MS, never dead). The
+    /// inventory queue is declared by this service, so its events are routed.
+    #[arg(long, env = "RELAY_UNROUTABLE", default_value = "park")]
+    pub relay_unroutable: Unroutable,
+
     /// Delay before the first retry of a failed event; it doubles with each attempt.
     #[arg(long, env = "RELAY_RETRY_BASE_MS", default_value_t = 1_000)]
     pub relay_retry_base_ms: u64,
@@ -222,22 +230,34 @@ impl Config {
         }
     }
 
+    /// The relay's settings; checked by `RelayConfig::validate` at start-up.
     pub fn relay_config(&self) -> RelayConfig {
         let relay = &self.relay;
         RelayConfig {
-            amqp_url: self.broker.amqp_url.clone(),
-            exchange: self.broker.exchange.clone(),
-            queues: vec![self.broker.inventory_topology()],
             workers: relay.relay_workers,
-            batch_size: relay.relay_batch_size.max(1),
+            batch_size: relay.relay_batch_size,
             poll_interval: Duration::from_millis(relay.relay_poll_interval_ms),
-            max_attempts: relay.relay_max_attempts.max(1),
-            confirm_timeout: Duration::from_millis(relay.relay_confirm_timeout_ms),
+            max_attempts: relay.relay_max_attempts,
+            unroutable: relay.relay_unroutable,
             retry_base: Duration::from_millis(relay.relay_retry_base_ms),
             retry_max: Duration::from_millis(relay.relay_retry_max_ms),
             claim_lookback: relay.relay_claim_lookback,
             full_scan_interval: relay.relay_full_scan_interval,
             crash_switch: Default::default(),
         }
+    }
+
+    /// RabbitMQ, declaring the inventory consumer's queue on every connection,
+    /// so that orders placed before the consumer first starts are routed to it.
+    pub fn relay_transport(&self) -> outbox::Result<RabbitMq> {
+        let inventory = self.broker.inventory_topology();
+        RabbitMq::new(self.broker.amqp_url.clone(), self.broker.exchange.clone())
+            .confirm_timeout(Duration::from_millis(self.relay.relay_confirm_timeout_ms))
+            .map(|transport| {
+                transport.with_topology(move |channel| {
+                    let inventory = inventory.clone();
+                    Box::pin(async move { inventory.declare(&channel).await })
+                })
+            })
     }
 }

@@ -111,6 +111,12 @@ impl From<JsonRejection> for ApiError {
     }
 }
 
+impl From<outbox::Error> for ApiError {
+    fn from(error: outbox::Error) -> Self {
+        Self::Database(error.into())
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();

@@ -49,10 +49,21 @@ pub struct Application {
     crash_switch: CrashSwitch,
 }
 
+/// Refuses relay settings that could never publish, before anything starts.
+/// RELAY_WORKERS=0 (no relay in this process) is allowed.
+fn check_relay_settings(config: &Config) -> anyhow::Result<()> {
+    if config.relay.relay_workers > 0 {
+        config.relay_config().validate()?;
+        config.relay_transport()?;
+    }
+    Ok(())
+}
+
 impl Application {
     /// Connects to Postgres (creating the database and applying migrations) and
     /// binds the listening socket.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
+        check_relay_settings(&config)?;
         let db = config.db.connect_and_migrate().await?;
         Self::build_with_pool(config, db).await
     }
@@ -61,6 +72,7 @@ impl Application {
     /// (tests pass the per-test database of `#[sqlx::test]`); the background
     /// pool connects to the same database.
     pub async fn build_with_pool(config: Config, db: PgPool) -> anyhow::Result<Self> {
+        check_relay_settings(&config)?;
         let listener = TcpListener::bind(config.listen_addr)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen_addr))?;
@@ -101,14 +113,17 @@ impl Application {
         let supervisor = Supervisor::new(&mut self.registry, shutdown.clone());
         let relay_config =
             RelayConfig { crash_switch: self.crash_switch.clone(), ..self.config.relay_config() };
-        let relay = (relay_config.workers > 0).then(|| {
-            Relay::spawn_supervised(
+        let relay = if relay_config.workers > 0 {
+            Some(Relay::spawn_supervised(
                 self.background_db.clone(),
+                self.config.relay_transport()?,
                 relay_config,
                 self.relay_metrics.clone(),
                 &supervisor,
-            )
-        });
+            )?)
+        } else {
+            None
+        };
         // Writers, and the sweeper of expired keys.
         let mut tasks = tokio::task::JoinSet::new();
         let writer = OrderWriter::spawn(

@@ -81,3 +81,16 @@ impl<T, E: std::error::Error + Send + Sync + 'static> Context<T> for std::result
         })
     }
 }
+
+/// So that `?` works on this crate's calls inside code that returns
+/// `sqlx::Result`, such as the caller's own transaction: a database error is
+/// itself again; a serialisation error is an encoding error.
+impl From<Error> for sqlx::Error {
+    fn from(error: Error) -> Self {
+        match error {
+            Error::Database(error) => error,
+            Error::Serialize(error) => sqlx::Error::Encode(Box::new(error)),
+            other => sqlx::Error::Protocol(other.to_string()),
+        }
+    }
+}

@@ -8,7 +8,7 @@ use chrono::{SecondsFormat, Utc};
 use inventory_consumer::metrics::{ConsumerMetrics, QueueDepthProbe};
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
-use outbox::publisher::CREATED_AT_HEADER;
+use outbox::transport::CREATED_AT_HEADER;
 use prometheus_client::registry::Registry;
 use serde_json::json;
 use sqlx::PgPool;

@@ -7,3 +7,4 @@ mod openapi;
 mod orders;
 mod reconcile;
 mod relay;
+mod upgrade;

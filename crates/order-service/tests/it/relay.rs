@@ -20,7 +20,7 @@ fn order() -> Value {
     json!({"customer_id": "bob", "items": [{"sku": "SKU-003", "quantity": 1}]})
 }
 
-async fn delete_topology(broker: &BrokerConfig) {
+pub async fn delete_topology(broker: &BrokerConfig) {
     let connection = outbox::amqp::connect(&broker.amqp_url, "cleanup").await.expect("broker");
     let channel = connection.create_channel().await.expect("channel");
     for queue in [&broker.inventory_queue, &broker.dead_letter_queue] {
@@ -139,7 +139,7 @@ async fn events_reach_the_broker_while_the_api_pool_is_exhausted(db: PgPool) {
         payload: json!({"order_id": Uuid::now_v7()}),
         headers: serde_json::Map::new(),
     };
-    let id = outbox::enqueue(&mut tx, &event).await.expect("enqueue");
+    let id = outbox::enqueue_untyped(&mut tx, &event).await.expect("enqueue");
     tx.commit().await.expect("commit");
 
     let connection = outbox::amqp::connect(&broker.amqp_url, "test").await.expect("broker");
