@@ -2,9 +2,10 @@
 # The one test command: checks that Postgres and RabbitMQ answer (starting the
 # local ones if they are installed but stopped), then validates the Compose
 # files and the Prometheus configuration (promtool), and runs the format check,
-# clippy with warnings as errors, the whole test suite against them, the API
-# fuzzer (scripts/fuzz-api.sh) and the cluster proof (scripts/cluster-proof.sh).
-# The last line sums every test.
+# clippy with warnings as errors, the whole test suite against them (with the
+# Kafka transport, against a local broker from scripts/kafka-broker.sh), the
+# API fuzzer (scripts/fuzz-api.sh) and the cluster proof
+# (scripts/cluster-proof.sh). The last line sums every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/services.sh
@@ -47,14 +48,24 @@ promtool check config deploy/prometheus/prometheus.yml
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
-cargo clippy --workspace --all-targets --locked -- -D warnings
+# With the optional Kafka transport, so that its code is linted too.
+cargo clippy --workspace --all-targets --locked --features outbox/kafka -- -D warnings
 echo "== cargo test"
 # Every test binary prints its own "test result:" line; the last line of this
 # script sums them, so one line tells how the whole suite went.
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+trap 'rm -f "$log"; scripts/kafka-broker.sh stop 2>/dev/null || true' EXIT
+# The Kafka transport's tests (outbox, feature kafka) need a broker: a local
+# one on a free port, stopped on exit. One that cannot start fails the run.
+kafka_env=$(scripts/kafka-broker.sh start) || {
+    echo "!! FAILED: the local Kafka broker did not start (scripts/kafka-broker.sh start)" >&2
+    exit 1
+}
+eval "$kafka_env"
+export KAFKA_BROKERS
 status=0
-cargo test --workspace --locked --no-fail-fast -- "$@" 2>&1 | tee "$log" || status=$?
+cargo test --workspace --locked --no-fail-fast --features outbox/kafka -- "$@" 2>&1 | tee "$log" || status=$?
+scripts/kafka-broker.sh stop
 
 # The checks that run whole processes: each counts as one test in the summary.
 checks_passed=0

@@ -14,6 +14,13 @@
 //! all topics, which, unlike a metadata request naming a topic, does not create
 //! the topic on a broker with `auto.create.topics.enable`: an event whose topic
 //! is not listed is [`Outcome::Unroutable`] and stays in the outbox.
+//!
+//! rskafka 0.6 always asks for `acks = -1` (all in-sync replicas) and cannot be
+//! told otherwise. It leaves Nagle's algorithm on and writes a request's length
+//! and body separately, so a request smaller than one TCP segment waits for the
+//! broker's delayed acknowledgement (40 ms on Linux): on loopback, produce
+//! requests under 64 KB took 44 ms each, larger ones about 1 ms. The requests
+//! of one batch are sent together, so a batch pays this once.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -150,6 +157,20 @@ impl Transport for KafkaTransport {
 /// `content-type: application/json` and `x-created-at` (the commit time, RFC
 /// 3339 with microseconds, as on RabbitMQ), which win over stored headers of
 /// the same names.
+///
+/// The outcome of an event is its partition's request's:
+/// - [`Outcome::Confirmed`]: the partition's leader acknowledged the write
+///   (after all in-sync replicas had it);
+/// - [`Outcome::Unroutable`]: its topic is not listed, or the broker answered
+///   `UNKNOWN_TOPIC_OR_PARTITION`;
+/// - [`Outcome::Failed`]: the broker refused the write with another error, or
+///   did not acknowledge it within the produce timeout (the publisher is then
+///   replaced, so the next batch starts on fresh connections);
+/// - [`Outcome::Unknown`]: the connection was lost and rskafka's retries gave
+///   up; the publisher is replaced.
+///
+/// Any error on a topic drops its cached partitions, which the next batch
+/// lists again.
 #[derive(Debug)]
 pub struct KafkaPublisher {
     client: Client,
@@ -175,25 +196,24 @@ impl Publisher for KafkaPublisher {
     /// once. `Err` when the topics' partitions cannot be learnt (before anything
     /// is sent).
     async fn publish(&self, events: &[OutboxEvent]) -> Result<Vec<Outcome>> {
-        let routes = match tokio::time::timeout(self.transport.produce_timeout, self.routes(events))
-            .await
-        {
-            Ok(Ok(routes)) => routes,
-            Ok(Err(error)) => {
-                self.broken.store(true, Ordering::Relaxed);
-                return Err(Error::broker(error));
-            }
-            Err(_) => {
-                self.broken.store(true, Ordering::Relaxed);
-                return Err(Error::Broker(
-                    format!(
-                        "no topic metadata from Kafka within {:?}",
-                        self.transport.produce_timeout
-                    )
-                    .into(),
-                ));
-            }
-        };
+        let routes =
+            match tokio::time::timeout(self.transport.produce_timeout, self.routes(events)).await {
+                Ok(Ok(routes)) => routes,
+                Ok(Err(error)) => {
+                    self.broken.store(true, Ordering::Relaxed);
+                    return Err(Error::broker(error));
+                }
+                Err(_) => {
+                    self.broken.store(true, Ordering::Relaxed);
+                    return Err(Error::Broker(
+                        format!(
+                            "no topic metadata from Kafka within {:?}",
+                            self.transport.produce_timeout
+                        )
+                        .into(),
+                    ));
+                }
+            };
 
         // Group the events by partition, keeping the outbox's order within each.
         let mut outcomes = vec![None; events.len()];
@@ -205,6 +225,7 @@ impl Publisher for KafkaPublisher {
                 Some(Ok(partitions)) if !partitions.is_empty() => {
                     let count = i32::try_from(partitions.len()).unwrap_or(i32::MAX);
                     let partition = partition_for_key(event.aggregate_id.as_bytes(), count);
+                    // In range: the partition is the key's hash modulo their number.
                     let client = partitions[partition as usize].clone();
                     batches.entry((topic, partition)).or_insert((client, Vec::new())).1.push(index);
                 }
@@ -320,7 +341,9 @@ impl KafkaPublisher {
 /// connection is to be dropped.
 fn outcome_of_error(topic: &str, partition: i32, error: &KafkaError) -> (Outcome, bool) {
     match error {
-        KafkaError::ServerError { protocol_error: ProtocolError::UnknownTopicOrPartition, .. } => (
+        KafkaError::ServerError {
+            protocol_error: ProtocolError::UnknownTopicOrPartition, ..
+        } => (
             Outcome::Unroutable(format!(
                 "partition {partition} of topic {topic} does not exist: {error}"
             )),
@@ -330,16 +353,13 @@ fn outcome_of_error(topic: &str, partition: i32, error: &KafkaError) -> (Outcome
         // or may not have been written.
         KafkaError::Connection(_) | KafkaError::Request(_) => (Outcome::Unknown, true),
         KafkaError::RetryFailed(BackoffError::DeadlineExceded { source, .. })
-            if source
-                .downcast_ref::<KafkaError>()
-                .is_some_and(|error| matches!(error, KafkaError::Connection(_) | KafkaError::Request(_))) =>
+            if source.downcast_ref::<KafkaError>().is_some_and(|error| {
+                matches!(error, KafkaError::Connection(_) | KafkaError::Request(_))
+            }) =>
         {
             (Outcome::Unknown, true)
         }
-        _ => (
-            Outcome::Failed(format!("partition {partition} of topic {topic}: {error}")),
-            false,
-        ),
+        _ => (Outcome::Failed(format!("partition {partition} of topic {topic}: {error}")), false),
     }
 }
 

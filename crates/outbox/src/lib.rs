@@ -15,6 +15,8 @@ pub mod amqp;
 pub mod backoff;
 pub mod dead_letter;
 pub mod inbox;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 pub mod metrics;
 pub mod rabbitmq;
 pub mod relay;

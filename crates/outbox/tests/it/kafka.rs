@@ -169,11 +169,8 @@ async fn kafka_every_event_arrives_once_in_its_aggregates_partition_in_order(db:
     // Keyed by aggregate, in the partition the partitioner computes, in order.
     for aggregate in &aggregates {
         let expected = partition_for_key(aggregate.as_bytes(), PARTITIONS);
-        let ids: Vec<Uuid> = enqueued
-            .iter()
-            .filter(|(_, of)| of == aggregate)
-            .map(|(id, _)| *id)
-            .collect();
+        let ids: Vec<Uuid> =
+            enqueued.iter().filter(|(_, of)| of == aggregate).map(|(id, _)| *id).collect();
         let positions: Vec<(i32, usize)> = ids.iter().map(|id| seen[id]).collect();
         assert!(
             positions.iter().all(|(partition, _)| *partition == expected),
@@ -211,7 +208,8 @@ async fn kafka_every_event_arrives_once_in_its_aggregates_partition_in_order(db:
 async fn kafka_an_event_whose_topic_does_not_exist_stays_in_the_outbox(db: PgPool) {
     let kafka = TestKafka::new().await;
     let missing = kafka.transport.topic_for("nowhere");
-    let [(parked, _)] = enqueue_interleaved(&db, "nowhere", &["n-1".to_owned()], 1).await[..] else {
+    let [(parked, _)] = enqueue_interleaved(&db, "nowhere", &["n-1".to_owned()], 1).await[..]
+    else {
         unreachable!()
     };
     let publisher = kafka.publisher().await;
@@ -274,10 +272,9 @@ async fn kafka_a_relay_pool_publishes_every_event_once(db: PgPool) {
     )
     .expect("relay starts");
 
-    let drained = test_support::eventually(Duration::from_secs(60), || async {
-        outbox_rows(&db).await == 0
-    })
-    .await;
+    let drained =
+        test_support::eventually(Duration::from_secs(60), || async { outbox_rows(&db).await == 0 })
+            .await;
     shutdown.cancel();
     relay.join().await;
     assert!(drained, "the relay drained the outbox");

@@ -2,5 +2,7 @@
 //! Each test has its own database (`#[sqlx::test]`) and its own exchange and queue.
 
 mod helpers;
+#[cfg(feature = "kafka")]
+mod kafka;
 mod months;
 mod relay;
