@@ -11,10 +11,11 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use common::broker::BrokerConfig;
-use common::events::{OrderPlaced, OrderPlacedLine};
 use lapin::BasicProperties;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeleteOptions};
+use order_events::{OrderPlaced, OrderPlacedLine};
+use outbox::Event as _;
+use service_kit::broker::BrokerConfig;
 use sqlx::migrate::MigrateDatabase;
 use sqlx::{PgPool, Postgres};
 use tokio::process::Command;
@@ -93,7 +94,7 @@ async fn run_once(args: &Args, batch_size: usize) -> anyhow::Result<Run> {
     let db_url = db_url.to_string();
     Postgres::create_database(&db_url).await?;
     let db = PgPool::connect(&db_url).await?;
-    common::MIGRATOR.run(&db).await?;
+    service_kit::MIGRATOR.run(&db).await?;
     let broker =
         BrokerConfig { amqp_url: args.amqp_url.clone(), ..BrokerConfig::for_test(&suffix) };
 

@@ -3,8 +3,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::broker::BrokerConfig;
-use common::db::DbConfig;
+use service_kit::broker::BrokerConfig;
+use service_kit::db::DbConfig;
 
 #[derive(Debug, Clone, clap::Parser)]
 #[command(name = "inventory-consumer", version, about)]

@@ -10,9 +10,9 @@ use std::io::Write;
 use std::time::Duration;
 
 use anyhow::Context;
-use common::broker::BrokerConfig;
 use lapin::{Channel, Connection};
 use outbox::dead_letter::{self, DeadLetter, Replayed, Selection};
+use service_kit::broker::BrokerConfig;
 
 use crate::config::DlqCommand;
 

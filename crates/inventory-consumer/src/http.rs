@@ -31,7 +31,7 @@ pub struct HttpState {
 
 pub fn router(state: HttpState) -> Router {
     Router::new()
-        .route("/healthz", get(common::http::healthz))
+        .route("/healthz", get(service_kit::http::healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(state)
@@ -40,7 +40,7 @@ pub fn router(state: HttpState) -> Router {
 /// `GET /readyz`: consuming, which needs the database, the broker (at least one
 /// worker consuming) and no task crashed and waiting to be restarted.
 async fn readyz(State(state): State<HttpState>) -> Response {
-    let database_up = common::http::database_answers(&state.db).await;
+    let database_up = service_kit::http::database_answers(&state.db).await;
     let workers = state.connected_workers.load(Ordering::Relaxed);
     let crashed_tasks = state.health.crashed_tasks();
     let ready = database_up && workers > 0 && crashed_tasks == 0;
@@ -62,5 +62,5 @@ async fn readyz(State(state): State<HttpState>) -> Response {
 /// broker first; if it cannot answer they read NaN and the rest is served as usual.
 async fn metrics(State(state): State<HttpState>) -> Response {
     state.queue_depth.refresh().await;
-    common::http::metrics_response(&state.registry)
+    service_kit::http::metrics_response(&state.registry)
 }

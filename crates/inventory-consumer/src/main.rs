@@ -8,7 +8,7 @@ use inventory_consumer::{Application, Command, Config};
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = Config::parse_command_line(std::env::args_os());
-    common::telemetry::init();
+    service_kit::telemetry::init();
     let status = match run(config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -16,7 +16,7 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     };
-    common::telemetry::shutdown();
+    service_kit::telemetry::shutdown();
     status
 }
 
@@ -24,6 +24,6 @@ async fn run(config: Config) -> anyhow::Result<()> {
     if let Some(Command::Dlq(command)) = &config.command {
         return inventory_consumer::dlq::run(&config.broker, command, &mut std::io::stdout()).await;
     }
-    let shutdown = common::shutdown::on_signal();
+    let shutdown = service_kit::shutdown::on_signal();
     Application::build(config).await?.run_until_stopped(shutdown).await
 }

@@ -4,9 +4,10 @@
 //! worker moves it to the dead-letter queue with the reason (never requeues it).
 
 use chrono::{DateTime, Utc};
-use common::events::{OrderPlaced, VERSION_HEADER};
 use lapin::message::Delivery;
 use lapin::types::AMQPValue;
+use order_events::{OrderPlaced, VERSION_HEADER};
+use outbox::Event as _;
 use outbox::transport::CREATED_AT_HEADER;
 use uuid::Uuid;
 
@@ -67,7 +68,7 @@ pub fn header_text(delivery: &Delivery, name: &str) -> Option<String> {
 /// The W3C trace context the message carries (`traceparent`, `tracestate`);
 /// empty when it carries none, so the consumer's span then starts a trace.
 pub fn trace_parent(delivery: &Delivery) -> opentelemetry::Context {
-    common::trace_context::extract(|name| header_text(delivery, name))
+    service_kit::trace_context::extract(|name| header_text(delivery, name))
 }
 
 /// When the event was created, for the end-to-end lag: the relay's

@@ -14,7 +14,6 @@ use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
 use anyhow::Context;
-use common::trace_context;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{
@@ -28,6 +27,7 @@ use opentelemetry::trace::SpanKind;
 use outbox::amqp::{ConsumerQueue, TopologyStatus};
 use outbox::backoff::Backoff;
 use outbox::supervisor::{CountGuard, CrashSwitch};
+use service_kit::trace_context;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 

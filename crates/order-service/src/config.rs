@@ -3,10 +3,10 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::broker::BrokerConfig;
-use common::db::DbConfig;
 use outbox::rabbitmq::RabbitMq;
 use outbox::relay::{RelayConfig, Unroutable};
+use service_kit::broker::BrokerConfig;
+use service_kit::db::DbConfig;
 use uuid::Uuid;
 
 use crate::writer::WriterConfig;

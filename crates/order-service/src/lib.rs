@@ -76,7 +76,7 @@ impl Application {
         let listener = TcpListener::bind(config.listen_addr)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen_addr))?;
-        let background_db = common::db::sibling_pool(
+        let background_db = service_kit::db::sibling_pool(
             &db,
             config.relay.relay_db_max_connections,
             config.db.db_acquire_timeout_ms,

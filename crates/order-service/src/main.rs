@@ -9,7 +9,7 @@ use order_service::{Application, Command, Config, ReconcileArgs};
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = Config::parse();
-    common::telemetry::init();
+    service_kit::telemetry::init();
     if let Some(Command::Reconcile(args)) = &config.command {
         return reconcile(&config, args).await;
     }
@@ -20,7 +20,7 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     };
-    common::telemetry::shutdown();
+    service_kit::telemetry::shutdown();
     status
 }
 
@@ -28,7 +28,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     if let Some(Command::Outbox(command)) = &config.command {
         return order_service::run_outbox_command(&config, command).await;
     }
-    let shutdown = common::shutdown::on_signal();
+    let shutdown = service_kit::shutdown::on_signal();
     Application::build(config).await?.run_until_stopped(shutdown).await
 }
 

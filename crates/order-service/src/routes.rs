@@ -9,7 +9,6 @@ use axum::extract::{FromRequest, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
-use common::trace_context;
 use opentelemetry::KeyValue;
 use opentelemetry::trace::SpanKind;
 use outbox::metrics::RelayMetrics;
@@ -18,6 +17,7 @@ use outbox::supervisor::Health;
 use prometheus_client::registry::Registry;
 use serde::Serialize;
 use serde_json::{Value, json};
+use service_kit::trace_context;
 use sqlx::PgPool;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
@@ -270,7 +270,7 @@ async fn get_order(
 #[utoipa::path(get, path = "/healthz", tag = "operations",
     responses((status = 200, description = "`{\"status\": \"ok\"}`", body = Value)))]
 async fn healthz() -> Json<Value> {
-    common::http::healthz().await
+    service_kit::http::healthz().await
 }
 
 /// Readiness: ready to take orders.
@@ -284,7 +284,7 @@ async fn healthz() -> Json<Value> {
         (status = 503, description = "Not ready: the database is down or a task crashed", body = Value),
     ))]
 async fn readyz(State(state): State<AppState>) -> Response {
-    let database_up = common::http::database_answers(&state.db).await;
+    let database_up = service_kit::http::database_answers(&state.db).await;
     let crashed_tasks = state.health.crashed_tasks();
     let ready = database_up && crashed_tasks == 0;
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
@@ -313,7 +313,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
     ))]
 async fn metrics(State(state): State<AppState>) -> Result<Response> {
     state.relay_metrics.refresh_backlog(&state.db).await?;
-    Ok(common::http::metrics_response(&state.registry))
+    Ok(service_kit::http::metrics_response(&state.registry))
 }
 
 /// This document (OpenAPI 3.1).

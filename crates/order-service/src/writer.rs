@@ -31,7 +31,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use common::events::{ORDER_AGGREGATE, OrderPlaced, OrderPlacedLine, VERSION_HEADER};
+use order_events::{OrderPlaced, OrderPlacedLine};
 use outbox::relay::RelayWaker;
 use outbox::supervisor::Supervisor;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
@@ -319,11 +319,8 @@ async fn write_transaction(
         batch.iter().copied().filter(|priced| !taken.contains(&priced.id)).collect();
     if !winners.is_empty() {
         insert_orders(&mut tx, &winners).await?;
-        let events: Vec<outbox::NewEvent> = winners
-            .iter()
-            .map(|priced| priced.event())
-            .collect::<Result<_, serde_json::Error>>()
-            .map_err(|error| sqlx::Error::Encode(error.into()))?;
+        let events: Vec<outbox::NewEvent> =
+            winners.iter().map(|priced| priced.event()).collect::<outbox::Result<_>>()?;
         outbox::enqueue_many(&mut tx, &events).await?;
         if notify {
             outbox::notify(&mut tx).await?;
@@ -397,7 +394,7 @@ impl Priced<'_> {
         }
     }
 
-    fn event(&self) -> serde_json::Result<outbox::NewEvent> {
+    fn event(&self) -> outbox::Result<outbox::NewEvent> {
         let event = OrderPlaced {
             order_id: self.id,
             customer_id: self.order.customer_id.clone(),
@@ -408,19 +405,13 @@ impl Priced<'_> {
                 .collect(),
             total_cents: self.total_cents,
         };
-        Ok(outbox::NewEvent {
-            aggregate_type: ORDER_AGGREGATE.to_owned(),
-            aggregate_id: self.id.to_string(),
-            event_type: OrderPlaced::EVENT_TYPE.to_owned(),
-            payload: serde_json::to_value(&event)?,
-            headers: self
-                .order
-                .trace
-                .iter()
-                .map(|(name, value)| (name.clone(), Value::from(value.as_str())))
-                .chain([(VERSION_HEADER.to_owned(), Value::from(OrderPlaced::VERSION))])
-                .collect(),
-        })
+        // Typed (names and version from `outbox::Event`), plus the trace context.
+        let event = outbox::NewEvent::from_event(&event)?;
+        Ok(self
+            .order
+            .trace
+            .iter()
+            .fold(event, |event, (name, value)| event.with_header(name, value)))
     }
 }
 

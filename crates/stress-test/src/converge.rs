@@ -28,9 +28,18 @@ pub async fn connect(database_url: &str) -> anyhow::Result<PgPool> {
         .acquire_timeout(Duration::from_secs(5))
         .connect(database_url)
         .await
-        .with_context(|| {
-            format!("cannot connect to Postgres at {}", common::db::redact(database_url))
-        })
+        .with_context(|| format!("cannot connect to Postgres at {}", redact(database_url)))
+}
+
+/// The URL without its password, for error messages.
+fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        _ => url.to_owned(),
+    }
 }
 
 pub struct Convergence {

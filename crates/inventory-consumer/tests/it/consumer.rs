@@ -3,8 +3,9 @@
 
 use std::time::Duration;
 
-use common::events::OrderPlaced;
 use inventory_consumer::apply::{Outcome, apply_batch};
+use order_events::OrderPlaced;
+use outbox::Event as _;
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -14,7 +15,7 @@ use crate::helpers::{
 
 const WITHIN: Duration = Duration::from_secs(10);
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn a_new_event_reserves_stock_and_completes_the_order(db: PgPool) {
     let broker = TestBroker::new().await;
     let consumer = TestConsumer::spawn(db.clone(), &broker.config, &[]).await;
@@ -45,7 +46,7 @@ async fn a_new_event_reserves_stock_and_completes_the_order(db: PgPool) {
     broker.delete().await;
 }
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn a_message_delivered_twice_has_one_effect(db: PgPool) {
     let broker = TestBroker::new().await;
     let consumer = TestConsumer::spawn(db.clone(), &broker.config, &[]).await;
@@ -66,7 +67,7 @@ async fn a_message_delivered_twice_has_one_effect(db: PgPool) {
     broker.delete().await;
 }
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn a_message_delivered_twice_concurrently_has_one_effect(db: PgPool) {
     let broker = TestBroker::new().await;
     // Two workers taking one message each: both copies are in flight together.
@@ -90,7 +91,7 @@ async fn a_message_delivered_twice_concurrently_has_one_effect(db: PgPool) {
 
 /// The same message applied by two transactions at once, without a broker in
 /// between: the second waits for the first and finds it done.
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn two_transactions_applying_one_message_take_effect_once(db: PgPool) {
     let before = available(&db, "SKU-005").await;
     let messages = insert_orders(&db, &[vec![("SKU-005", 3)]]).await;
@@ -115,7 +116,7 @@ async fn two_transactions_applying_one_message_take_effect_once(db: PgPool) {
 /// Placing an order takes `FOR KEY SHARE` locks on its SKUs (the foreign-key
 /// checks of its lines). Applying must not wait for them: if it did, a consumer
 /// and order-service locking two SKUs in opposite orders would deadlock.
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn applying_does_not_wait_for_an_order_being_placed(db: PgPool) {
     let messages = insert_orders(&db, &[vec![("SKU-006", 1)]]).await;
     let mut placing = db.begin().await.expect("begin");
@@ -144,7 +145,7 @@ async fn applying_does_not_wait_for_an_order_being_placed(db: PgPool) {
     placing.rollback().await.expect("rollback");
 }
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn out_of_stock_orders_are_rejected_and_take_no_stock(db: PgPool) {
     let broker = TestBroker::new().await;
     let scarce = "SKU-021";
@@ -177,7 +178,7 @@ async fn out_of_stock_orders_are_rejected_and_take_no_stock(db: PgPool) {
     broker.delete().await;
 }
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn each_kind_of_poison_is_dead_lettered_and_the_next_message_is_processed(db: PgPool) {
     let broker = TestBroker::new().await;
     let [good, unknown_order] = insert_orders(&db, &[vec![("SKU-007", 1)], vec![("SKU-007", 1)]])
@@ -231,7 +232,7 @@ async fn each_kind_of_poison_is_dead_lettered_and_the_next_message_is_processed(
 
 /// A failing database is waited out: nothing is acked or dead-lettered while the
 /// transaction fails, and the message is applied once it can be.
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn a_database_failure_is_retried_not_acked_or_dead_lettered(db: PgPool) {
     let broker = TestBroker::new().await;
     let [message] = insert_orders(&db, &[vec![("SKU-008", 1)]]).await.try_into().expect("one");
@@ -260,7 +261,7 @@ async fn a_database_failure_is_retried_not_acked_or_dead_lettered(db: PgPool) {
 }
 
 /// The broker going away mid-stream: the consumer reconnects and finishes.
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn the_consumer_reconnects_after_losing_the_broker(db: PgPool) {
     let broker = TestBroker::new().await;
     let proxy = test_support::BrokerProxy::start().await;
@@ -285,7 +286,7 @@ async fn the_consumer_reconnects_after_losing_the_broker(db: PgPool) {
     broker.delete().await;
 }
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn a_message_whose_data_the_database_refuses_is_dead_lettered_alone(db: PgPool) {
     let broker = TestBroker::new().await;
     let messages = insert_orders(&db, &vec![vec![("SKU-012", 1)]; 5]).await;

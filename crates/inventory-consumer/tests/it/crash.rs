@@ -13,7 +13,7 @@ use crate::helpers::{
 
 const ORDERS: usize = 3000;
 
-fn start_consumer(database_url: &str, broker: &common::broker::BrokerConfig) -> Child {
+fn start_consumer(database_url: &str, broker: &service_kit::broker::BrokerConfig) -> Child {
     Command::new(env!("CARGO_BIN_EXE_inventory-consumer"))
         .args(&consumer_args(broker)[1..])
         // Small batches, so the stream is still flowing when the kill comes.
@@ -33,7 +33,7 @@ async fn decided(db: &PgPool) -> i64 {
         .expect("count")
 }
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn a_consumer_killed_mid_stream_and_restarted_processes_each_order_once(db: PgPool) {
     let broker = TestBroker::new().await;
     let skus = ["SKU-010", "SKU-011", "SKU-022"]; // SKU-022 is scarce: some are REJECTED

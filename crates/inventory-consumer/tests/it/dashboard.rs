@@ -165,7 +165,7 @@ fn every_panel_queries_the_provisioned_prometheus() {
     }
 }
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn every_metric_on_the_dashboard_is_exposed(db: PgPool) {
     let queried = queried_metrics(&dashboard());
 

@@ -7,11 +7,11 @@
 
 use std::time::Duration;
 
-use common::events::{OrderPlaced, OrderPlacedLine};
 use inventory_consumer::message::Message;
 use inventory_consumer::{Command, Config, dlq};
 use lapin::options::{BasicGetOptions, BasicRejectOptions};
 use lapin::types::{AMQPValue, FieldTable};
+use order_events::{OrderPlaced, OrderPlacedLine};
 use outbox::dead_letter::{REASON_HEADER, Replayed, Selection};
 use serde_json::Value;
 use sqlx::PgPool;
@@ -87,7 +87,7 @@ fn header_text(delivery: &lapin::message::Delivery, name: &str) -> Option<String
     }
 }
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn a_poison_message_is_dead_lettered_with_its_reason_and_its_batch_applied_once(db: PgPool) {
     let broker = TestBroker::new().await;
     let good = insert_orders(&db, &[vec![("SKU-010", 1)], vec![("SKU-010", 2)]]).await;
@@ -139,7 +139,7 @@ async fn a_poison_message_is_dead_lettered_with_its_reason_and_its_batch_applied
 /// Poison the dead-letter exchange cannot take (it has no queue bound, so the
 /// mandatory copy comes back) is handed back to the queue, not acked; the worker
 /// reconnects, declares its topology afresh, and dead-letters it then.
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn poison_the_dead_letter_exchange_does_not_confirm_goes_back_to_the_queue(db: PgPool) {
     let broker = TestBroker::new().await;
     let consumer = TestConsumer::spawn(db.clone(), &broker.config, &["--concurrency", "1"]).await;
@@ -178,7 +178,7 @@ async fn poison_the_dead_letter_exchange_does_not_confirm_goes_back_to_the_queue
     broker.delete().await;
 }
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn listing_shows_both_kinds_of_dead_letter_and_leaves_the_queue_as_it_was(db: PgPool) {
     let broker = TestBroker::new_with(|config| config.delivery_limit = 1).await;
     let consumer = TestConsumer::spawn(db.clone(), &broker.config, &[]).await;
@@ -236,7 +236,7 @@ async fn listing_shows_both_kinds_of_dead_letter_and_leaves_the_queue_as_it_was(
     broker.delete().await;
 }
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn replaying_one_message_moves_exactly_it_back_and_the_consumer_applies_it(db: PgPool) {
     let broker = TestBroker::new().await;
     let consumer = TestConsumer::spawn(db.clone(), &broker.config, &[]).await;
@@ -262,7 +262,7 @@ async fn replaying_one_message_moves_exactly_it_back_and_the_consumer_applies_it
     broker.delete().await;
 }
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn replaying_all_moves_every_message_back(db: PgPool) {
     let broker = TestBroker::new().await;
     let consumer = TestConsumer::spawn(db.clone(), &broker.config, &[]).await;
@@ -307,7 +307,7 @@ fn ids_of(messages: &[Message]) -> Vec<String> {
 
 /// The command as a user types it: an unknown id is an error (exit 1) and
 /// leaves every message where it was.
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn replaying_an_unknown_id_is_an_error_and_changes_nothing(db: PgPool) {
     let broker = TestBroker::new().await;
     let consumer = TestConsumer::spawn(db.clone(), &broker.config, &[]).await;
@@ -335,7 +335,7 @@ async fn replaying_an_unknown_id_is_an_error_and_changes_nothing(db: PgPool) {
 
 /// A replay the broker does not confirm (here: no such target queue, so the
 /// mandatory copy comes back) leaves the message in the dead-letter queue.
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn a_message_whose_replay_is_not_confirmed_stays_in_the_dead_letter_queue(db: PgPool) {
     let broker = TestBroker::new().await;
     let consumer = TestConsumer::spawn(db.clone(), &broker.config, &[]).await;
@@ -360,7 +360,7 @@ async fn a_message_whose_replay_is_not_confirmed_stays_in_the_dead_letter_queue(
     broker.delete().await;
 }
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn the_dlq_command_lists_text_or_json_lines_and_checks_its_arguments(db: PgPool) {
     let broker = TestBroker::new().await;
     let consumer = TestConsumer::spawn(db.clone(), &broker.config, &[]).await;

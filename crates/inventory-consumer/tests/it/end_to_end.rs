@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use crate::helpers::{TestApi, TestBroker, TestConsumer};
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn orders_posted_to_the_api_all_reach_completed(db: PgPool) {
     let broker = TestBroker::new().await;
     let config = &broker.config;

@@ -7,10 +7,11 @@
 
 use std::time::Duration;
 
-use common::events::{OrderPlaced, VERSION_HEADER};
 use lapin::BasicProperties;
 use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
+use order_events::{OrderPlaced, VERSION_HEADER};
+use outbox::Event as _;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde_json::{Value, json};
@@ -123,7 +124,7 @@ fn mutated_properties(rng: &mut StdRng) -> BasicProperties {
     properties.with_headers(headers)
 }
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn generated_messages_are_dead_lettered_or_applied_and_the_consumer_carries_on(db: PgPool) {
     let seed = std::env::var("FUZZ_SEED")
         .ok()

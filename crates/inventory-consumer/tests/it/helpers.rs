@@ -4,8 +4,6 @@
 use std::time::Duration;
 
 use clap::Parser;
-use common::broker::BrokerConfig;
-use common::events::{OrderPlaced, OrderPlacedLine, VERSION_HEADER};
 use inventory_consumer::message::Message;
 use inventory_consumer::metrics::ConsumerMetrics;
 use inventory_consumer::{Application, Config};
@@ -15,7 +13,10 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
+use order_events::{OrderPlaced, OrderPlacedLine, VERSION_HEADER};
+use outbox::Event as _;
 use serde_json::Value;
+use service_kit::broker::BrokerConfig;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;

@@ -23,7 +23,7 @@ fn event_json(message: &inventory_consumer::message::Message) -> Value {
     serde_json::to_value(&message.event).expect("json")
 }
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn an_event_from_a_newer_producer_with_extra_fields_is_applied(db: PgPool) {
     let broker = TestBroker::new().await;
     let consumer = TestConsumer::spawn(db.clone(), &broker.config, &[]).await;
@@ -44,7 +44,7 @@ async fn an_event_from_a_newer_producer_with_extra_fields_is_applied(db: PgPool)
     broker.delete().await;
 }
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn an_event_missing_a_field_or_of_an_unknown_major_version_is_dead_lettered(db: PgPool) {
     let broker = TestBroker::new().await;
     let consumer = TestConsumer::spawn(db.clone(), &broker.config, &[]).await;
@@ -75,7 +75,7 @@ async fn an_event_missing_a_field_or_of_an_unknown_major_version_is_dead_lettere
     broker.delete().await;
 }
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn a_redelivery_older_than_the_dedup_window_has_no_second_effect(db: PgPool) {
     let [message] = insert_orders(&db, &[vec![("SKU-006", 7)]]).await.try_into().expect("one");
     let before = available(&db, "SKU-006").await;
@@ -101,7 +101,7 @@ async fn a_redelivery_older_than_the_dedup_window_has_no_second_effect(db: PgPoo
     assert_eq!(order_status(&db, message.event.order_id).await, "COMPLETED");
 }
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn a_worker_that_panics_with_a_batch_in_hand_is_restarted_and_applies_it_once(db: PgPool) {
     let broker = TestBroker::new().await;
     let args = ["--concurrency", "1"];
@@ -160,7 +160,7 @@ async fn scans_after_growth(db: &PgPool, options: PgConnectOptions) -> i64 {
     apply_one(db, &conn).await
 }
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn a_batch_keeps_its_index_plans_as_orders_grow(db: PgPool) {
     let options = (*db.connect_options()).clone();
     // As the services connect: custom plans, made from the table as it is now.
@@ -168,7 +168,7 @@ async fn a_batch_keeps_its_index_plans_as_orders_grow(db: PgPool) {
     assert_eq!(scans, 0, "no sequential scan of orders");
 }
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn a_generic_plan_made_on_an_empty_table_scans_it_for_ever(db: PgPool) {
     // The failure the setting prevents, shown so that the test above can fail:
     // the plan cached while `orders` was empty reads the whole table each batch.
@@ -177,7 +177,7 @@ async fn a_generic_plan_made_on_an_empty_table_scans_it_for_ever(db: PgPool) {
     assert!(scans_after_growth(&db, generic).await > 0);
 }
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn both_windows_empty_their_tables_while_orders_stay(db: PgPool) {
     let broker = TestBroker::new().await;
     let windows = ["--sweep-interval", "1s"];

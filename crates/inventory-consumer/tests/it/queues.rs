@@ -13,7 +13,7 @@ use test_support::eventually;
 
 use crate::helpers::{TestBroker, TestConsumer, insert_orders};
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn a_message_that_keeps_coming_back_is_dead_lettered_at_the_delivery_limit(db: PgPool) {
     let broker = TestBroker::new_with(|config| config.delivery_limit = 3).await;
     let [message] = insert_orders(&db, &[vec![("SKU-001", 1)]]).await.try_into().expect("one");
@@ -44,7 +44,7 @@ async fn a_message_that_keeps_coming_back_is_dead_lettered_at_the_delivery_limit
     broker.delete().await;
 }
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn a_queue_of_another_type_is_reported_by_name_and_the_consumer_keeps_running(db: PgPool) {
     // A broker where the queue was declared classic (by an older version, say).
     let mut broker = TestBroker::new_with(|config| config.queue_type = QueueType::Classic).await;

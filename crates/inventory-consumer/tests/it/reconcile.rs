@@ -32,7 +32,7 @@ async fn decided_by(db: &PgPool, order_id: Uuid) -> Option<Uuid> {
         .expect("order exists")
 }
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn applying_a_batch_names_the_deciding_message_on_each_order(db: PgPool) {
     // SKU-021 has 25: the second order finds 5 left and is rejected.
     let messages = insert_orders(
@@ -62,7 +62,7 @@ async fn applying_a_batch_names_the_deciding_message_on_each_order(db: PgPool) {
     assert_eq!((report.decided, report.decided_within_window), (3, 3));
 }
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn the_running_system_leaves_a_database_that_reconciles(db: PgPool) {
     let broker = TestBroker::new().await;
     let config = &broker.config;

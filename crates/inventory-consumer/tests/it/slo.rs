@@ -44,7 +44,7 @@ fn created_at_header(seconds_ago: i64) -> FieldTable {
     headers
 }
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn the_lag_of_each_applied_message_and_the_queue_depths_are_exposed(db: PgPool) {
     let broker = TestBroker::new().await;
     let consumer = TestConsumer::spawn(db.clone(), &broker.config, &[]).await;
@@ -122,7 +122,7 @@ async fn the_lag_of_each_applied_message_and_the_queue_depths_are_exposed(db: Pg
 
 /// The whole path: the relay stamps each message with its outbox row's
 /// `created_at`, and the consumer measures from it.
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn the_lag_is_measured_from_the_outbox_row_the_relay_published(db: PgPool) {
     let broker = TestBroker::new().await;
     let api = TestApi::spawn(&db, &broker.config, &[]).await;
@@ -151,7 +151,7 @@ async fn the_lag_is_measured_from_the_outbox_row_the_relay_published(db: PgPool)
     broker.delete().await;
 }
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn without_the_broker_the_depths_read_nan_and_the_scrape_still_succeeds(db: PgPool) {
     let broker = TestBroker::new().await;
     let proxy = BrokerProxy::start().await;

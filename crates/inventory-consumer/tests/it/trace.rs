@@ -17,7 +17,7 @@ fn exported() -> &'static InMemorySpanExporter {
     static EXPORTER: OnceLock<InMemorySpanExporter> = OnceLock::new();
     EXPORTER.get_or_init(|| {
         let exporter = InMemorySpanExporter::default();
-        common::telemetry::install(
+        service_kit::telemetry::install(
             SdkTracerProvider::builder().with_simple_exporter(exporter.clone()).build(),
         );
         exporter
@@ -29,7 +29,7 @@ fn spans_of(trace: TraceId) -> Vec<SpanData> {
     spans.into_iter().filter(|span| span.span_context.trace_id() == trace).collect()
 }
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn the_consumer_span_continues_the_request_trace(db: PgPool) {
     exported();
     let broker = TestBroker::new().await;
@@ -77,7 +77,7 @@ async fn the_consumer_span_continues_the_request_trace(db: PgPool) {
     broker.delete().await;
 }
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn a_request_without_valid_trace_context_starts_a_trace(db: PgPool) {
     exported();
     let broker = TestBroker::new().await;

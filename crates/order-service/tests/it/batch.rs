@@ -68,7 +68,7 @@ async fn events_match_orders(db: &PgPool) {
     assert_eq!(unmatched, 0, "an order without its event, or an event without its order");
 }
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn an_unknown_sku_fails_its_order_alone(db: PgPool) {
     let orders = [
         order("a", &[("SKU-001", 1), ("SKU-003", 2)], None),
@@ -95,7 +95,7 @@ async fn an_unknown_sku_fails_its_order_alone(db: PgPool) {
     events_match_orders(&db).await;
 }
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn one_key_twice_in_a_batch_places_one_order(db: PgPool) {
     let body = json!({"customer_id": "a", "items": [{"sku": "SKU-001", "quantity": 1}]});
     let other_body = json!({"customer_id": "b", "items": [{"sku": "SKU-002", "quantity": 1}]});
@@ -121,7 +121,7 @@ async fn one_key_twice_in_a_batch_places_one_order(db: PgPool) {
     events_match_orders(&db).await;
 }
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn a_key_committed_by_another_request_is_taken_back(db: PgPool) {
     let body = json!({"customer_id": "a", "items": [{"sku": "SKU-001", "quantity": 1}]});
     placed(&write(&db, &[order("a", &[("SKU-001", 1)], Some(("key-1", body.clone())))]).await[0]);
@@ -157,7 +157,7 @@ async fn refuse_poison_orders(db: &PgPool) {
     .expect("failure trigger installed");
 }
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn a_failure_mid_batch_lands_on_its_order_alone(db: PgPool) {
     refuse_poison_orders(&db).await;
     let body = |customer: &str| json!({"customer_id": customer, "items": []});
@@ -185,7 +185,7 @@ async fn a_failure_mid_batch_lands_on_its_order_alone(db: PgPool) {
 
 /// Over HTTP: requests that queue while the writer is busy share its next
 /// transaction, and each gets its own answer.
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn concurrent_requests_share_transactions_and_get_their_own_answers(db: PgPool) {
     let app = spawn_with_args(db, &["--relay-workers", "0", "--write-concurrency", "1"]).await;
     // Hold the writer's first transaction at its price lookup, so the others queue.

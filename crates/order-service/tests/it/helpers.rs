@@ -1,9 +1,9 @@
 //! `spawn_app`: an order-service on port 0 over a test's own database.
 
 use clap::Parser;
-use common::broker::BrokerConfig;
 use order_service::{Application, Config};
 use serde_json::Value;
+use service_kit::broker::BrokerConfig;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 

@@ -9,7 +9,7 @@ use crate::helpers::{spawn_app, spawn_with_args};
 
 const COMMITTED: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/openapi.json");
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn the_served_document_is_the_committed_one(db: PgPool) {
     let app = spawn_app(db).await;
     let response =
@@ -40,7 +40,7 @@ async fn error_of(response: reqwest::Response) -> (u16, String) {
     (status, body["error"].as_str().expect("error code").to_owned())
 }
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn unknown_routes_wrong_methods_and_timeouts_answer_json_errors(db: PgPool) {
     // A pool of one connection, which the test holds: a request that needs the
     // database waits for it until the 200 ms request timeout answers.

@@ -1,6 +1,6 @@
 //! POST /orders writes order, lines and event together or not at all.
 
-use common::events::OrderPlaced;
+use order_events::OrderPlaced;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -19,7 +19,7 @@ async fn price_of(db: &PgPool, sku: &str) -> i64 {
         .expect("catalogue price")
 }
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn order_lines_and_event_are_committed_together(db: PgPool) {
     let app = spawn_app(db).await;
 
@@ -83,7 +83,7 @@ async fn fail_outbox_inserts(db: &PgPool) {
     .expect("failure trigger installed");
 }
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn a_failure_before_commit_leaves_no_order_and_no_event(db: PgPool) {
     let app = spawn_app(db).await;
     fail_outbox_inserts(&app.db).await;
@@ -97,7 +97,7 @@ async fn a_failure_before_commit_leaves_no_order_and_no_event(db: PgPool) {
     assert_eq!(app.row_counts().await, RowCounts::NONE);
 }
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn a_failure_at_commit_leaves_no_order_and_no_event(db: PgPool) {
     let app = spawn_app(db).await;
     // A deferred constraint trigger runs at COMMIT, after every statement succeeded.
@@ -117,7 +117,7 @@ async fn a_failure_at_commit_leaves_no_order_and_no_event(db: PgPool) {
     assert_eq!(app.row_counts().await, RowCounts::NONE);
 }
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn a_retry_after_a_failed_attempt_creates_the_order_once(db: PgPool) {
     let app = spawn_app(db).await;
     fail_outbox_inserts(&app.db).await;
@@ -131,7 +131,7 @@ async fn a_retry_after_a_failed_attempt_creates_the_order_once(db: PgPool) {
     assert_eq!(app.row_counts().await, RowCounts { orders: 1, lines: 2, events: 1, keys: 1 });
 }
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn bad_input_gets_a_named_4xx_and_writes_nothing(db: PgPool) {
     let app = spawn_app(db).await;
     let url = format!("{}/orders", app.address);
@@ -220,7 +220,7 @@ async fn bad_input_gets_a_named_4xx_and_writes_nothing(db: PgPool) {
     assert_eq!(app.row_counts().await, RowCounts::NONE);
 }
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn unknown_orders_are_404(db: PgPool) {
     let app = spawn_app(db).await;
     for path in [format!("/orders/{}", Uuid::now_v7()), "/orders/not-a-uuid".to_owned()] {
@@ -230,7 +230,7 @@ async fn unknown_orders_are_404(db: PgPool) {
     }
 }
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn a_retry_with_the_same_key_returns_the_original_response(db: PgPool) {
     let app = spawn_app(db).await;
 
@@ -247,7 +247,7 @@ async fn a_retry_with_the_same_key_returns_the_original_response(db: PgPool) {
     assert_eq!(app.row_counts().await, RowCounts { orders: 1, lines: 2, events: 1, keys: 1 });
 }
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn the_same_key_with_another_body_is_refused(db: PgPool) {
     let app = spawn_app(db).await;
     assert_eq!(app.post_order_with_key("key-2", &two_line_order()).await.status(), 201);
@@ -261,7 +261,7 @@ async fn the_same_key_with_another_body_is_refused(db: PgPool) {
     assert_eq!(app.row_counts().await, RowCounts { orders: 1, lines: 2, events: 1, keys: 1 });
 }
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn concurrent_requests_with_one_key_create_one_order(db: PgPool) {
     let app = spawn_app(db).await;
     let body = two_line_order();
@@ -281,7 +281,7 @@ async fn concurrent_requests_with_one_key_create_one_order(db: PgPool) {
     assert_eq!(app.row_counts().await, RowCounts { orders: 1, lines: 2, events: 1, keys: 1 });
 }
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn health_and_readiness(db: PgPool) {
     let app = spawn_app(db).await;
     let health = app.client.get(format!("{}/healthz", app.address)).send().await.expect("get");
@@ -291,7 +291,7 @@ async fn health_and_readiness(db: PgPool) {
     assert_eq!(ready.json::<Value>().await.expect("json")["database"], "up");
 }
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn a_database_outage_is_a_503_and_not_ready(db: PgPool) {
     let app = spawn_app(db).await;
     app.db.close().await; // the app shares this pool: it can no longer reach Postgres
@@ -306,7 +306,7 @@ async fn a_database_outage_is_a_503_and_not_ready(db: PgPool) {
     assert_eq!(ready.json::<Value>().await.expect("json")["database"], "down");
 }
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn a_key_past_its_ttl_creates_a_new_order(db: PgPool) {
     let args = ["--relay-workers", "0", "--idempotency-key-ttl", "1s", "--sweep-interval", "100ms"];
     let app = spawn_with_args(db, &args).await;

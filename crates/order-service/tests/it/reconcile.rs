@@ -143,7 +143,7 @@ async fn execute(db: &PgPool, sql: &str, id: Uuid) {
     sqlx::query(sql).bind(id).execute(db).await.expect(sql);
 }
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn a_healthy_database_passes_every_check(db: PgPool) {
     let state = healthy(db).await;
     let db = &state.app.db;
@@ -191,7 +191,7 @@ async fn a_healthy_database_passes_every_check(db: PgPool) {
     assert_eq!(json["skus_off"], json!([]), "{json}");
 }
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn an_order_pending_too_long_fails_with_its_id_and_age(db: PgPool) {
     let state = healthy(db).await;
     let db = &state.app.db;
@@ -221,7 +221,7 @@ async fn an_order_pending_too_long_fails_with_its_id_and_age(db: PgPool) {
     assert!(check_with(db, &["--pending-after", "10m"]).await.ok());
 }
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn a_decision_that_names_no_message_fails(db: PgPool) {
     let state = healthy(db).await;
     let db = &state.app.db;
@@ -235,7 +235,7 @@ async fn a_decision_that_names_no_message_fails(db: PgPool) {
     assert_eq!(report.json()["decided_without_message"], 1);
 }
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn orders_decided_before_decided_by_existed_are_counted_apart(db: PgPool) {
     let state = healthy(db).await;
     let db = &state.app.db;
@@ -261,7 +261,7 @@ async fn orders_decided_before_decided_by_existed_are_counted_apart(db: PgPool) 
     assert_eq!(report.json()["decided_before_tracking"], 1);
 }
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn a_message_missing_within_the_dedup_window_fails(db: PgPool) {
     let state = healthy(db).await;
     let db = &state.app.db;
@@ -295,7 +295,7 @@ async fn a_message_missing_within_the_dedup_window_fails(db: PgPool) {
     assert_eq!(report.message_missing, 3, "{}", report.text());
 }
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn stock_that_is_off_names_each_sku_and_the_difference(db: PgPool) {
     let state = healthy(db).await;
     let db = &state.app.db;
@@ -330,7 +330,7 @@ async fn stock_that_is_off_names_each_sku_and_the_difference(db: PgPool) {
     );
 }
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn a_dead_outbox_event_fails(db: PgPool) {
     let state = healthy(db).await;
     let db = &state.app.db;
@@ -344,7 +344,7 @@ async fn a_dead_outbox_event_fails(db: PgPool) {
     assert_eq!(report.json()["outbox_dead"], 1);
 }
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn an_outbox_event_pending_too_long_fails(db: PgPool) {
     let state = healthy(db).await;
     let db = &state.app.db;
@@ -362,7 +362,7 @@ async fn an_outbox_event_pending_too_long_fails(db: PgPool) {
     assert!(report.text().contains("1 pending (oldest 2m"), "{}", report.text());
 }
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn a_key_whose_order_is_gone_fails(db: PgPool) {
     let state = healthy(db).await;
     let db = &state.app.db;
@@ -410,7 +410,7 @@ async fn execute_in(tx: &mut sqlx::PgConnection, sql: &str, id: Uuid) {
     sqlx::query(sql).bind(id).execute(tx).await.expect(sql);
 }
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn several_failures_are_all_reported(db: PgPool) {
     let state = healthy(db).await;
     let db = &state.app.db;
@@ -425,7 +425,7 @@ async fn several_failures_are_all_reported(db: PgPool) {
     assert_eq!(report.json()["failed_checks"], 2);
 }
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn a_database_without_the_migration_is_not_checked(db: PgPool) {
     sqlx::query("ALTER TABLE inventory DROP COLUMN received").execute(&db).await.expect("drop");
     let mut conn = db.acquire().await.expect("connection");
@@ -453,7 +453,7 @@ async fn order_service(url: &str, args: &[&str]) -> Output {
         .expect("order-service runs")
 }
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn the_command_exits_0_when_every_check_holds_1_when_one_fails_2_when_it_cannot_run(
     db: PgPool,
 ) {

@@ -4,10 +4,10 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::broker::BrokerConfig;
-use common::events::OrderPlaced;
 use lapin::options::{BasicGetOptions, ExchangeDeleteOptions, QueueDeleteOptions};
+use order_events::OrderPlaced;
 use serde_json::{Value, json};
+use service_kit::broker::BrokerConfig;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use uuid::Uuid;
@@ -34,7 +34,7 @@ pub async fn delete_topology(broker: &BrokerConfig) {
     let _ = connection.close(200, "done".into()).await;
 }
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn placed_orders_reach_the_inventory_queue(db: PgPool) {
     let broker = BrokerConfig::for_test(&Uuid::new_v4().simple().to_string());
     let app = spawn_app_with_relay(db, &broker).await;
@@ -91,7 +91,7 @@ async fn placed_orders_reach_the_inventory_queue(db: PgPool) {
     delete_topology(&broker).await;
 }
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn orders_are_accepted_while_the_broker_is_down(db: PgPool) {
     let mut broker = BrokerConfig::for_test(&Uuid::new_v4().simple().to_string());
     // Nothing listens on port 1.
@@ -115,7 +115,7 @@ async fn orders_are_accepted_while_the_broker_is_down(db: PgPool) {
     assert!(metrics.contains("outbox_backlog_events 3"), "{metrics}");
 }
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn events_reach_the_broker_while_the_api_pool_is_exhausted(db: PgPool) {
     let broker = BrokerConfig::for_test(&Uuid::new_v4().simple().to_string());
     // The API's pool: two connections, both held by "requests" that never end.
@@ -217,7 +217,7 @@ async fn place(app: &TestApp) -> Uuid {
 
 /// The writer wakes the relay in its process: with polling a minute apart, the
 /// event is still published at once.
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn the_writer_wakes_the_relay_in_its_process(db: PgPool) {
     let broker = BrokerConfig::for_test(&Uuid::new_v4().simple().to_string());
     let app = spawn_idle_relay(db, &broker).await;
@@ -231,7 +231,7 @@ async fn the_writer_wakes_the_relay_in_its_process(db: PgPool) {
 
 /// A relay in another process is woken by NOTIFY when the writers set
 /// OUTBOX_NOTIFY, again without waiting for its poll.
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn outbox_notify_wakes_a_relay_in_another_process(db: PgPool) {
     let broker = BrokerConfig::for_test(&Uuid::new_v4().simple().to_string());
     let _relay = spawn_idle_relay(db.clone(), &broker).await;

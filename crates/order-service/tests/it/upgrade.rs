@@ -5,8 +5,8 @@
 
 use std::time::Duration;
 
-use common::broker::BrokerConfig;
 use lapin::options::BasicGetOptions;
+use service_kit::broker::BrokerConfig;
 use sqlx::migrate::Migrator;
 use sqlx::{Connection, PgConnection, PgPool};
 use uuid::Uuid;
@@ -43,8 +43,8 @@ async fn a_database_of_the_earlier_migrations_upgrades_without_losing_anything(d
     .await
     .expect("processed messages");
 
-    common::MIGRATOR.run(&db).await.expect("the upgrade");
-    common::MIGRATOR.run(&db).await.expect("a second run changes nothing");
+    service_kit::MIGRATOR.run(&db).await.expect("the upgrade");
+    service_kit::MIGRATOR.run(&db).await.expect("a second run changes nothing");
 
     let upgraded = schema_of(&db).await;
     assert!(upgraded.iter().any(|line| line.contains("outbox_due_idx")), "{upgraded:#?}");
@@ -126,13 +126,13 @@ async fn schema_on(connection: &mut PgConnection) -> Vec<String> {
     .expect("schema")
 }
 
-/// The schema `common::MIGRATOR` gives a new database on the same server.
+/// The schema `service_kit::MIGRATOR` gives a new database on the same server.
 async fn schema_of_a_new_database(db: &PgPool) -> Vec<String> {
     let name = format!("upgrade_fresh_{}", Uuid::new_v4().simple());
     sqlx::query(&format!("CREATE DATABASE {name}")).execute(db).await.expect("create");
     let options = (*db.connect_options()).clone().database(&name);
     let mut fresh = PgConnection::connect_with(&options).await.expect("connect");
-    common::MIGRATOR.run(&mut fresh).await.expect("a new database");
+    service_kit::MIGRATOR.run(&mut fresh).await.expect("a new database");
     let schema = schema_on(&mut fresh).await;
     fresh.close().await.expect("close");
     sqlx::query(&format!("DROP DATABASE {name}")).execute(db).await.expect("drop");

@@ -5,7 +5,7 @@ use sqlx::PgPool;
 
 use crate::helpers::{spawn_app, spawn_app_on, stress_test};
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn each_order_stores_a_key_of_its_own(db: PgPool) {
     let app = spawn_app(db).await;
 
@@ -31,7 +31,7 @@ async fn each_order_stores_a_key_of_its_own(db: PgPool) {
     assert_eq!((keys, orders), (30, 30), "one key per order, none replayed");
 }
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn without_the_flag_no_key_is_sent(db: PgPool) {
     let app = spawn_app(db).await;
 
@@ -47,7 +47,7 @@ async fn without_the_flag_no_key_is_sent(db: PgPool) {
     assert_eq!(keys, 0);
 }
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn retries_ride_out_a_service_that_starts_late_without_doubling_orders(db: PgPool) {
     // A port nobody listens on yet; the service comes up on it a moment later.
     let port =

@@ -6,7 +6,7 @@ use sqlx::PgPool;
 
 use crate::helpers::{assert_report_shape, spawn_app, status_total, stress_test};
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn orders_left_pending_are_reported_and_fail_the_run(db: PgPool) {
     let app = spawn_app(db).await;
 
@@ -43,7 +43,7 @@ async fn orders_left_pending_are_reported_and_fail_the_run(db: PgPool) {
     assert_eq!(orders, 50, "the report counts the orders the service stored");
 }
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn a_run_whose_orders_are_all_decided_converges_and_passes(db: PgPool) {
     let app = spawn_app(db).await;
     // Stands in for the inventory consumer: decides every pending order.
@@ -95,7 +95,7 @@ async fn a_run_whose_orders_are_all_decided_converges_and_passes(db: PgPool) {
     assert_eq!(run.exit_code(), Some(0), "stderr: {}", String::from_utf8_lossy(&run.output.stderr));
 }
 
-#[sqlx::test(migrator = "common::MIGRATOR")]
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn refused_requests_are_client_errors(db: PgPool) {
     let app = spawn_app(db).await;
 

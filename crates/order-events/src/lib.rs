@@ -10,6 +10,7 @@
 //! event written before versions existed.
 
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 use uuid::Uuid;
 
 /// The aggregate type of order events in the outbox.
@@ -34,9 +35,22 @@ pub struct OrderPlacedLine {
     pub quantity: i32,
 }
 
+/// `outbox::enqueue(tx, &order_placed)` writes it with its names and version.
+impl outbox::Event for OrderPlaced {
+    const AGGREGATE_TYPE: &'static str = ORDER_AGGREGATE;
+    /// The event type in the outbox and the message's `type`.
+    const EVENT_TYPE: &'static str = "OrderPlaced";
+
+    fn aggregate_id(&self) -> String {
+        self.order_id.to_string()
+    }
+
+    fn headers(&self) -> Map<String, Value> {
+        Map::from_iter([(VERSION_HEADER.to_owned(), Value::from(Self::VERSION))])
+    }
+}
+
 impl OrderPlaced {
-    /// The event type in the outbox and the AMQP `type` property.
-    pub const EVENT_TYPE: &'static str = "OrderPlaced";
     /// The version this code writes. A new optional field raises the minor
     /// version; removing or changing a field raises the major one.
     pub const VERSION: &'static str = "1.0";
@@ -62,6 +76,23 @@ impl OrderPlaced {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use outbox::Event;
+
+    #[test]
+    fn an_order_placed_event_carries_its_names_and_version() {
+        let event = OrderPlaced {
+            order_id: Uuid::nil(),
+            customer_id: "c".to_owned(),
+            lines: vec![OrderPlacedLine { sku: "SKU-001".to_owned(), quantity: 1 }],
+            total_cents: 100,
+        };
+        let new = outbox::NewEvent::from_event(&event).expect("serialisable");
+        assert_eq!(new.aggregate_type, "order");
+        assert_eq!(new.event_type, OrderPlaced::EVENT_TYPE);
+        assert_eq!(new.aggregate_id, Uuid::nil().to_string());
+        assert_eq!(new.headers[VERSION_HEADER], "1.0");
+        assert_eq!(new.payload["lines"][0]["sku"], "SKU-001");
+    }
 
     #[test]
     fn versions_of_the_same_major_are_read_others_refused() {

@@ -1,10 +1,10 @@
-//! What the order service and the inventory consumer share: the event contract
-//! between them, the database schema (migrations) and its set-up, the broker
-//! topology names, telemetry and shutdown signals.
+//! What order-service and inventory-consumer are built from: the database and
+//! its schema (migrations) and set-up, the broker topology both declare,
+//! health and metrics endpoints, telemetry and shutdown signals. The event
+//! contract between them is the crate `order-events`.
 
 pub mod broker;
 pub mod db;
-pub mod events;
 pub mod http;
 pub mod shutdown;
 pub mod telemetry;
