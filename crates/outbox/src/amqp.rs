@@ -81,6 +81,7 @@ pub enum QueueType {
 }
 
 impl QueueType {
+    /// The value of the `x-queue-type` argument (`quorum`, `classic`).
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Quorum => "quorum",
@@ -111,10 +112,15 @@ impl std::fmt::Display for QueueType {
 /// and queue for the messages it rejects.
 #[derive(Debug, Clone)]
 pub struct ConsumerQueue {
+    /// The topic exchange events are published to (declared here too).
     pub exchange: String,
+    /// The consumer's queue.
     pub queue: String,
+    /// The routing-key pattern binding the queue to `exchange` (`order.*`).
     pub binding_key: String,
+    /// The fanout exchange the queue dead-letters to (its `x-dead-letter-exchange`).
     pub dead_letter_exchange: String,
+    /// The queue bound to `dead_letter_exchange`, holding the dead letters.
     pub dead_letter_queue: String,
     /// The type of both queues. Every process declaring them must agree.
     pub queue_type: QueueType,
@@ -129,6 +135,7 @@ pub struct ConsumerQueue {
 pub struct TopologyStatus(std::sync::Arc<std::sync::Mutex<Option<String>>>);
 
 impl TopologyStatus {
+    /// The last mismatch met, or `None` since a declaration succeeded.
     pub fn error(&self) -> Option<String> {
         self.0.lock().map(|error| error.clone()).unwrap_or_default()
     }

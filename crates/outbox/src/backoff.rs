@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+/// The pause before the next retry: [`Backoff::FIRST`], doubling up to
+/// [`Backoff::MAX`], back to the first after [`Backoff::reset`].
 #[derive(Debug)]
 pub struct Backoff {
     next: Duration,
@@ -15,9 +17,12 @@ impl Default for Backoff {
 }
 
 impl Backoff {
+    /// The first pause, and the pause after a reset.
     pub const FIRST: Duration = Duration::from_millis(100);
+    /// The longest pause.
     pub const MAX: Duration = Duration::from_secs(10);
 
+    /// Starts at [`Backoff::FIRST`].
     pub fn new() -> Self {
         Self { next: Self::FIRST }
     }

@@ -90,6 +90,8 @@ pub struct DeadLetter {
 }
 
 impl DeadLetter {
+    /// Reads a message of a dead-letter queue: its id, type and route, and why and
+    /// how often it died, from the consumer's headers or else the broker's `x-death`.
     pub fn from_delivery(delivery: &Delivery) -> Self {
         let properties = &delivery.properties;
         let headers = properties.headers().as_ref();
@@ -116,7 +118,9 @@ impl DeadLetter {
 /// A message's deaths so far, from its headers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct History {
+    /// Times the message was dead-lettered, earlier rounds included.
     pub deaths: u64,
+    /// When it was first dead-lettered, if the headers say.
     pub first_death_at: Option<DateTime<Utc>>,
 }
 

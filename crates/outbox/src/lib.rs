@@ -1,15 +1,5 @@
-//! The transactional outbox pattern, independent of any business domain.
-//!
-//! - [`enqueue`] writes an event inside the caller's transaction, so the event
-//!   exists exactly when the business change it describes does.
-//! - [`relay::Relay`] moves committed events to a broker through a
-//!   [`Transport`] ([`rabbitmq::RabbitMq`] with publisher confirms, or Kafka with
-//!   the feature `kafka`) and deletes only what the broker confirmed; [`store`]
-//!   has its SQL, including listing and replaying dead events.
-//! - [`inbox`] lets a consumer apply each message once although it may be
-//!   delivered more than once; [`retention`] forgets what is past its window.
-//! - [`supervisor`] restarts a background task that panicked.
-//! - [`MIGRATOR`] creates the tables (`outbox`, `processed_messages`).
+#![doc = include_str!("../README.md")]
+#![warn(missing_docs)]
 
 pub mod amqp;
 pub mod backoff;

@@ -8,10 +8,16 @@ use prometheus_client::registry::Registry;
 use sqlx::PgPool;
 use std::sync::atomic::AtomicU64;
 
+/// The relay's counters, histograms and backlog gauges. Cheap to clone: the
+/// clones share their values. [`RelayMetrics::default`] makes unregistered ones.
 #[derive(Clone)]
 pub struct RelayMetrics {
+    /// Events the broker confirmed and the relay deleted.
     pub published: Counter,
+    /// Publish attempts that failed: nacked, returned (unroutable included) or
+    /// not confirmed in time.
     pub publish_failures: Counter,
+    /// Events marked dead (at the attempt limit, or parked as unroutable).
     pub dead: Counter,
     /// From an event's commit (`created_at`) to the broker's confirm.
     pub commit_to_confirm_seconds: Histogram,
@@ -39,6 +45,7 @@ impl Default for RelayMetrics {
 }
 
 impl RelayMetrics {
+    /// New metrics, registered in `registry` under the names `outbox_*`.
     pub fn register(registry: &mut Registry) -> Self {
         let metrics = Self::default();
         registry.register(

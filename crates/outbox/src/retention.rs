@@ -30,6 +30,7 @@ pub struct Retention {
     pub table: &'static str,
     /// An indexed `timestamptz` column (the index makes each batch a range scan).
     pub timestamp_column: &'static str,
+    /// How long a row is kept: older rows are deleted.
     pub window: Duration,
     /// Most rows one statement deletes.
     pub batch_size: i64,
@@ -38,7 +39,9 @@ pub struct Retention {
 }
 
 impl Retention {
+    /// Rows one statement deletes unless set otherwise.
     pub const DEFAULT_BATCH_SIZE: i64 = 5_000;
+    /// The pause between two batches unless set otherwise.
     pub const DEFAULT_PAUSE: Duration = Duration::from_millis(20);
 
     /// `table` by `timestamp_column`, with the default batch size and pause.
@@ -216,6 +219,8 @@ pub struct RetentionMetrics {
 }
 
 impl RetentionMetrics {
+    /// New metrics, registered in `registry` as `retention_swept_rows` and
+    /// `retention_oldest_row_age_seconds`, labelled by table.
     pub fn register(registry: &mut Registry) -> Self {
         let metrics = Self::default();
         registry.register(

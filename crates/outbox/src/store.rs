@@ -12,15 +12,23 @@ use uuid::Uuid;
 /// An event claimed for publishing.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct OutboxEvent {
+    /// The message id (a UUIDv7), which consumers deduplicate on.
     pub id: Uuid,
+    /// The kind of entity the event is about (`order`).
     pub aggregate_type: String,
+    /// Which entity it is about (the Kafka key).
     pub aggregate_id: String,
+    /// What happened (`OrderPlaced`).
     pub event_type: String,
     /// The JSON payload as text: it is sent as is, never parsed by the relay.
     pub payload: String,
+    /// Extra message headers, such as a W3C `traceparent`.
     pub headers: Json<Map<String, Value>>,
+    /// When its transaction began (consumers measure their lag from it).
     pub created_at: DateTime<Utc>,
+    /// Failed publish attempts so far.
     pub attempts: i32,
+    /// When it became due: its transaction's start, or the end of its backoff.
     pub next_attempt_at: DateTime<Utc>,
 }
 
@@ -139,12 +147,19 @@ pub async fn record_failures(
 /// A dead event, as shown to an operator.
 #[derive(Debug, Clone, sqlx::FromRow, serde::Serialize)]
 pub struct DeadEvent {
+    /// The message id.
     pub id: Uuid,
+    /// The kind of entity the event is about.
     pub aggregate_type: String,
+    /// Which entity it is about.
     pub aggregate_id: String,
+    /// What happened.
     pub event_type: String,
+    /// Failed publish attempts, the last one included.
     pub attempts: i32,
+    /// Why its last attempt failed.
     pub last_error: Option<String>,
+    /// When its transaction began.
     pub created_at: DateTime<Utc>,
 }
 
@@ -181,11 +196,16 @@ pub async fn replay_dead(db: &PgPool, id: Option<Uuid>) -> crate::Result<u64> {
 /// What waits in the outbox: pending events, the age of the oldest, dead events.
 #[derive(Debug, Clone, Copy, PartialEq, sqlx::FromRow)]
 pub struct Backlog {
+    /// Pending events, those waiting for a retry included.
     pub pending: i64,
+    /// Age of the oldest pending event, from its `created_at`; 0 when none.
     pub oldest_pending_age_seconds: f64,
+    /// Dead events.
     pub dead: i64,
 }
 
+/// Counts what waits in the outbox, for the backlog gauges. One scan of the
+/// table, which a working relay keeps small.
 pub async fn backlog(db: &PgPool) -> crate::Result<Backlog> {
     sqlx::query_as(
         "SELECT count(*) FILTER (WHERE state = 'pending') AS pending,

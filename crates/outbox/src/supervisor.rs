@@ -64,10 +64,12 @@ impl Supervisor {
         Self { shutdown, ..Self::default() }
     }
 
+    /// The token that stops every task this supervisor started.
     pub fn shutdown(&self) -> &CancellationToken {
         &self.shutdown
     }
 
+    /// The count of crashed tasks, for readiness checks.
     pub fn health(&self) -> Health {
         self.health.clone()
     }
@@ -142,6 +144,7 @@ fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
 pub struct CountGuard(Arc<AtomicUsize>);
 
 impl CountGuard {
+    /// Counts itself in `counter` until dropped.
     pub fn new(counter: &Arc<AtomicUsize>) -> Self {
         counter.fetch_add(1, Ordering::Relaxed);
         Self(counter.clone())
@@ -160,6 +163,7 @@ impl Drop for CountGuard {
 pub struct CrashSwitch(Arc<AtomicUsize>);
 
 impl CrashSwitch {
+    /// Arms the switch: the next `n` checks panic.
     pub fn crash_next(&self, n: usize) {
         self.0.store(n, Ordering::SeqCst);
     }
