@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use outbox::kafka::KafkaTransport;
 use outbox::rabbitmq::RabbitMq;
 use outbox::relay::{RelayConfig, Unroutable};
 use service_kit::broker::BrokerConfig;
@@ -193,6 +194,22 @@ pub struct RelayArgs {
     #[arg(long, env = "RELAY_CONFIRM_TIMEOUT_MS", default_value_t = 10_000)]
     pub relay_confirm_timeout_ms: u64,
 
+    /// The broker the relay publishes to: `rabbitmq` (the exchange EXCHANGE,
+    /// the inventory consumer's queue declared on connect) or `kafka` (topic
+    /// KAFKA_TOPIC_PREFIX + `order`, key = order id, at KAFKA_BROKERS). The
+    /// inventory consumer reads RabbitMQ only.
+    #[arg(long, env = "RELAY_TRANSPORT", default_value = "rabbitmq")]
+    pub relay_transport: TransportKind,
+
+    /// Kafka: comma-separated `host:port` of the bootstrap brokers.
+    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    pub kafka_brokers: String,
+
+    /// Kafka: topics are this prefix + the aggregate type (`outbox.order`). The
+    /// topic must exist (the relay does not create topics).
+    #[arg(long, env = "KAFKA_TOPIC_PREFIX", default_value = outbox::kafka::DEFAULT_TOPIC_PREFIX)]
+    pub kafka_topic_prefix: String,
+
     /// What becomes of an event no queue is bound for: `park` (marked dead at
     /// once, listed by `dead-events`, published by `replay` once a queue is
     /// bound) or `retry` (tried again every RELAY_RETRY_MAX_MS, never dead). The
@@ -221,6 +238,15 @@ pub struct RelayArgs {
     pub relay_full_scan_interval: Duration,
 }
 
+/// Which broker the relay publishes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TransportKind {
+    /// RabbitMQ with publisher confirms (the default).
+    Rabbitmq,
+    /// Kafka, acknowledged by all in-sync replicas.
+    Kafka,
+}
+
 impl Config {
     pub fn writer_config(&self) -> WriterConfig {
         WriterConfig {
@@ -245,6 +271,13 @@ impl Config {
             full_scan_interval: relay.relay_full_scan_interval,
             crash_switch: Default::default(),
         }
+    }
+
+    /// Kafka at KAFKA_BROKERS, topics KAFKA_TOPIC_PREFIX + aggregate type.
+    pub fn kafka_transport(&self) -> outbox::Result<KafkaTransport> {
+        KafkaTransport::new(&self.relay.kafka_brokers)
+            .topic_prefix(self.relay.kafka_topic_prefix.clone())
+            .produce_timeout(Duration::from_millis(self.relay.relay_confirm_timeout_ms))
     }
 
     /// RabbitMQ, declaring the inventory consumer's queue on every connection,

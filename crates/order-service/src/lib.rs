@@ -33,7 +33,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use writer::{OrderWriter, WriterMetrics};
 
-pub use config::{Command, Config, OutboxCommand, ReconcileArgs};
+pub use config::{Command, Config, OutboxCommand, ReconcileArgs, TransportKind};
 
 pub struct Application {
     listener: TcpListener,
@@ -54,7 +54,10 @@ pub struct Application {
 fn check_relay_settings(config: &Config) -> anyhow::Result<()> {
     if config.relay.relay_workers > 0 {
         config.relay_config().validate()?;
-        config.relay_transport()?;
+        match config.relay.relay_transport {
+            TransportKind::Rabbitmq => drop(config.relay_transport()?),
+            TransportKind::Kafka => drop(config.kafka_transport()?),
+        }
     }
     Ok(())
 }
@@ -113,16 +116,17 @@ impl Application {
         let supervisor = Supervisor::new(&mut self.registry, shutdown.clone());
         let relay_config =
             RelayConfig { crash_switch: self.crash_switch.clone(), ..self.config.relay_config() };
-        let relay = if relay_config.workers > 0 {
-            Some(Relay::spawn_supervised(
-                self.background_db.clone(),
-                self.config.relay_transport()?,
-                relay_config,
-                self.relay_metrics.clone(),
-                &supervisor,
-            )?)
-        } else {
-            None
+        let (db, metrics) = (self.background_db.clone(), self.relay_metrics.clone());
+        let relay = match self.config.relay.relay_transport {
+            _ if relay_config.workers == 0 => None,
+            TransportKind::Rabbitmq => {
+                let transport = self.config.relay_transport()?;
+                Some(Relay::spawn_supervised(db, transport, relay_config, metrics, &supervisor)?)
+            }
+            TransportKind::Kafka => {
+                let transport = self.config.kafka_transport()?;
+                Some(Relay::spawn_supervised(db, transport, relay_config, metrics, &supervisor)?)
+            }
         };
         // Writers, and the sweeper of expired keys.
         let mut tasks = tokio::task::JoinSet::new();
