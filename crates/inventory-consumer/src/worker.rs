@@ -100,7 +100,9 @@ impl Worker {
                         // Not transient: said loudly, retried calmly, shown by /readyz.
                         tracing::error!(worker = %self.name, error = %mismatch,
                             "the broker's queue does not match this service's settings");
-                        self.topology.set(Some(mismatch.to_string()));
+                        self.topology.set(Some(format!(
+                            "{mismatch} (this service's settings: QUEUE_TYPE, DELIVERY_LIMIT)"
+                        )));
                     }
                     _ => {
                         tracing::warn!(worker = %self.name, error = format!("{error:#}"),

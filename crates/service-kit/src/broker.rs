@@ -80,6 +80,9 @@ impl BrokerConfig {
 
     /// Names no other test uses (every exchange and queue gets `suffix`), so tests
     /// can share one broker. Broker URL from `AMQP_URL`, else the local default.
+    /// Only with the feature `testing`, which only the workspace's tests and
+    /// benchmarks enable.
+    #[cfg(feature = "testing")]
     pub fn for_test(suffix: &str) -> Self {
         Self {
             amqp_url: std::env::var("AMQP_URL")

@@ -1,6 +1,8 @@
 //! What the workspace's integration tests share: where the test services are,
-//! polling for a condition, and a TCP proxy that can take RabbitMQ away and
-//! bring it back. A development dependency only.
+//! polling for a condition, test logging (`TEST_LOG`), tearing a test's broker
+//! topology down, the invariant every test that relays must end with, and a
+//! TCP proxy that can take RabbitMQ away and bring it back. A development
+//! dependency only.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -37,6 +39,52 @@ pub async fn seq_scans(tx: &mut sqlx::PgConnection, table: &str) -> i64 {
     .fetch_one(tx)
     .await
     .expect("pg_stat_xact_user_tables")
+}
+
+/// Logs of the code under test, on the test's output, when `TEST_LOG` is set
+/// (to a filter such as `debug` or `outbox=trace,info`; `1` means `info`).
+/// Silent otherwise. Safe to call from every test: the first call installs.
+pub fn init_logging() {
+    let Ok(filter) = std::env::var("TEST_LOG") else { return };
+    let filter = if filter == "1" || filter.is_empty() { "info".to_owned() } else { filter };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_test_writer()
+        .try_init();
+}
+
+/// Deletes a test's queues and exchanges (best effort: a test that failed
+/// half-way may not have declared them all).
+pub async fn delete_topology(amqp_url: &str, queues: &[&str], exchanges: &[&str]) {
+    use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+    let properties = lapin::ConnectionProperties::default();
+    let Ok(connection) = lapin::Connection::connect(amqp_url, properties).await else { return };
+    if let Ok(channel) = connection.create_channel().await {
+        for queue in queues {
+            let _ = channel.queue_delete((*queue).into(), QueueDeleteOptions::default()).await;
+        }
+        for exchange in exchanges {
+            let _ =
+                channel.exchange_delete((*exchange).into(), ExchangeDeleteOptions::default()).await;
+        }
+    }
+    let _ = connection.close(200, "test done".into()).await;
+}
+
+/// The invariant a test that relays ends with: within `within`, the outbox has
+/// no pending event left (everything accepted was published), and exactly
+/// `dead` dead events (0 unless the test made some on purpose).
+pub async fn assert_outbox_settled(db: &sqlx::PgPool, dead: i64, within: Duration) {
+    let count = |state: &'static str| async move {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox WHERE state = $1")
+            .bind(state)
+            .fetch_one(db)
+            .await
+            .expect("outbox count")
+    };
+    let drained = eventually(within, || async { count("pending").await == 0 }).await;
+    assert!(drained, "{} events are still pending in the outbox", count("pending").await);
+    assert_eq!(count("dead").await, dead, "dead events in the outbox");
 }
 
 /// Polls `check` until it holds or `within` passes; returns whether it held.

@@ -162,26 +162,27 @@ impl TestBroker {
     }
 
     pub async fn delete(self) {
-        let config = &self.config;
-        for queue in [&config.inventory_queue, &config.dead_letter_queue] {
-            let _ = self
-                .channel
-                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-                .await;
-        }
-        for exchange in [&config.exchange, &config.dead_letter_exchange] {
-            let _ = self
-                .channel
-                .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
-                .await;
-        }
         let _ = self.connection.close(200, "test done".into()).await;
+        let config = &self.config;
+        test_support::delete_topology(
+            &config.amqp_url,
+            &[&config.inventory_queue, &config.dead_letter_queue],
+            &[&config.exchange, &config.dead_letter_exchange],
+        )
+        .await;
     }
 }
 
 /// order-service in-process, with its relay publishing to a test's topology.
+///
+/// [`TestApi::stop`] checks the invariant every test that relays ends with: no
+/// pending event is left in the outbox, and no dead one unless the test said so
+/// ([`TestApi::expect_dead`]).
 pub struct TestApi {
     pub address: String,
+    db: PgPool,
+    relays: bool,
+    dead: i64,
     shutdown: CancellationToken,
     stopped: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -189,6 +190,7 @@ pub struct TestApi {
 impl TestApi {
     /// Starts order-service on port 0 over `db`; `args` add or override flags.
     pub async fn spawn(db: &PgPool, broker: &BrokerConfig, args: &[&str]) -> Self {
+        test_support::init_logging();
         let mut command =
             vec!["order-service".to_owned(), "--listen-addr".into(), "127.0.0.1:0".into()];
         command.extend(broker.to_args());
@@ -200,11 +202,25 @@ impl TestApi {
         let address = format!("http://127.0.0.1:{}", app.port());
         let shutdown = CancellationToken::new();
         let stopped = tokio::spawn(app.run_until_stopped(shutdown.clone()));
-        Self { address, shutdown, stopped }
+        let relays = !args.windows(2).any(|pair| pair == ["--relay-workers", "0"]);
+        // Its own pool: the test's may be closed by a consumer stopped first.
+        let db = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect_lazy_with((*db.connect_options()).clone());
+        Self { address, db, relays, dead: 0, shutdown, stopped }
     }
 
-    /// Shuts order-service down and waits until it has stopped.
+    /// Says that the test leaves `dead` dead events on purpose.
+    pub fn expect_dead(&mut self, dead: i64) {
+        self.dead = dead;
+    }
+
+    /// Checks the outbox invariant (when this order-service relays), then shuts
+    /// order-service down and waits until it has stopped.
     pub async fn stop(self) {
+        if self.relays {
+            test_support::assert_outbox_settled(&self.db, self.dead, Duration::from_secs(15)).await;
+        }
         self.shutdown.cancel();
         self.stopped.await.expect("order-service task").expect("order-service stops cleanly");
     }
@@ -232,6 +248,7 @@ impl TestConsumer {
         args: &[&str],
         panics: usize,
     ) -> Self {
+        test_support::init_logging();
         let config = Config::parse_from(
             consumer_args(broker)
                 .iter()

@@ -43,6 +43,7 @@ pub async fn spawn_app_with_relay_and_args(
 }
 
 pub async fn spawn_with_args(db: PgPool, args: &[&str]) -> TestApp {
+    test_support::init_logging();
     let base = ["order-service", "--listen-addr", "127.0.0.1:0"];
     let config = Config::parse_from(base.iter().chain(args));
     let app = Application::build_with_pool(config, db.clone()).await.expect("app builds");

@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use lapin::options::{BasicGetOptions, ExchangeDeleteOptions, QueueDeleteOptions};
+use lapin::options::BasicGetOptions;
 use order_events::OrderPlaced;
 use serde_json::{Value, json};
 use service_kit::broker::BrokerConfig;
@@ -21,17 +21,12 @@ fn order() -> Value {
 }
 
 pub async fn delete_topology(broker: &BrokerConfig) {
-    let connection = outbox::amqp::connect(&broker.amqp_url, "cleanup").await.expect("broker");
-    let channel = connection.create_channel().await.expect("channel");
-    for queue in [&broker.inventory_queue, &broker.dead_letter_queue] {
-        let _ = channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await;
-    }
-    for exchange in [&broker.exchange, &broker.dead_letter_exchange] {
-        let _ = channel
-            .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
-            .await;
-    }
-    let _ = connection.close(200, "done".into()).await;
+    test_support::delete_topology(
+        &broker.amqp_url,
+        &[&broker.inventory_queue, &broker.dead_letter_queue],
+        &[&broker.exchange, &broker.dead_letter_exchange],
+    )
+    .await;
 }
 
 #[sqlx::test(migrator = "service_kit::MIGRATOR")]

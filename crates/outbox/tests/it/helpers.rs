@@ -29,6 +29,7 @@ impl TestBroker {
     /// Declares the exchange and a queue bound with `binding_keys`, and starts
     /// consuming it.
     pub async fn new(binding_keys: &[&str]) -> Self {
+        test_support::init_logging();
         let suffix = Uuid::new_v4().simple().to_string();
         let exchange = format!("test.relay.{suffix}");
         let queue = format!("test.relay.q.{suffix}");
