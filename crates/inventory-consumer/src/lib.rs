@@ -22,12 +22,11 @@ pub mod worker;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 
-use anyhow::Context;
 use outbox::retention::{Retention, RetentionMetrics};
 use outbox::supervisor::{CrashSwitch, Supervisor};
 use prometheus_client::registry::Registry;
+use service_kit::http::HttpListener;
 use sqlx::PgPool;
-use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -36,7 +35,7 @@ use metrics::{ConsumerMetrics, QueueDepthProbe};
 use worker::{Worker, WorkerConfig};
 
 pub struct Application {
-    listener: TcpListener,
+    listener: HttpListener,
     db: PgPool,
     config: Config,
     metrics: ConsumerMetrics,
@@ -56,9 +55,7 @@ impl Application {
     /// Like [`Application::build`] with a pool the caller prepared (tests pass the
     /// per-test database of `#[sqlx::test]`).
     pub async fn build_with_pool(config: Config, db: PgPool) -> anyhow::Result<Self> {
-        let listener = TcpListener::bind(config.listen_addr)
-            .await
-            .with_context(|| format!("cannot listen on {}", config.listen_addr))?;
+        let listener = HttpListener::bind(config.listen_addr).await?;
         let mut registry = Registry::default();
         let metrics = ConsumerMetrics::register(&mut registry);
         let retention_metrics = RetentionMetrics::register(&mut registry);
@@ -73,8 +70,9 @@ impl Application {
         })
     }
 
+    /// The port it listens on (the one the system chose for port 0).
     pub fn port(&self) -> u16 {
-        self.listener.local_addr().map(|addr| addr.port()).unwrap_or(0)
+        self.listener.port()
     }
 
     /// A handle on the counters, which tests read to know what was settled.
@@ -138,11 +136,8 @@ impl Application {
             registry: Arc::new(self.registry),
             queue_depth: queue_depth.clone(),
         };
-        tracing::info!(addr = %self.listener.local_addr()?, "inventory-consumer listening");
-        let served = axum::serve(self.listener, http::router(state))
-            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-            .await
-            .context("HTTP server failed");
+        let served =
+            self.listener.serve("inventory-consumer", http::router(state), shutdown.clone()).await;
         shutdown.cancel();
         while workers.join_next().await.is_some() {}
         queue_depth.close().await;

@@ -22,21 +22,20 @@ pub mod writer;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use outbox::metrics::RelayMetrics;
 use outbox::relay::{Relay, RelayConfig};
 use outbox::retention::{Retention, RetentionMetrics};
 use outbox::supervisor::{CrashSwitch, Supervisor};
 use prometheus_client::registry::Registry;
+use service_kit::http::HttpListener;
 use sqlx::PgPool;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use writer::{OrderWriter, WriterMetrics};
 
 pub use config::{Command, Config, OutboxCommand, ReconcileArgs, TransportKind};
 
 pub struct Application {
-    listener: TcpListener,
+    listener: HttpListener,
     /// The API's pool.
     db: PgPool,
     /// The pool of the relay, its listener and the sweeper.
@@ -76,9 +75,7 @@ impl Application {
     /// pool connects to the same database.
     pub async fn build_with_pool(config: Config, db: PgPool) -> anyhow::Result<Self> {
         check_relay_settings(&config)?;
-        let listener = TcpListener::bind(config.listen_addr)
-            .await
-            .with_context(|| format!("cannot listen on {}", config.listen_addr))?;
+        let listener = HttpListener::bind(config.listen_addr).await?;
         let background_db = service_kit::db::sibling_pool(
             &db,
             config.relay.relay_db_max_connections,
@@ -101,8 +98,9 @@ impl Application {
         })
     }
 
+    /// The port it listens on (the one the system chose for port 0).
     pub fn port(&self) -> u16 {
-        self.listener.local_addr().map(|addr| addr.port()).unwrap_or(0)
+        self.listener.port()
     }
 
     /// Test hook: the switch that makes relay workers panic (see [`CrashSwitch`]).
@@ -160,11 +158,7 @@ impl Application {
             Duration::from_millis(self.config.request_timeout_ms),
         );
 
-        tracing::info!(addr = %self.listener.local_addr()?, "order-service listening");
-        let served = axum::serve(self.listener, router)
-            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-            .await
-            .context("HTTP server failed");
+        let served = self.listener.serve("order-service", router, shutdown.clone()).await;
         // The relay stops on the same token; wait for its in-flight batches.
         shutdown.cancel();
         if let Some(relay) = relay {

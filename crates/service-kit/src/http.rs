@@ -32,3 +32,41 @@ pub fn metrics_response(registry: &Registry) -> Response {
     let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
     ([(header::CONTENT_TYPE, content_type)], body).into_response()
 }
+
+/// A service's HTTP socket, bound when the service is built (so that a port
+/// in use fails the start, and port 0 gives tests a free port to read back)
+/// and served when it runs.
+#[derive(Debug)]
+pub struct HttpListener(tokio::net::TcpListener);
+
+impl HttpListener {
+    /// Binds `addr`; the error names it.
+    pub async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        Ok(Self(listener))
+    }
+
+    /// The port it listens on (the one the system chose for port 0).
+    pub fn port(&self) -> u16 {
+        self.0.local_addr().map(|addr| addr.port()).unwrap_or(0)
+    }
+
+    /// Serves `router` until `shutdown` is cancelled, then lets in-flight
+    /// requests finish. `service` names it in the log.
+    pub async fn serve(
+        self,
+        service: &str,
+        router: axum::Router,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> anyhow::Result<()> {
+        use anyhow::Context;
+        tracing::info!(addr = %self.0.local_addr()?, "{service} listening");
+        axum::serve(self.0, router)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await
+            .context("HTTP server failed")
+    }
+}
