@@ -36,7 +36,7 @@ use rskafka::client::{Client, ClientBuilder};
 use rskafka::record::Record;
 
 use crate::store::OutboxEvent;
-use crate::transport::{CREATED_AT_HEADER, Outcome, Publisher, Transport};
+use crate::transport::{Outcome, Publisher, Transport};
 use crate::{Error, Result};
 
 /// The prefix of the topic names unless [`KafkaTransport::topic_prefix`] sets
@@ -365,26 +365,18 @@ fn outcome_of_error(topic: &str, partition: i32, error: &KafkaError) -> (Outcome
 
 /// The Kafka record of `event`.
 fn record(event: &OutboxEvent) -> Record {
-    let mut headers = BTreeMap::new();
-    // Extra headers stored with the event, such as a W3C `traceparent`.
-    for (name, value) in event.headers.0.iter() {
-        let text = match value {
-            serde_json::Value::String(text) => text.clone(),
-            other => other.to_string(),
-        };
-        headers.insert(name.clone(), text.into_bytes());
-    }
-    let mut set = |name: &str, value: &str| {
-        headers.insert(name.to_owned(), value.as_bytes().to_vec());
-    };
-    set("message_id", &event.id.to_string());
-    set("type", &event.event_type);
-    set("aggregate_type", &event.aggregate_type);
-    set("aggregate_id", &event.aggregate_id);
-    set("content-type", "application/json");
-    // When the event was committed, to the microsecond: consumers measure their
-    // end-to-end lag from it.
-    set(CREATED_AT_HEADER, &event.created_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true));
+    // The relay's headers come after the stored ones, so theirs win.
+    let relay = [
+        ("message_id", event.id.to_string()),
+        ("type", event.event_type.clone()),
+        ("content-type", "application/json".to_owned()),
+    ];
+    let headers: BTreeMap<String, Vec<u8>> = event
+        .message_headers()
+        .into_iter()
+        .chain(relay.map(|(name, value)| (name.to_owned(), value)))
+        .map(|(name, value)| (name, value.into_bytes()))
+        .collect();
     Record {
         key: Some(event.aggregate_id.as_bytes().to_vec()),
         value: Some(event.payload.as_bytes().to_vec()),

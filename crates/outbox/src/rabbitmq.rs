@@ -16,7 +16,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
 
 use crate::store::OutboxEvent;
-use crate::transport::{CREATED_AT_HEADER, Outcome, Publisher, Transport};
+use crate::transport::{Outcome, Publisher, Transport};
 use crate::{Error, Result, amqp};
 
 /// AMQP delivery mode 2: the broker writes the message to disk.
@@ -81,11 +81,6 @@ impl RabbitMq {
     {
         self.topology = Some(Arc::new(declare));
         self
-    }
-
-    /// The exchange events are published to.
-    pub fn exchange(&self) -> &str {
-        &self.exchange
     }
 }
 
@@ -179,31 +174,9 @@ impl Publisher for RabbitMqPublisher {
 
 fn properties(event: &OutboxEvent) -> BasicProperties {
     let mut headers = FieldTable::default();
-    headers.insert(
-        "aggregate_type".into(),
-        AMQPValue::LongString(LongString::from(event.aggregate_type.as_str())),
-    );
-    headers.insert(
-        "aggregate_id".into(),
-        AMQPValue::LongString(LongString::from(event.aggregate_id.as_str())),
-    );
-    // Extra headers stored with the event, such as a W3C `traceparent`.
-    for (name, value) in event.headers.0.iter() {
-        let text = match value {
-            serde_json::Value::String(text) => text.clone(),
-            other => other.to_string(),
-        };
-        headers.insert(name.as_str().into(), AMQPValue::LongString(LongString::from(text)));
+    for (name, value) in event.message_headers() {
+        headers.insert(name.into(), AMQPValue::LongString(LongString::from(value)));
     }
-    // When the event was committed (its transaction's start), to the microsecond:
-    // consumers measure their end-to-end lag from it (the AMQP timestamp has
-    // whole seconds only).
-    headers.insert(
-        CREATED_AT_HEADER.into(),
-        AMQPValue::LongString(LongString::from(
-            event.created_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-        )),
-    );
     let timestamp = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |since| since.as_secs());
     BasicProperties::default()
         .with_message_id(event.id.to_string().into())

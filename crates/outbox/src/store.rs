@@ -33,6 +33,33 @@ pub struct OutboxEvent {
 }
 
 impl OutboxEvent {
+    /// The headers every transport sends, as text, in order: the event's own
+    /// (such as a W3C `traceparent`; a non-string JSON value as its JSON text),
+    /// then `aggregate_type`, `aggregate_id` and [`CREATED_AT_HEADER`] (when the
+    /// event was committed, to the microsecond: consumers measure their
+    /// end-to-end lag from it). A later header wins over an earlier one of the
+    /// same name, so a stored header cannot hide the relay's.
+    ///
+    /// [`CREATED_AT_HEADER`]: crate::transport::CREATED_AT_HEADER
+    pub fn message_headers(&self) -> Vec<(String, String)> {
+        let stored = self.headers.0.iter().map(|(name, value)| {
+            let text = match value {
+                Value::String(text) => text.clone(),
+                other => other.to_string(),
+            };
+            (name.clone(), text)
+        });
+        let relay = [
+            ("aggregate_type", self.aggregate_type.clone()),
+            ("aggregate_id", self.aggregate_id.clone()),
+            (
+                crate::transport::CREATED_AT_HEADER,
+                self.created_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            ),
+        ];
+        stored.chain(relay.map(|(name, value)| (name.to_owned(), value))).collect()
+    }
+
     /// `<aggregate_type>.<event_type>`, e.g. `order.OrderPlaced`.
     pub fn routing_key(&self) -> String {
         format!("{}.{}", self.aggregate_type, self.event_type)
@@ -188,7 +215,7 @@ pub async fn replay_dead(db: &PgPool, id: Option<Uuid>) -> crate::Result<u64> {
     .execute(&mut *tx)
     .await?
     .rows_affected();
-    sqlx::query("SELECT pg_notify($1, '')").bind(crate::NOTIFY_CHANNEL).execute(&mut *tx).await?;
+    crate::notify(&mut tx).await?;
     tx.commit().await?;
     Ok(revived)
 }

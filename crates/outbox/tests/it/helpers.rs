@@ -60,9 +60,13 @@ impl TestBroker {
     }
 
     pub async fn bind(&self, binding_key: &str) {
+        self.bind_queue(&self.queue, binding_key).await;
+    }
+
+    async fn bind_queue(&self, queue: &str, binding_key: &str) {
         self.channel
             .queue_bind(
-                self.queue.as_str().into(),
+                queue.into(),
                 self.exchange.as_str().into(),
                 binding_key.into(),
                 QueueBindOptions::default(),
@@ -96,16 +100,7 @@ impl TestBroker {
         arguments.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
         let options = QueueDeclareOptions { exclusive: true, ..QueueDeclareOptions::default() };
         self.channel.queue_declare(queue.as_str().into(), options, arguments).await.expect("queue");
-        self.channel
-            .queue_bind(
-                queue.as_str().into(),
-                self.exchange.as_str().into(),
-                binding_key.into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .expect("bind");
+        self.bind_queue(&queue, binding_key).await;
         queue
     }
 
