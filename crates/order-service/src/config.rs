@@ -10,7 +10,7 @@ use service_kit::broker::BrokerConfig;
 use service_kit::db::DbConfig;
 use uuid::Uuid;
 
-use crate::writer::WriterConfig;
+use crate::writer::{WriteOptions, WriterConfig};
 
 #[derive(Debug, Clone, clap::Parser)]
 #[command(name = "order-service", version, about)]
@@ -39,7 +39,9 @@ pub struct Config {
     #[arg(long, env = "BODY_LIMIT_BYTES", default_value_t = 64 * 1024)]
     pub body_limit_bytes: usize,
 
-    /// How long one request may take before it is answered 408.
+    /// How long one request may take before it is answered 408 (and nothing
+    /// written). A POST /orders whose order is already being written is
+    /// answered by its transaction's outcome instead (see COMMIT_DEADLINE).
     #[arg(long, env = "REQUEST_TIMEOUT_MS", default_value_t = 10_000)]
     pub request_timeout_ms: u64,
 
@@ -156,6 +158,17 @@ pub struct WriteArgs {
           value_parser = clap::value_parser!(u16).range(1..))]
     pub write_concurrency: u16,
 
+    /// Longest a batch's transaction may take, from taking a connection to the
+    /// answer to its COMMIT (`5s`, `500ms`). Before COMMIT is sent, giving up
+    /// means nothing was written (503 database_unavailable). When the answer to
+    /// COMMIT is late or lost, the outcome is asked of the database for as long
+    /// again: committed is 201, rolled back 503 database_unavailable, not known
+    /// 503 commit_outcome_unknown. A request whose order is in a batch is
+    /// answered by that outcome, not by REQUEST_TIMEOUT_MS.
+    #[arg(long, env = "COMMIT_DEADLINE", default_value = "5s",
+          value_parser = humantime::parse_duration)]
+    pub commit_deadline: Duration,
+
     /// NOTIFY the outbox channel with every write, for relays that run in other
     /// processes and LISTEN. Off by default: the in-process relay is woken
     /// directly, and NOTIFY serialises all notifying commits on one lock.
@@ -252,7 +265,10 @@ impl Config {
         WriterConfig {
             max_batch: usize::from(self.write.write_batch_max),
             concurrency: usize::from(self.write.write_concurrency),
-            notify: self.write.outbox_notify,
+            write: WriteOptions {
+                notify: self.write.outbox_notify,
+                commit_deadline: self.write.commit_deadline,
+            },
         }
     }
 

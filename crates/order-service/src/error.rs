@@ -37,9 +37,20 @@ pub enum ApiError {
     #[error(transparent)]
     Database(#[from] sqlx::Error),
 
-    /// The database cannot serve the request now (the text says why).
+    /// The database cannot serve the request now, and nothing was written
+    /// (the text says why).
     #[error("{0}")]
     Unavailable(String),
+
+    /// `COMMIT` was sent but its outcome could not be learnt: the order may
+    /// exist (the text says why).
+    #[error("the outcome of the commit is unknown: {0}")]
+    CommitOutcomeUnknown(String),
+
+    /// The request took longer than REQUEST_TIMEOUT_MS before its order was
+    /// taken into a batch: nothing was written.
+    #[error("the request took longer than REQUEST_TIMEOUT_MS; nothing was written")]
+    Timeout,
 
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
@@ -71,6 +82,10 @@ impl ApiError {
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable"),
+            Self::CommitOutcomeUnknown(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "commit_outcome_unknown")
+            }
+            Self::Timeout => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             Self::Database(error) if database_unavailable(error) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable")
             }
@@ -121,11 +136,14 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
         let message = if status.is_server_error() {
-            // Details stay in the log; the client learns only that it was not its fault.
+            // Details stay in the log; the client learns only what it must do.
+            let unknown = matches!(self, Self::CommitOutcomeUnknown(_));
             tracing::error!(error = ?anyhow::Error::from(self), "request failed");
             match status {
+                StatusCode::SERVICE_UNAVAILABLE if unknown => COMMIT_OUTCOME_UNKNOWN.to_owned(),
                 StatusCode::SERVICE_UNAVAILABLE => {
-                    "the database is busy or unreachable, try again".to_owned()
+                    "the database is busy or unreachable and nothing was written, try again"
+                        .to_owned()
                 }
                 _ => "internal server error".to_owned(),
             }
@@ -135,6 +153,11 @@ impl IntoResponse for ApiError {
         (status, Json(ErrorBody { error: code.to_owned(), message })).into_response()
     }
 }
+
+/// What a client is told when its order may or may not exist.
+pub const COMMIT_OUTCOME_UNKNOWN: &str = "the database did not say whether the order was placed: \
+it may exist. Retry only with the same Idempotency-Key (which answers with the order if it was \
+placed); a retry without one may place it twice";
 
 /// The body of every error response.
 #[derive(Debug, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]

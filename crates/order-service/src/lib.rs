@@ -11,6 +11,7 @@
 //! relay of connections, nor a slow broker hold the connections the API needs.
 //! Background tasks run under a supervisor that restarts one that panics.
 
+pub mod commit;
 pub mod config;
 pub mod error;
 pub mod idempotency;
@@ -48,9 +49,13 @@ pub struct Application {
     crash_switch: CrashSwitch,
 }
 
-/// Refuses relay settings that could never publish, before anything starts.
-/// RELAY_WORKERS=0 (no relay in this process) is allowed.
-fn check_relay_settings(config: &Config) -> anyhow::Result<()> {
+/// Refuses settings that could never work (relay settings that could never
+/// publish, a zero COMMIT_DEADLINE), before anything starts. RELAY_WORKERS=0
+/// (no relay in this process) is allowed.
+fn check_settings(config: &Config) -> anyhow::Result<()> {
+    if config.write.commit_deadline.is_zero() {
+        anyhow::bail!("COMMIT_DEADLINE must be more than zero");
+    }
     if config.relay.relay_workers > 0 {
         config.relay_config().validate()?;
         match config.relay.relay_transport {
@@ -65,7 +70,7 @@ impl Application {
     /// Connects to Postgres (creating the database and applying migrations) and
     /// binds the listening socket.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
-        check_relay_settings(&config)?;
+        check_settings(&config)?;
         let db = config.db.connect_and_migrate().await?;
         Self::build_with_pool(config, db).await
     }
@@ -74,7 +79,7 @@ impl Application {
     /// (tests pass the per-test database of `#[sqlx::test]`); the background
     /// pool connects to the same database.
     pub async fn build_with_pool(config: Config, db: PgPool) -> anyhow::Result<Self> {
-        check_relay_settings(&config)?;
+        check_settings(&config)?;
         let listener = HttpListener::bind(config.listen_addr).await?;
         let background_db = service_kit::db::sibling_pool(
             &db,
@@ -151,12 +156,9 @@ impl Application {
             health: supervisor.health(),
             relay_metrics: self.relay_metrics,
             registry: Arc::new(self.registry),
+            request_timeout: Duration::from_millis(self.config.request_timeout_ms),
         };
-        let router = routes::router(
-            state,
-            self.config.body_limit_bytes,
-            Duration::from_millis(self.config.request_timeout_ms),
-        );
+        let router = routes::router(state, self.config.body_limit_bytes);
 
         let served = self.listener.serve("order-service", router, shutdown.clone()).await;
         // The relay stops on the same token; wait for its in-flight batches.

@@ -19,7 +19,6 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use service_kit::trace_context;
 use sqlx::PgPool;
-use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 use tracing::Instrument;
 use utoipa::OpenApi;
@@ -44,6 +43,8 @@ pub struct AppState {
     pub health: Health,
     pub relay_metrics: RelayMetrics,
     pub registry: Arc<Registry>,
+    /// How long a request may take before it is answered 408 (see [`time_limit`]).
+    pub request_timeout: Duration,
 }
 
 #[derive(OpenApi)]
@@ -84,17 +85,35 @@ pub fn openapi_document() -> &'static str {
     &DOCUMENT
 }
 
-pub fn router(state: AppState, body_limit_bytes: usize, request_timeout: Duration) -> Router {
+pub fn router(state: AppState, body_limit_bytes: usize) -> Router {
     let (router, _) = api().split_for_parts();
     router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(body_limit_bytes))
-        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, request_timeout))
-        // Outside the timeout, so its bare 408 gets the JSON error body too.
+        .layer(axum::middleware::from_fn_with_state(state.request_timeout, time_limit))
+        // Every bare error response (a 413 of the body limit, say) gets the JSON body.
         .layer(axum::middleware::map_response(crate::error::json_for_bare_errors))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
+}
+
+/// Answers 408 for a request that takes longer than REQUEST_TIMEOUT_MS, except
+/// `POST /orders`, which keeps its own time: a request whose order is already
+/// being written must be answered with what became of it, not with a timeout
+/// that says nothing (see [`OrderWriter::write`]).
+async fn time_limit(
+    State(timeout): State<Duration>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if request.method() == axum::http::Method::POST && request.uri().path() == "/orders" {
+        return next.run(request).await;
+    }
+    match tokio::time::timeout(timeout, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::Timeout.into_response(),
+    }
 }
 
 async fn not_found() -> ApiError {
@@ -147,7 +166,8 @@ such as a UUID or `order-42`. Remembered for IDEMPOTENCY_KEY_TTL (24 h by defaul
         (status = 400, description = "`malformed_json`: the body is not JSON; \
 `invalid_idempotency_key`: the header is not 1 to 255 visible ASCII characters.",
             body = ErrorBody),
-        (status = 408, description = "`request_timeout`: the request took longer than REQUEST_TIMEOUT_MS.",
+        (status = 408, description = "`request_timeout`: the request took longer than \
+REQUEST_TIMEOUT_MS before its order was taken into a transaction. Nothing was written: retry.",
             body = ErrorBody),
         (status = 413, description = "`body_too_large`: over BODY_LIMIT_BYTES (64 KiB).",
             body = ErrorBody),
@@ -157,7 +177,11 @@ such as a UUID or `order-42`. Remembered for IDEMPOTENCY_KEY_TTL (24 h by defaul
 `empty_items`, `too_many_items`, `invalid_quantity`, `invalid_customer_id`, `invalid_sku`, \
 `unknown_sku`, `duplicate_sku`, or `idempotency_key_reused` (the key came with another body).",
             body = ErrorBody),
-        (status = 503, description = "`database_unavailable`: try again.", body = ErrorBody),
+        (status = 503, description = "`database_unavailable`: nothing was written (the \
+database could not be reached, or rolled the transaction back); retry. \
+`commit_outcome_unknown`: the transaction's COMMIT was sent but its outcome could not be \
+learnt within COMMIT_DEADLINE, so the order may exist: retry only with the same \
+Idempotency-Key, which answers 201 with the order if it was placed.", body = ErrorBody),
         (status = 500, description = "`internal`: not the client's fault; the cause is logged.",
             body = ErrorBody),
     )
@@ -195,11 +219,12 @@ async fn place_order(
     request: CreateOrder,
     trace: HashMap<String, String>,
 ) -> Result<Response> {
+    let deadline = tokio::time::Instant::now() + state.request_timeout;
     let key = IdempotencyKey::from_headers(headers)?;
     let lines = request.validate()?;
 
     if let Some(key) = &key
-        && let Some(saved) = idempotency::load(&state.db, key).await?
+        && let Some(saved) = in_time(deadline, idempotency::load(&state.db, key)).await?
     {
         return Ok(replayed(saved.replay_for(&request)?));
     }
@@ -214,7 +239,7 @@ async fn place_order(
         trace,
     };
     let key = order.key.as_ref().map(|(key, _)| key.clone());
-    match state.writer.write(order).await? {
+    match state.writer.write(order, deadline).await? {
         Written::Placed(order) => {
             tracing::debug!(order_id = %order.id, total_cents = order.total_cents, "order placed");
             Ok(created(StatusCode::CREATED, order.id, order))
@@ -222,12 +247,22 @@ async fn place_order(
         Written::KeyTaken => {
             // A concurrent request with this key committed first: ours never happened.
             let key = key.ok_or_else(|| anyhow::anyhow!("a key conflict without a key"))?;
-            let saved = idempotency::load(&state.db, &key)
+            let saved = in_time(deadline, idempotency::load(&state.db, &key))
                 .await?
                 .ok_or_else(|| anyhow::anyhow!("idempotency key vanished after a conflict"))?;
             Ok(replayed(saved.replay_for(&request)?))
         }
     }
+}
+
+/// `future` by `deadline`, else [`ApiError::Timeout`]. Only for what writes
+/// nothing (reading a key before the order is handed to the writer, or after it
+/// was not written), where a timeout is the truth: nothing was written.
+async fn in_time<T>(
+    deadline: tokio::time::Instant,
+    future: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    tokio::time::timeout_at(deadline, future).await.map_err(|_| ApiError::Timeout)?
 }
 
 fn created(status: StatusCode, id: Uuid, body: impl Serialize) -> Response {

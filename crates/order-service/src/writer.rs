@@ -19,16 +19,25 @@
 //!   making, say), the batch is rolled back and its orders are written one by
 //!   one, so the error reaches only the request that causes it. Any other error
 //!   (the database cannot be reached, is shutting down, the connection breaks)
-//!   reaches every request of the batch: a broken connection may have committed
-//!   the batch, so writing it again could place orders twice;
+//!   reaches every request of the batch, and none is written again;
+//! - every answer is true. A transaction that fails before its `COMMIT` is sent
+//!   wrote nothing. When the answer to `COMMIT` is lost (the connection breaks,
+//!   or no answer comes within COMMIT_DEADLINE), the outcome is asked of the
+//!   database on another connection ([`crate::commit`]): committed, the batch's
+//!   requests get their orders (201); rolled back, a retryable 503; not known,
+//!   `commit_outcome_unknown`, which tells the client to retry only with the same
+//!   Idempotency-Key;
 //! - a request that is gone (timed out, client disconnected) before its batch
-//!   is formed is not written.
+//!   is formed is not written; once its batch is formed, its request timeout no
+//!   longer answers for it: the batch's outcome does, within 2 × COMMIT_DEADLINE.
 //!
 //! After a commit the writer wakes the in-process relay, which publishes the
 //! events at once; no `NOTIFY` is needed (see the migration that dropped it).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use order_events::{OrderPlaced, OrderPlacedLine};
@@ -37,11 +46,13 @@ use outbox::supervisor::Supervisor;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use serde_json::Value;
-use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::{Connection, PgConnection, PgPool};
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use uuid::Uuid;
 
+use crate::commit::{self, CommitOutcome, XactId};
 use crate::error::{ApiError, Result};
 use crate::idempotency::IdempotencyKey;
 use crate::orders::{Order, OrderLine, ValidLine};
@@ -76,9 +87,26 @@ pub struct WriterConfig {
     pub max_batch: usize,
     /// Writer tasks, each with at most one transaction open.
     pub concurrency: usize,
+    /// How each transaction is written.
+    pub write: WriteOptions,
+}
+
+/// How one batch's transaction is written.
+#[derive(Debug, Clone, Copy)]
+pub struct WriteOptions {
     /// Also `NOTIFY` the outbox channel in each transaction, for relays in other
     /// processes (see [`outbox::notify`] for its cost).
     pub notify: bool,
+    /// Longest a transaction may take, from taking a connection to the answer
+    /// to its `COMMIT`; when that answer is late or lost, finding out the
+    /// outcome may take as long again.
+    pub commit_deadline: Duration,
+}
+
+impl Default for WriteOptions {
+    fn default() -> Self {
+        Self { notify: false, commit_deadline: Duration::from_secs(5) }
+    }
 }
 
 /// The handle handlers write through. Cheap to clone.
@@ -90,7 +118,15 @@ pub struct OrderWriter {
 struct Job {
     order: NewOrder,
     answer: oneshot::Sender<Result<Written>>,
+    /// Who has the job: [`QUEUED`] until a writer takes it into a batch
+    /// ([`TAKEN`]) or its request gives up waiting ([`ABANDONED`]), whichever
+    /// comes first. Once taken, the batch's outcome answers the request.
+    state: Arc<AtomicU8>,
 }
+
+const QUEUED: u8 = 0;
+const TAKEN: u8 = 1;
+const ABANDONED: u8 = 2;
 
 /// The writer's metrics.
 #[derive(Clone)]
@@ -139,11 +175,26 @@ impl OrderWriter {
         Self { queue }
     }
 
-    /// Writes `order` with whatever other orders are waiting, and says what became of it.
-    pub async fn write(&self, order: NewOrder) -> Result<Written> {
-        let (answer, answered) = oneshot::channel();
+    /// Writes `order` with whatever other orders are waiting, and says what
+    /// became of it. If no writer has taken it into a batch by `deadline`, it is
+    /// not written and the answer is [`ApiError::Timeout`]; once taken, the
+    /// batch's outcome is awaited whatever the time (the writer bounds it).
+    pub async fn write(&self, order: NewOrder, deadline: Instant) -> Result<Written> {
+        let (answer, mut answered) = oneshot::channel();
+        let state = Arc::new(AtomicU8::new(QUEUED));
         let stopped = || ApiError::Internal(anyhow::anyhow!("the order writer has stopped"));
-        self.queue.send(Job { order, answer }).await.map_err(|_| stopped())?;
+        let job = Job { order, answer, state: state.clone() };
+        match tokio::time::timeout_at(deadline, self.queue.send(job)).await {
+            Ok(sent) => sent.map_err(|_| stopped())?,
+            Err(_) => return Err(ApiError::Timeout),
+        }
+        tokio::select! {
+            result = &mut answered => return result.map_err(|_| stopped())?,
+            () = tokio::time::sleep_until(deadline) => {}
+        }
+        if state.compare_exchange(QUEUED, ABANDONED, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            return Err(ApiError::Timeout); // no writer took it: it will not be written
+        }
         answered.await.map_err(|_| stopped())?
     }
 }
@@ -168,9 +219,16 @@ impl WriterTask {
             }
             // A request that timed out or whose client went away no longer waits
             // for its answer: its order is not written, as before group commit a
-            // dropped request rolled its transaction back.
+            // dropped request rolled its transaction back. The others are taken:
+            // from here on their batch's outcome answers them.
             let before = jobs.len();
-            jobs.retain(|job| !job.answer.is_closed());
+            jobs.retain(|job| {
+                !job.answer.is_closed()
+                    && job
+                        .state
+                        .compare_exchange(QUEUED, TAKEN, Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok()
+            });
             if jobs.len() < before {
                 tracing::warn!(
                     orders = before - jobs.len(),
@@ -182,14 +240,14 @@ impl WriterTask {
             }
             let (orders, answers): (Vec<NewOrder>, Vec<_>) =
                 jobs.drain(..).map(|job| (job.order, job.answer)).unzip();
-            let results = write_batch(&self.db, &orders, self.config.notify, &self.metrics).await;
+            let results = write_batch(&self.db, &orders, self.config.write, &self.metrics).await;
             if let Some(relay) = &self.relay
                 && results.iter().any(|result| matches!(result, Ok(Written::Placed(_))))
             {
                 relay.wake();
             }
             for (answer, result) in answers.into_iter().zip(results) {
-                // A request that timed out while its batch was being written gets
+                // A client that went away while its batch was being written gets
                 // no answer; its order stands (a retry with its key says so).
                 let _ = answer.send(result);
             }
@@ -202,7 +260,7 @@ impl WriterTask {
 pub async fn write_batch(
     db: &PgPool,
     orders: &[NewOrder],
-    notify: bool,
+    options: WriteOptions,
     metrics: &WriterMetrics,
 ) -> Vec<Result<Written>> {
     // Two requests with one key: the first leads, the others follow it.
@@ -223,7 +281,7 @@ pub async fn write_batch(
     }
     let mut results: Vec<Option<Result<Written>>> = orders.iter().map(|_| None).collect();
     let members: Vec<&NewOrder> = leaders.iter().map(|&index| &orders[index]).collect();
-    for (index, result) in leaders.iter().zip(write_members(db, &members, notify, metrics).await) {
+    for (index, result) in leaders.iter().zip(write_members(db, &members, options, metrics).await) {
         results[*index] = Some(result);
     }
     for (follower, leader) in followers {
@@ -231,7 +289,7 @@ pub async fn write_batch(
             // The key is committed now, with the leader's response.
             Some(Ok(_)) => Ok(Written::KeyTaken),
             // The leader wrote nothing: the follower has a try of its own.
-            _ => write_alone(db, &orders[follower], notify, metrics).await,
+            _ => write_alone(db, &orders[follower], options, metrics).await,
         });
     }
     results.into_iter().map(|result| result.expect("every order answered")).collect()
@@ -240,16 +298,24 @@ pub async fn write_batch(
 async fn write_members(
     db: &PgPool,
     orders: &[&NewOrder],
-    notify: bool,
+    options: WriteOptions,
     metrics: &WriterMetrics,
 ) -> Vec<Result<Written>> {
-    let error = match write_transaction(db, orders, notify, metrics).await {
+    let error = match write_transaction(db, orders, options, metrics).await {
         Ok(results) => return results,
-        Err(error) => error,
+        Err(BatchError::OutcomeUnknown(reason)) => {
+            tracing::error!(orders = orders.len(), %reason,
+                "the outcome of a batch's COMMIT is unknown; its requests are told so");
+            return orders
+                .iter()
+                .map(|_| Err(ApiError::CommitOutcomeUnknown(reason.clone())))
+                .collect();
+        }
+        Err(BatchError::NotWritten(error)) => error,
     };
     if !refused_by_data(&error) {
         // The database as a whole, not one order: every order gets the error,
-        // and none is written again (a broken connection may have committed).
+        // and none is written again now.
         tracing::error!(orders = orders.len(), error = %error, "writing a batch of orders failed");
         return orders.iter().map(|_| Err(ApiError::batch_failed(&error))).collect();
     }
@@ -260,7 +326,7 @@ async fn write_members(
         "the database refused a batch of orders; writing them one by one");
     let mut results = Vec::with_capacity(orders.len());
     for order in orders {
-        results.push(write_alone(db, order, notify, metrics).await);
+        results.push(write_alone(db, order, options, metrics).await);
     }
     results
 }
@@ -268,13 +334,24 @@ async fn write_members(
 async fn write_alone(
     db: &PgPool,
     order: &NewOrder,
-    notify: bool,
+    options: WriteOptions,
     metrics: &WriterMetrics,
 ) -> Result<Written> {
-    match write_transaction(db, &[order], notify, metrics).await {
+    match write_transaction(db, &[order], options, metrics).await {
         Ok(mut results) => results.pop().expect("one result for one order"),
-        Err(error) => Err(error.into()),
+        Err(BatchError::NotWritten(error)) => Err(error.into()),
+        Err(BatchError::OutcomeUnknown(reason)) => Err(ApiError::CommitOutcomeUnknown(reason)),
     }
+}
+
+/// Why a batch's transaction did not (certainly) commit.
+#[derive(Debug)]
+enum BatchError {
+    /// Nothing was written: the transaction failed before its `COMMIT` was
+    /// sent, or was rolled back (the database said so, or said so when asked).
+    NotWritten(sqlx::Error),
+    /// `COMMIT` was sent and its outcome could not be learnt (the text says why).
+    OutcomeUnknown(String),
 }
 
 /// Whether the database refused the transaction for its data, so that one
@@ -299,15 +376,124 @@ struct Priced<'a> {
 }
 
 /// One transaction for `orders`: the outer error is the transaction's (nothing
-/// was written), the inner results each order's.
+/// was written, or its outcome is unknown), the inner results each order's.
+///
+/// Everything up to the answer to `COMMIT` must happen within the commit
+/// deadline. Until `COMMIT` is sent, giving up (an error, the deadline) means
+/// the transaction cannot commit; after, its outcome is asked of the database.
 async fn write_transaction(
     db: &PgPool,
     orders: &[&NewOrder],
-    notify: bool,
+    options: WriteOptions,
     metrics: &WriterMetrics,
-) -> sqlx::Result<Vec<Result<Written>>> {
-    let mut tx = db.begin().await?;
-    let (prices, created_at) = prices(&mut tx, orders).await?;
+) -> std::result::Result<Vec<Result<Written>>, BatchError> {
+    let deadline = Instant::now() + options.commit_deadline;
+    let late = || {
+        BatchError::NotWritten(sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "the database did not answer within COMMIT_DEADLINE ({:?})",
+                options.commit_deadline
+            ),
+        )))
+    };
+    let mut conn = match tokio::time::timeout_at(deadline, db.acquire()).await {
+        Ok(conn) => conn.map_err(BatchError::NotWritten)?,
+        Err(_) => return Err(late()),
+    };
+    let (xact, error, results, written) = match attempt(&mut conn, orders, options, deadline).await
+    {
+        Attempt::Done { results, written } => {
+            if written > 0 {
+                metrics.batch_size.observe(written as f64);
+            }
+            return Ok(results);
+        }
+        Attempt::NotWritten(error) => return Err(BatchError::NotWritten(error)),
+        Attempt::Late => {
+            // The connection is mid-statement: it must not serve anyone again.
+            drop(conn.detach());
+            return Err(late());
+        }
+        Attempt::CommitLost { xact, error, results, written } => (xact, error, results, written),
+    };
+    // The answer to COMMIT is lost: ask another connection what became of it.
+    drop(conn.detach());
+    tracing::warn!(orders = written, %error, xact = %xact,
+        "the answer to COMMIT was lost; asking the database what became of it");
+    match commit::resolve(db, &xact, options.commit_deadline).await {
+        CommitOutcome::Committed => {
+            tracing::info!(orders = written, xact = %xact,
+                "the batch whose COMMIT answer was lost had committed");
+            metrics.batch_size.observe(written as f64);
+            Ok(results)
+        }
+        CommitOutcome::Aborted => {
+            Err(BatchError::NotWritten(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                format!(
+                    "the transaction was rolled back after its COMMIT answer was lost: {error}"
+                ),
+            ))))
+        }
+        CommitOutcome::Unknown(reason) => {
+            Err(BatchError::OutcomeUnknown(format!("{error}; {reason}")))
+        }
+    }
+}
+
+/// How far one transaction got.
+enum Attempt {
+    /// Committed (or nothing was left to write: `written` is 0).
+    Done { results: Vec<Result<Written>>, written: usize },
+    /// Failed before `COMMIT` was sent, or was refused at `COMMIT` for its data:
+    /// nothing was written.
+    NotWritten(sqlx::Error),
+    /// The deadline passed before `COMMIT` was sent: nothing was written.
+    Late,
+    /// `COMMIT` was sent and its answer is lost (`error` says how).
+    CommitLost { xact: XactId, error: String, results: Vec<Result<Written>>, written: usize },
+}
+
+async fn attempt(
+    conn: &mut PgConnection,
+    orders: &[&NewOrder],
+    options: WriteOptions,
+    deadline: Instant,
+) -> Attempt {
+    let (tx, xact, results, written) =
+        match tokio::time::timeout_at(deadline, stage(conn, orders, options.notify)).await {
+            Ok(Ok(staged)) => staged,
+            Ok(Err(error)) => return Attempt::NotWritten(error),
+            Err(_) => return Attempt::Late,
+        };
+    let Some(tx) = tx else { return Attempt::Done { results, written } };
+    let error = match tokio::time::timeout_at(deadline, tx.commit()).await {
+        Ok(Ok(())) => return Attempt::Done { results, written },
+        // A deferred check failed at COMMIT: the database rolled it back.
+        Ok(Err(error)) if refused_by_data(&error) => return Attempt::NotWritten(error),
+        Ok(Err(error)) => error.to_string(),
+        Err(_) => {
+            format!("no answer to COMMIT within COMMIT_DEADLINE ({:?})", options.commit_deadline)
+        }
+    };
+    Attempt::CommitLost { xact, error, results, written }
+}
+
+/// A transaction ready for `COMMIT` (`None` when no order is left to write),
+/// its id, each order's result, and how many orders it writes.
+type Staged<'c> =
+    (Option<sqlx::Transaction<'c, sqlx::Postgres>>, XactId, Vec<Result<Written>>, usize);
+
+/// Begins the transaction and writes every order that can be written, up to
+/// but not including `COMMIT`.
+async fn stage<'c>(
+    conn: &'c mut PgConnection,
+    orders: &[&NewOrder],
+    notify: bool,
+) -> sqlx::Result<Staged<'c>> {
+    let mut tx = conn.begin().await?;
+    let (prices, created_at, xact) = prices(&mut tx, orders).await?;
     let priced: Vec<Result<Priced>> = orders.iter().map(|order| price(order, &prices)).collect();
     let batch: Vec<&Priced> = priced.iter().filter_map(|priced| priced.as_ref().ok()).collect();
     let mut placed: HashMap<Uuid, Order> =
@@ -317,7 +503,8 @@ async fn write_transaction(
     let taken = insert_keys(&mut tx, &batch, &placed).await?;
     let winners: Vec<&Priced> =
         batch.iter().copied().filter(|priced| !taken.contains(&priced.id)).collect();
-    if !winners.is_empty() {
+    let written = winners.len();
+    if written > 0 {
         insert_orders(&mut tx, &winners).await?;
         let events: Vec<outbox::NewEvent> =
             winners.iter().map(|priced| priced.event()).collect::<outbox::Result<_>>()?;
@@ -325,10 +512,8 @@ async fn write_transaction(
         if notify {
             outbox::notify(&mut tx).await?;
         }
-        tx.commit().await?;
-        metrics.batch_size.observe(winners.len() as f64);
     }
-    Ok(priced
+    let results = priced
         .into_iter()
         .map(|priced| {
             let id = priced?.id;
@@ -338,29 +523,37 @@ async fn write_transaction(
                 Written::Placed(placed.remove(&id).expect("every priced order was placed"))
             })
         })
-        .collect())
+        .collect();
+    Ok(((written > 0).then_some(tx), xact, results, written))
 }
 
-/// The catalogue price of every SKU the orders name, and the transaction's
-/// start, which is every order's `created_at`.
+/// The catalogue price of every SKU the orders name, the transaction's start
+/// (every order's `created_at`), and the transaction's id, by which its outcome
+/// can be asked for if the answer to its `COMMIT` is lost.
 async fn prices(
-    tx: &mut Transaction<'_, Postgres>,
+    tx: &mut PgConnection,
     orders: &[&NewOrder],
-) -> sqlx::Result<(HashMap<String, i64>, DateTime<Utc>)> {
+) -> sqlx::Result<(HashMap<String, i64>, DateTime<Utc>, XactId)> {
     let mut skus: Vec<&str> =
         orders.iter().flat_map(|order| order.lines.iter().map(|line| line.sku.as_str())).collect();
     skus.sort_unstable();
     skus.dedup();
-    let (now, found, prices): (DateTime<Utc>, Option<Vec<String>>, Option<Vec<i64>>) =
-        sqlx::query_as(
-            "SELECT now(), array_agg(sku), array_agg(price_cents)
-             FROM inventory WHERE sku = ANY($1)",
-        )
-        .bind(&skus)
-        .fetch_one(&mut **tx)
-        .await?;
+    let (now, xact, backend, found, prices): (
+        DateTime<Utc>,
+        String,
+        i32,
+        Option<Vec<String>>,
+        Option<Vec<i64>>,
+    ) = sqlx::query_as(
+        "SELECT now(), pg_current_xact_id()::text, pg_backend_pid(),
+                array_agg(sku), array_agg(price_cents)
+         FROM inventory WHERE sku = ANY($1)",
+    )
+    .bind(&skus)
+    .fetch_one(&mut *tx)
+    .await?;
     let prices = found.unwrap_or_default().into_iter().zip(prices.unwrap_or_default()).collect();
-    Ok((prices, now))
+    Ok((prices, now, XactId { xid: xact, backend }))
 }
 
 /// Prices `order`'s lines; a SKU that is not in the catalogue is this order's error.
@@ -417,10 +610,7 @@ impl Priced<'_> {
 
 /// Inserts the orders and their lines, one statement each. `created_at` is the
 /// column's default, the transaction's start.
-async fn insert_orders(
-    tx: &mut Transaction<'_, Postgres>,
-    batch: &[&Priced<'_>],
-) -> sqlx::Result<()> {
+async fn insert_orders(tx: &mut PgConnection, batch: &[&Priced<'_>]) -> sqlx::Result<()> {
     let ids: Vec<Uuid> = batch.iter().map(|priced| priced.id).collect();
     let customers: Vec<&str> =
         batch.iter().map(|priced| priced.order.customer_id.as_str()).collect();
@@ -432,7 +622,7 @@ async fn insert_orders(
     .bind(&ids)
     .bind(&customers)
     .bind(&totals)
-    .execute(&mut **tx)
+    .execute(&mut *tx)
     .await?;
 
     let lines = batch.iter().flat_map(|priced| priced.items.iter().map(|item| (priced.id, item)));
@@ -448,7 +638,7 @@ async fn insert_orders(
     .bind(&skus)
     .bind(&quantities)
     .bind(&unit_prices)
-    .execute(&mut **tx)
+    .execute(&mut *tx)
     .await?;
     Ok(())
 }
@@ -458,7 +648,7 @@ async fn insert_orders(
 /// (their orders are then not written). The key's reference to its order is
 /// checked at commit, when the order exists.
 async fn insert_keys(
-    tx: &mut Transaction<'_, Postgres>,
+    tx: &mut PgConnection,
     batch: &[&Priced<'_>],
     placed: &HashMap<Uuid, Order>,
 ) -> sqlx::Result<HashSet<Uuid>> {
@@ -497,7 +687,7 @@ async fn insert_keys(
     .bind(&order_ids)
     .bind(created)
     .bind(&bodies)
-    .fetch_all(&mut **tx)
+    .fetch_all(&mut *tx)
     .await?;
     let stored: HashSet<Uuid> = stored.into_iter().collect();
     Ok(order_ids.into_iter().filter(|id| !stored.contains(id)).collect())

@@ -264,7 +264,7 @@ async fn a_database_failure_is_retried_not_acked_or_dead_lettered(db: PgPool) {
 #[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn the_consumer_reconnects_after_losing_the_broker(db: PgPool) {
     let broker = TestBroker::new().await;
-    let proxy = test_support::BrokerProxy::start().await;
+    let proxy = test_support::FaultProxy::broker().await;
     let mut config = broker.config.clone();
     config.amqp_url = proxy.url();
     let consumer = TestConsumer::spawn(db.clone(), &config, &[]).await;

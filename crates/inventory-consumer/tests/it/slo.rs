@@ -12,7 +12,7 @@ use outbox::transport::CREATED_AT_HEADER;
 use prometheus_client::registry::Registry;
 use serde_json::json;
 use sqlx::PgPool;
-use test_support::{BrokerProxy, eventually};
+use test_support::{FaultProxy, eventually};
 
 use crate::helpers::{TestApi, TestBroker, TestConsumer, insert_orders, order_status};
 
@@ -154,7 +154,7 @@ async fn the_lag_is_measured_from_the_outbox_row_the_relay_published(db: PgPool)
 #[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn without_the_broker_the_depths_read_nan_and_the_scrape_still_succeeds(db: PgPool) {
     let broker = TestBroker::new().await;
-    let proxy = BrokerProxy::start().await;
+    let proxy = FaultProxy::broker().await;
     let mut config = broker.config.clone();
     config.amqp_url = proxy.url();
     let consumer = TestConsumer::spawn(db.clone(), &config, &[]).await;

@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use order_service::error::ApiError;
 use order_service::idempotency::IdempotencyKey;
 use order_service::orders::ValidLine;
-use order_service::writer::{NewOrder, WriterMetrics, Written, write_batch};
+use order_service::writer::{NewOrder, WriteOptions, WriterMetrics, Written, write_batch};
 use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
 use sqlx::PgPool;
@@ -33,7 +33,7 @@ fn order(customer: &str, lines: &[(&str, i32)], key: Option<(&str, Value)>) -> N
 
 async fn write(db: &PgPool, orders: &[NewOrder]) -> Vec<Result<Written, ApiError>> {
     let metrics = WriterMetrics::register(&mut Registry::default());
-    let results = write_batch(db, orders, false, &metrics).await;
+    let results = write_batch(db, orders, WriteOptions::default(), &metrics).await;
     assert_eq!(results.len(), orders.len(), "one answer per order");
     results
 }

@@ -12,7 +12,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use test_support::{BrokerProxy, eventually};
+use test_support::{FaultProxy, eventually};
 
 use crate::helpers::{TestBroker, delivery_counts, enqueue_events, message_id, outbox_rows};
 
@@ -64,7 +64,7 @@ async fn every_event_arrives_once_with_several_workers(db: PgPool) {
 #[sqlx::test(migrator = "outbox::MIGRATOR")]
 async fn nothing_is_removed_while_the_broker_is_unreachable(db: PgPool) {
     let mut broker = TestBroker::new(&["test.#"]).await;
-    let proxy = BrokerProxy::start().await;
+    let proxy = FaultProxy::broker().await;
     proxy.down().await;
     let config = RelayConfig { workers: 2, ..broker.relay_config() };
     let shutdown = CancellationToken::new();
