@@ -199,11 +199,15 @@ pub struct RelayArgs {
     #[arg(long, env = "RELAY_POLL_INTERVAL_MS", default_value_t = 100)]
     pub relay_poll_interval_ms: u64,
 
-    /// Failed publish attempts after which an event is marked dead.
+    /// Failed publish attempts after which an event is marked dead. Only the
+    /// event's own failures count (nacked while others are confirmed, returned,
+    /// a channel closed by it); a broker outage, stall or alarm spends none.
     #[arg(long, env = "RELAY_MAX_ATTEMPTS", default_value_t = 10)]
     pub relay_max_attempts: i32,
 
-    /// How long the broker has to confirm a batch.
+    /// How long the broker has to take and confirm a batch. A batch it does not
+    /// confirm in time is the broker's stall, not the events' failure: no
+    /// attempt is spent, and the relay backs off as a whole.
     #[arg(long, env = "RELAY_CONFIRM_TIMEOUT_MS", default_value_t = 10_000)]
     pub relay_confirm_timeout_ms: u64,
 
@@ -245,7 +249,17 @@ pub struct RelayArgs {
           value_parser = humantime::parse_duration)]
     pub relay_claim_lookback: Duration,
 
-    /// How often a worker's claim scans all due events instead of starting at its floor.
+    /// Largest event the relay publishes, in bytes (payload, header names and
+    /// values, routing key). A larger one is parked dead at once, its
+    /// last_error naming this limit, instead of being refused by the broker.
+    /// Keep it below the broker's limit (RabbitMQ's max_message_size: 128 MiB;
+    /// Kafka's message.max.bytes: about 1 MB).
+    #[arg(long, env = "RELAY_MAX_MESSAGE_BYTES", default_value_t = outbox::relay::DEFAULT_MAX_MESSAGE_BYTES)]
+    pub relay_max_message_bytes: usize,
+
+    /// How often a worker's claim scans all due events instead of starting at
+    /// its floor; a scan that finds late commits is followed by more at once,
+    /// until none is left.
     #[arg(long, env = "RELAY_FULL_SCAN_INTERVAL", default_value = "30s",
           value_parser = humantime::parse_duration)]
     pub relay_full_scan_interval: Duration,
@@ -285,6 +299,7 @@ impl Config {
             retry_max: Duration::from_millis(relay.relay_retry_max_ms),
             claim_lookback: relay.relay_claim_lookback,
             full_scan_interval: relay.relay_full_scan_interval,
+            max_message_bytes: relay.relay_max_message_bytes,
             crash_switch: Default::default(),
         }
     }

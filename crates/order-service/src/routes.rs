@@ -315,7 +315,8 @@ async fn healthz() -> Json<Value> {
 /// orders are accepted while the broker is down, their events wait in the outbox.
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses(
-        (status = 200, description = "Ready; `broker` is up, down or relay disabled", body = Value),
+        (status = 200, description = "Ready; `broker` is up, blocked (a resource alarm), down or \
+relay disabled, and `broker_since` when it became so", body = Value),
         (status = 503, description = "Not ready: the database is down or a task crashed", body = Value),
     ))]
 async fn readyz(State(state): State<AppState>) -> Response {
@@ -328,11 +329,13 @@ async fn readyz(State(state): State<AppState>) -> Response {
         "database": if database_up { "up" } else { "down" },
         "crashed_tasks": crashed_tasks,
         "broker": match &state.relay {
-            None => "relay disabled",
-            Some(relay) if relay.broker_connected() => "up",
-            Some(_) => "down",
+            None => "relay disabled".to_owned(),
+            Some(relay) => relay.transport().0.to_string(),
         },
     });
+    if let Some(relay) = &state.relay {
+        body["broker_since"] = relay.transport().1.to_rfc3339().into();
+    }
     if let Some(error) = state.relay.as_ref().and_then(RelayStatus::topology_error) {
         body["broker_error"] = error.into();
     }

@@ -538,13 +538,9 @@ async fn prices(
         orders.iter().flat_map(|order| order.lines.iter().map(|line| line.sku.as_str())).collect();
     skus.sort_unstable();
     skus.dedup();
-    let (now, xact, backend, found, prices): (
-        DateTime<Utc>,
-        String,
-        i32,
-        Option<Vec<String>>,
-        Option<Vec<i64>>,
-    ) = sqlx::query_as(
+    /// The transaction's start, id and backend, and the SKUs found with their prices.
+    type Row = (DateTime<Utc>, String, i32, Option<Vec<String>>, Option<Vec<i64>>);
+    let (now, xact, backend, found, prices): Row = sqlx::query_as(
         "SELECT now(), pg_current_xact_id()::text, pg_backend_pid(),
                 array_agg(sku), array_agg(price_cents)
          FROM inventory WHERE sku = ANY($1)",

@@ -161,13 +161,15 @@ impl Transport for KafkaTransport {
 /// The outcome of an event is its partition's request's:
 /// - [`Outcome::Confirmed`]: the partition's leader acknowledged the write
 ///   (after all in-sync replicas had it);
-/// - [`Outcome::Unroutable`]: its topic is not listed, or the broker answered
-///   `UNKNOWN_TOPIC_OR_PARTITION`;
-/// - [`Outcome::Failed`]: the broker refused the write with another error, or
-///   did not acknowledge it within the produce timeout (the publisher is then
-///   replaced, so the next batch starts on fresh connections);
-/// - [`Outcome::Unknown`]: the connection was lost and rskafka's retries gave
-///   up; the publisher is replaced.
+/// - [`Outcome::Unroutable`]: its topic is not listed;
+/// - [`Outcome::Invalid`]: its topic name is not legal in Kafka (not sent);
+/// - [`Outcome::Failed`]: the broker refused the write with an error that is
+///   not retriable (a record too large, say);
+/// - [`Outcome::Unknown`]: a retriable error (a moved leader, a spurious
+///   `UNKNOWN_TOPIC_OR_PARTITION`, too few in-sync replicas), no acknowledgement
+///   within the produce timeout, or a lost connection: the cluster's trouble,
+///   no attempt spent; after a timeout or a lost connection the publisher is
+///   replaced, so the next batch starts on fresh connections.
 ///
 /// Any error on a topic drops its cached partitions, which the next batch
 /// lists again.
@@ -196,6 +198,10 @@ impl Publisher for KafkaPublisher {
     /// once. `Err` when the topics' partitions cannot be learnt (before anything
     /// is sent).
     async fn publish(&self, events: &[OutboxEvent]) -> Result<Vec<Outcome>> {
+        let invalid: Vec<Option<String>> = events
+            .iter()
+            .map(|event| check(&self.transport.topic_for(&event.aggregate_type)).err())
+            .collect();
         let routes =
             match tokio::time::timeout(self.transport.produce_timeout, self.routes(events)).await {
                 Ok(Ok(routes)) => routes,
@@ -220,6 +226,10 @@ impl Publisher for KafkaPublisher {
         let mut batches: BTreeMap<(String, i32), (Arc<PartitionClient>, Vec<usize>)> =
             BTreeMap::new();
         for (index, event) in events.iter().enumerate() {
+            if let Some(reason) = &invalid[index] {
+                outcomes[index] = Some(Outcome::Invalid(reason.clone()));
+                continue;
+            }
             let topic = self.transport.topic_for(&event.aggregate_type);
             match routes.get(&topic) {
                 Some(Ok(partitions)) if !partitions.is_empty() => {
@@ -259,12 +269,12 @@ impl Publisher for KafkaPublisher {
                     outcome
                 }
                 Err(_) => {
+                    // A stall of the cluster, not the event's failure.
                     self.forget(&topic);
                     self.broken.store(true, Ordering::Relaxed);
-                    Outcome::Failed(format!(
-                        "no acknowledgement from partition {partition} of {topic} within {:?}",
-                        self.transport.produce_timeout
-                    ))
+                    tracing::warn!(%topic, partition, timeout = ?self.transport.produce_timeout,
+                        "no acknowledgement from Kafka in time");
+                    Outcome::Unknown
                 }
             };
             for index in indexes {
@@ -338,29 +348,97 @@ impl KafkaPublisher {
 }
 
 /// What a failed produce request means for its events, and whether the
-/// connection is to be dropped.
+/// connection is to be dropped. Whatever it is, the caller forgets the topic's
+/// partitions, so the next batch reads its metadata again.
+///
+/// An error Kafka's error table marks retriable (a leader that moved, a
+/// partition the broker does not know yet, too few in-sync replicas, a
+/// timeout) is the cluster's trouble, not the event's: [`Outcome::Unknown`],
+/// no attempt spent. So is `UNKNOWN_TOPIC_OR_PARTITION` on a topic that was
+/// just listed: a topic that is really gone is found unlisted by the next
+/// batch and is [`Outcome::Unroutable`] then.
 fn outcome_of_error(topic: &str, partition: i32, error: &KafkaError) -> (Outcome, bool) {
     match error {
-        KafkaError::ServerError {
-            protocol_error: ProtocolError::UnknownTopicOrPartition, ..
-        } => (
-            Outcome::Unroutable(format!(
-                "partition {partition} of topic {topic} does not exist: {error}"
-            )),
-            false,
-        ),
+        KafkaError::ServerError { protocol_error, .. } if retriable(protocol_error) => {
+            (Outcome::Unknown, false)
+        }
         // rskafka retries a lost connection until its deadline: the request may
         // or may not have been written.
         KafkaError::Connection(_) | KafkaError::Request(_) => (Outcome::Unknown, true),
-        KafkaError::RetryFailed(BackoffError::DeadlineExceded { source, .. })
-            if source.downcast_ref::<KafkaError>().is_some_and(|error| {
-                matches!(error, KafkaError::Connection(_) | KafkaError::Request(_))
-            }) =>
-        {
-            (Outcome::Unknown, true)
+        KafkaError::RetryFailed(BackoffError::DeadlineExceded { source, .. }) => {
+            match source.downcast_ref::<KafkaError>() {
+                Some(KafkaError::Connection(_) | KafkaError::Request(_)) => {
+                    (Outcome::Unknown, true)
+                }
+                Some(KafkaError::ServerError { protocol_error, .. })
+                    if retriable(protocol_error) =>
+                {
+                    (Outcome::Unknown, false)
+                }
+                _ => (failed(topic, partition, error), false),
+            }
         }
-        _ => (Outcome::Failed(format!("partition {partition} of topic {topic}: {error}")), false),
+        _ => (failed(topic, partition, error), false),
     }
+}
+
+fn failed(topic: &str, partition: i32, error: &KafkaError) -> Outcome {
+    Outcome::Failed(format!("partition {partition} of topic {topic}: {error}"))
+}
+
+/// Whether Kafka's error table (`org.apache.kafka.common.protocol.Errors`)
+/// marks `error` retriable: the request may succeed if sent again, after a
+/// metadata refresh. Broker-not-available is added: the broker is the trouble.
+fn retriable(error: &ProtocolError) -> bool {
+    use ProtocolError as E;
+    matches!(
+        error,
+        E::CorruptMessage
+            | E::UnknownTopicOrPartition
+            | E::LeaderNotAvailable
+            | E::NotLeaderOrFollower
+            | E::RequestTimedOut
+            | E::BrokerNotAvailable
+            | E::ReplicaNotAvailable
+            | E::NetworkException
+            | E::CoordinatorLoadInProgress
+            | E::CoordinatorNotAvailable
+            | E::NotCoordinator
+            | E::NotEnoughReplicas
+            | E::NotEnoughReplicasAfterAppend
+            | E::NotController
+            | E::KafkaStorageError
+            | E::FetchSessionIdNotFound
+            | E::InvalidFetchSessionEpoch
+            | E::ListenerNotFound
+            | E::FencedLeaderEpoch
+            | E::UnknownLeaderEpoch
+            | E::OffsetNotAvailable
+            | E::PreferredLeaderNotAvailable
+            | E::EligibleLeadersNotAvailable
+            | E::UnstableOffsetCommit
+            | E::ThrottlingQuotaExceeded
+            | E::ConcurrentTransactions
+            | E::UnknownTopicId
+    )
+}
+
+/// Why Kafka cannot take `event` at all, if it cannot: a topic name that is
+/// not legal (at most 249 characters of `a-z A-Z 0-9 . _ -`, not `.` or `..`).
+fn check(topic: &str) -> std::result::Result<(), String> {
+    let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    if topic.is_empty()
+        || topic.len() > 249
+        || topic == "."
+        || topic == ".."
+        || !topic.chars().all(legal)
+    {
+        return Err(format!(
+            "its topic {:?} is not a legal Kafka topic name (1 to 249 characters of a-z, A-Z, 0-9, '.', '_', '-')",
+            topic.chars().take(64).collect::<String>()
+        ));
+    }
+    Ok(())
 }
 
 /// The Kafka record of `event`.
@@ -462,6 +540,42 @@ mod tests {
                 assert!((0..count).contains(&partition), "{key:?} in {count}: {partition}");
             }
         }
+    }
+
+    fn server_error(protocol_error: ProtocolError) -> KafkaError {
+        KafkaError::ServerError {
+            protocol_error,
+            error_message: None,
+            request: rskafka::client::error::RequestContext::Partition("outbox.order".into(), 0),
+            response: None,
+            is_virtual: false,
+        }
+    }
+
+    #[test]
+    fn a_retriable_error_is_the_cluster_s_trouble_not_the_event_s() {
+        for error in [
+            ProtocolError::UnknownTopicOrPartition,
+            ProtocolError::NotLeaderOrFollower,
+            ProtocolError::LeaderNotAvailable,
+            ProtocolError::NotEnoughReplicas,
+            ProtocolError::RequestTimedOut,
+        ] {
+            let (outcome, _) = outcome_of_error("outbox.order", 0, &server_error(error));
+            assert_eq!(outcome, Outcome::Unknown, "{error:?} spends no attempt");
+        }
+        for error in [ProtocolError::MessageTooLarge, ProtocolError::InvalidRecord] {
+            let (outcome, _) = outcome_of_error("outbox.order", 0, &server_error(error));
+            assert!(matches!(outcome, Outcome::Failed(_)), "{error:?} is the event's: {outcome:?}");
+        }
+    }
+
+    #[test]
+    fn an_illegal_topic_name_is_refused_before_sending() {
+        assert!(check("outbox.order").is_ok());
+        assert!(check(&format!("outbox.{}", "x".repeat(300))).is_err());
+        assert!(check("outbox.order/evil").is_err());
+        assert!(check("..").is_err());
     }
 
     #[test]

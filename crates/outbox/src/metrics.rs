@@ -2,11 +2,14 @@
 //! global state, so several relays in one test process do not mix their counts).
 
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use sqlx::PgPool;
 use std::sync::atomic::AtomicU64;
+
+use crate::transport::TransportState;
 
 /// The relay's counters, histograms and backlog gauges. Cheap to clone: the
 /// clones share their values. [`RelayMetrics::default`] makes unregistered ones.
@@ -26,6 +29,10 @@ pub struct RelayMetrics {
     backlog: Gauge,
     oldest_pending_age_seconds: Gauge<f64, AtomicU64>,
     dead_backlog: Gauge,
+    /// 1 for the broker's current state (`state` = up, blocked or down), 0 for the others.
+    transport_state: Family<Vec<(String, String)>, Gauge>,
+    /// When the broker's state last changed (Unix time, seconds).
+    transport_state_since: Gauge<f64, AtomicU64>,
 }
 
 impl Default for RelayMetrics {
@@ -40,6 +47,8 @@ impl Default for RelayMetrics {
             backlog: Gauge::default(),
             oldest_pending_age_seconds: Gauge::default(),
             dead_backlog: Gauge::default(),
+            transport_state: Family::default(),
+            transport_state_since: Gauge::default(),
         }
     }
 }
@@ -88,7 +97,28 @@ impl RelayMetrics {
             "Dead events parked in the outbox, waiting for inspection or replay",
             metrics.dead_backlog.clone(),
         );
+        registry.register(
+            "outbox_transport_state",
+            "The broker as the relay sees it: 1 for the current state (up, blocked, down)",
+            metrics.transport_state.clone(),
+        );
+        registry.register(
+            "outbox_transport_state_since_seconds",
+            "When the broker's state last changed, as Unix time",
+            metrics.transport_state_since.clone(),
+        );
+        metrics.transport_changed(TransportState::Down);
         metrics
+    }
+
+    /// Records that the broker is now in `state`.
+    pub fn transport_changed(&self, state: TransportState) {
+        for each in [TransportState::Up, TransportState::Blocked, TransportState::Down] {
+            let label = vec![("state".to_owned(), each.as_str().to_owned())];
+            self.transport_state.get_or_create(&label).set(i64::from(each == state));
+        }
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+        self.transport_state_since.set(now.map_or(0.0, |since| since.as_secs_f64()));
     }
 
     /// Reads the backlog gauges from the table; called when metrics are scraped.

@@ -7,13 +7,14 @@
 //! message is `mandatory`, so one that no queue is bound for comes back as
 //! [`Outcome::Unroutable`] instead of vanishing.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::future::BoxFuture;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, PublisherConfirm};
 
 use crate::store::OutboxEvent;
 use crate::transport::{Outcome, Publisher, Transport};
@@ -89,7 +90,25 @@ impl Transport for RabbitMq {
 
     /// Connects (to one of the nodes if the URL lists several), switches the
     /// channel to confirm mode, declares the exchange and runs the topology hook.
+    /// The whole of it must be done within the confirm timeout: a broker that
+    /// takes the TCP connection but says nothing (a partition) is an error, not
+    /// a wait for ever.
     async fn connect(&self, name: &str) -> Result<RabbitMqPublisher> {
+        match tokio::time::timeout(self.confirm_timeout, self.open(name)).await {
+            Ok(publisher) => publisher,
+            Err(_) => Err(Error::broker(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "no answer from the broker within {:?} while connecting",
+                    self.confirm_timeout
+                ),
+            ))),
+        }
+    }
+}
+
+impl RabbitMq {
+    async fn open(&self, name: &str) -> Result<RabbitMqPublisher> {
         let connection = amqp::connect(&self.url, name).await?;
         let channel = connection.create_channel().await?;
         channel.confirm_select(ConfirmSelectOptions::default()).await?;
@@ -99,77 +118,285 @@ impl Transport for RabbitMq {
         }
         Ok(RabbitMqPublisher {
             connection,
-            channel,
+            channel: Mutex::new(channel),
             exchange: self.exchange.clone(),
             confirm_timeout: self.confirm_timeout,
+            confirming: AtomicBool::new(false),
+            stalled: AtomicBool::new(false),
         })
     }
 }
 
 /// One connection and one confirm-mode channel, owned by one relay worker.
+///
+/// What becomes of each event of a batch:
+/// - one that AMQP cannot carry (a routing key, type or header name over 255
+///   bytes, the limit of a short string) is [`Outcome::Invalid`] and not sent;
+/// - acked is [`Outcome::Confirmed`]; returned for no route [`Outcome::Unroutable`];
+/// - nacked is [`Outcome::Failed`] when the broker is otherwise confirming:
+///   another event of the batch was acked, or the batch is one event and this
+///   channel has had acks. A batch of several events all nacked is the
+///   broker's trouble, not theirs: [`Outcome::Unknown`];
+/// - no confirm by the confirm timeout is a stall of the transport:
+///   [`Outcome::Unknown`], and the publisher is replaced;
+/// - the broker closed the channel during the batch (as it does for a message
+///   it will not take: a header of the wrong type, a message over its size
+///   limit): one event may be the cause, so the unconfirmed ones are published
+///   again one by one on a new channel; the one on which the channel closes
+///   again is [`Outcome::Failed`] with the broker's reason, the others go
+///   through. A lost connection leaves them [`Outcome::Unknown`].
+///
+/// Nothing is sent while the broker blocks the connection (a memory or disk
+/// alarm: [`Publisher::is_blocked`]), and sending has the confirm timeout as its
+/// deadline too: a connection blocked mid-batch fails the batch as a stall.
 pub struct RabbitMqPublisher {
     connection: Connection,
-    channel: Channel,
+    /// The current channel; replaced when the broker closes it.
+    channel: Mutex<Channel>,
     exchange: String,
     confirm_timeout: Duration,
+    /// The broker has acked a message on this connection: a nack of a lone
+    /// event is then that event's.
+    confirming: AtomicBool,
+    /// A send or a confirm missed its deadline: the worker replaces this publisher.
+    stalled: AtomicBool,
 }
+
+/// AMQP's limit on a short string (routing key, type, header name).
+const SHORT_STRING_MAX: usize = 255;
 
 impl Publisher for RabbitMqPublisher {
     async fn publish(&self, events: &[OutboxEvent]) -> Result<Vec<Outcome>> {
-        let mut confirms = Vec::with_capacity(events.len());
-        for event in events {
-            let confirm = self
-                .channel
-                .basic_publish(
-                    self.exchange.as_str().into(),
-                    event.routing_key().into(),
-                    // Mandatory: an unroutable message comes back instead of vanishing.
-                    BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() },
-                    event.payload.as_bytes(),
-                    properties(event),
-                )
-                .await?;
-            confirms.push(confirm);
+        let mut outcomes: Vec<Option<Outcome>> =
+            events.iter().map(|event| check(event).err().map(Outcome::Invalid)).collect();
+        let sendable: Vec<usize> = (0..events.len()).filter(|&i| outcomes[i].is_none()).collect();
+        if sendable.is_empty() {
+            return Ok(outcomes
+                .into_iter()
+                .map(|outcome| outcome.unwrap_or(Outcome::Unknown))
+                .collect());
         }
-
+        if self.is_blocked() {
+            return Err(Error::broker(std::io::Error::other(
+                "the broker has blocked this connection (a resource alarm); nothing was sent",
+            )));
+        }
+        let channel = self.open_channel().await?;
         let deadline = tokio::time::Instant::now() + self.confirm_timeout;
-        let mut outcomes = Vec::with_capacity(confirms.len());
-        for confirm in confirms {
-            outcomes.push(match tokio::time::timeout_at(deadline, confirm).await {
-                Ok(Ok(Confirmation::Ack(None))) => Outcome::Confirmed,
-                Ok(Ok(Confirmation::Ack(Some(returned)))) => {
-                    let reason = format!(
-                        "returned by the broker: {} {}",
-                        returned.reply_code, returned.reply_text
-                    );
-                    if returned.reply_code == NO_ROUTE {
-                        Outcome::Unroutable(reason)
-                    } else {
-                        Outcome::Failed(reason)
-                    }
+
+        let sending = async {
+            let mut sent = Vec::with_capacity(sendable.len());
+            for &index in &sendable {
+                sent.push((index, self.send(&channel, &events[index]).await));
+            }
+            sent
+        };
+        let Ok(sent) = tokio::time::timeout_at(deadline, sending).await else {
+            self.stalled.store(true, Ordering::Relaxed);
+            return Err(Error::broker(std::io::Error::other(format!(
+                "the broker took no messages for {:?} (blocked or unreachable)",
+                self.confirm_timeout
+            ))));
+        };
+
+        let mut acked = 0;
+        let mut nacked = Vec::new();
+        let mut suspects = Vec::new();
+        let mut closed_by: Option<String> = None;
+        for (index, confirm) in sent {
+            let confirm = match confirm {
+                Ok(confirm) => confirm,
+                Err(error) => {
+                    closed_by.get_or_insert_with(|| error.to_string());
+                    suspects.push(index);
+                    continue;
                 }
-                Ok(Ok(Confirmation::Nack(_))) => Outcome::Failed("nacked by the broker".to_owned()),
-                Ok(Ok(Confirmation::NotRequested)) => {
-                    Outcome::Failed("the channel is not in confirm mode".to_owned())
+            };
+            outcomes[index] = match tokio::time::timeout_at(deadline, confirm).await {
+                Ok(Ok(Confirmation::Nack(_))) => {
+                    nacked.push(index);
+                    continue;
                 }
-                Ok(Err(_)) => Outcome::Unknown,
-                Err(_) => Outcome::Failed(format!(
-                    "no confirm from the broker within {:?}",
-                    self.confirm_timeout
-                )),
+                Ok(Ok(confirmation)) => {
+                    acked += usize::from(matches!(confirmation, Confirmation::Ack(_)));
+                    Some(outcome_of(confirmation))
+                }
+                Ok(Err(error)) => {
+                    closed_by.get_or_insert_with(|| error.to_string());
+                    suspects.push(index);
+                    continue;
+                }
+                Err(_) => {
+                    self.stalled.store(true, Ordering::Relaxed);
+                    Some(Outcome::Unknown)
+                }
+            };
+        }
+        if acked > 0 {
+            self.confirming.store(true, Ordering::Relaxed);
+        }
+        let nack_is_theirs =
+            acked > 0 || (sendable.len() == 1 && self.confirming.load(Ordering::Relaxed));
+        for index in nacked {
+            outcomes[index] = Some(if nack_is_theirs {
+                Outcome::Failed("nacked by the broker".to_owned())
+            } else {
+                Outcome::Unknown
             });
         }
-        Ok(outcomes)
+        if let Some(reason) = closed_by {
+            self.isolate(events, &suspects, &reason, &mut outcomes).await;
+        }
+        Ok(outcomes.into_iter().map(|outcome| outcome.unwrap_or(Outcome::Unknown)).collect())
     }
 
     fn is_usable(&self) -> bool {
-        self.connection.status().connected() && self.channel.status().connected()
+        self.connection.status().connected() && !self.stalled.load(Ordering::Relaxed)
+    }
+
+    fn is_blocked(&self) -> bool {
+        self.connection.status().blocked()
     }
 
     async fn close(self) {
-        let _ = self.channel.close(200, "relay stopping".into()).await;
+        let channel = self.current_channel();
+        let _ = channel.close(200, "relay stopping".into()).await;
         let _ = self.connection.close(200, "relay stopping".into()).await;
     }
+}
+
+impl RabbitMqPublisher {
+    fn current_channel(&self) -> Channel {
+        self.channel.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// The current channel, or a new one in confirm mode if the broker closed it.
+    async fn open_channel(&self) -> Result<Channel> {
+        let channel = self.current_channel();
+        if channel.status().connected() {
+            return Ok(channel);
+        }
+        let opening = async {
+            let channel = self.connection.create_channel().await?;
+            channel.confirm_select(ConfirmSelectOptions::default()).await?;
+            Ok::<_, lapin::Error>(channel)
+        };
+        let channel = match tokio::time::timeout(self.confirm_timeout, opening).await {
+            Ok(channel) => channel?,
+            Err(_) => {
+                self.stalled.store(true, Ordering::Relaxed);
+                return Err(Error::broker(std::io::Error::other(format!(
+                    "no new channel from the broker within {:?}",
+                    self.confirm_timeout
+                ))));
+            }
+        };
+        *self.channel.lock().unwrap_or_else(PoisonError::into_inner) = channel.clone();
+        Ok(channel)
+    }
+
+    async fn send(
+        &self,
+        channel: &Channel,
+        event: &OutboxEvent,
+    ) -> lapin::Result<PublisherConfirm> {
+        channel
+            .basic_publish(
+                self.exchange.as_str().into(),
+                event.routing_key().into(),
+                // Mandatory: an unroutable message comes back instead of vanishing.
+                BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() },
+                event.payload.as_bytes(),
+                properties(event),
+            )
+            .await
+    }
+
+    /// The broker closed the channel while `suspects` were unconfirmed (`reason`
+    /// is what the client saw). If the connection is still up, one of them may
+    /// have caused it: each is published alone on a new channel, so the one on
+    /// which the channel closes again is found and the others go through.
+    async fn isolate(
+        &self,
+        events: &[OutboxEvent],
+        suspects: &[usize],
+        reason: &str,
+        outcomes: &mut [Option<Outcome>],
+    ) {
+        if !self.connection.status().connected() || suspects.is_empty() {
+            return; // the connection is gone: they stay unknown
+        }
+        tracing::warn!(unconfirmed = suspects.len(), %reason,
+            "the broker closed the channel during a batch; publishing its unconfirmed events one by one");
+        for (position, &index) in suspects.iter().enumerate() {
+            let Ok(channel) = self.open_channel().await else { return };
+            let alone = async { self.send(&channel, &events[index]).await?.await };
+            outcomes[index] = Some(match tokio::time::timeout(self.confirm_timeout, alone).await {
+                Ok(Ok(confirmation)) => outcome_of(confirmation),
+                Ok(Err(error)) if self.connection.status().connected() => {
+                    tracing::warn!(message_id = %events[index].id, %error,
+                        "the broker closed the channel on this event");
+                    Outcome::Failed(format!(
+                        "the broker closed the channel on this message: {error}"
+                    ))
+                }
+                // The connection went: this one and the rest are unknown.
+                Ok(Err(_)) => return,
+                Err(_) => {
+                    self.stalled.store(true, Ordering::Relaxed);
+                    tracing::warn!(
+                        left = suspects.len() - position,
+                        "no confirm while isolating; the rest stay unknown"
+                    );
+                    return;
+                }
+            });
+        }
+    }
+}
+
+/// What a confirm other than a nack says of its event.
+fn outcome_of(confirmation: Confirmation) -> Outcome {
+    match confirmation {
+        Confirmation::Ack(None) => Outcome::Confirmed,
+        Confirmation::Ack(Some(returned)) => {
+            let reason =
+                format!("returned by the broker: {} {}", returned.reply_code, returned.reply_text);
+            if returned.reply_code == NO_ROUTE {
+                Outcome::Unroutable(reason)
+            } else {
+                Outcome::Failed(reason)
+            }
+        }
+        Confirmation::Nack(_) => Outcome::Failed("nacked by the broker".to_owned()),
+        Confirmation::NotRequested => {
+            Outcome::Failed("the channel is not in confirm mode".to_owned())
+        }
+    }
+}
+
+/// Why AMQP cannot carry `event`, if it cannot: a routing key, type or header
+/// name longer than a short string.
+fn check(event: &OutboxEvent) -> std::result::Result<(), String> {
+    let too_long = |what: &str, length: usize| {
+        format!("its {what} is {length} bytes; AMQP allows at most {SHORT_STRING_MAX}")
+    };
+    let routing_key = event.routing_key().len();
+    if routing_key > SHORT_STRING_MAX {
+        return Err(too_long("routing key (aggregate type + '.' + event type)", routing_key));
+    }
+    if event.event_type.len() > SHORT_STRING_MAX {
+        return Err(too_long("event type", event.event_type.len()));
+    }
+    if let Some((name, _)) =
+        event.message_headers().into_iter().find(|(name, _)| name.len() > SHORT_STRING_MAX)
+    {
+        return Err(too_long(
+            &format!("header name {:?}…", &name[..32.min(name.len())]),
+            name.len(),
+        ));
+    }
+    Ok(())
 }
 
 fn properties(event: &OutboxEvent) -> BasicProperties {

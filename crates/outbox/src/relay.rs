@@ -8,6 +8,16 @@
 //! event in the outbox, to be published again: delivery is at-least-once, and
 //! consumers deduplicate on the message id.
 //!
+//! A failure belongs to someone. An event's own failure (refused while others
+//! are accepted, unroutable, too large, a channel closed by it) spends that
+//! event's attempts, and parks it alone once its attempts are spent or at once
+//! when it can never be sent. A failure of the transport (the connection lost,
+//! blocked or stalled, the broker refusing everything) spends none: the pass
+//! rolls back what it could not settle, and the worker backs off as a whole,
+//! then probes with one event before it takes full batches again (a circuit
+//! breaker). The pool's view of its broker is [`RelayStatus::transport`], in
+//! the logs at every change and in the metrics.
+//!
 //! Workers run under a [`Supervisor`]: one that panics is restarted.
 
 use std::sync::Arc;
@@ -23,9 +33,9 @@ use tokio_util::sync::CancellationToken;
 use crate::amqp::TopologyStatus;
 use crate::backoff::Backoff;
 use crate::metrics::RelayMetrics;
-use crate::store::{self, Failure, FailureKind};
+use crate::store::{self, Failure, FailureKind, OutboxEvent};
 use crate::supervisor::{CountGuard, CrashSwitch, Supervisor};
-use crate::transport::{Outcome, Publisher, Transport};
+use crate::transport::{Outcome, Publisher, Transport, TransportState};
 use crate::{Error, Result};
 
 /// How the relay works, whatever the broker. Checked by [`RelayConfig::validate`]
@@ -52,8 +62,15 @@ pub struct RelayConfig {
     /// transaction began waits for the next full scan.
     pub claim_lookback: Duration,
     /// How often a worker's claim scans the whole due index instead of starting
-    /// at its floor.
+    /// at its floor. A full scan that finds events below the floor (late
+    /// commits) is followed by more until none is left.
     pub full_scan_interval: Duration,
+    /// Largest event published (payload, header names and values, routing
+    /// key, in bytes); a larger one is parked dead at once, naming this limit.
+    /// Keep it below the broker's own limit (RabbitMQ's `max_message_size`,
+    /// 128 MiB by default; Kafka's `message.max.bytes`, about 1 MB), so that the
+    /// relay, not the broker, refuses it.
+    pub max_message_bytes: usize,
     /// Test hook: armed, it makes a worker panic before its next pass.
     pub crash_switch: CrashSwitch,
 }
@@ -70,10 +87,22 @@ impl Default for RelayConfig {
             retry_max: Duration::from_secs(300),
             claim_lookback: Duration::from_secs(10),
             full_scan_interval: Duration::from_secs(30),
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             crash_switch: CrashSwitch::default(),
         }
     }
 }
+
+/// The default of [`RelayConfig::max_message_bytes`]: 1,000,000 bytes, below
+/// both RabbitMQ's and Kafka's default limits.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 1_000_000;
+
+/// How long a worker waits for a broken publisher to close politely.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long a worker waits before it looks again whether the broker still
+/// blocks its connection.
+const BLOCKED_RECHECK: Duration = Duration::from_millis(250);
 
 /// What becomes of an event the broker says nothing would receive (RabbitMQ: no
 /// queue is bound for its routing key; Kafka: its topic does not exist). It is
@@ -121,6 +150,8 @@ impl RelayConfig {
             "retry_max must be at least retry_base"
         } else if self.full_scan_interval.is_zero() {
             "full_scan_interval must be more than zero"
+        } else if self.max_message_bytes == 0 {
+            "max_message_bytes must be at least 1"
         } else {
             return Ok(());
         };
@@ -161,16 +192,45 @@ impl RelayWaker {
 }
 
 /// Cheap, cloneable view of the pool's broker connectivity, for readiness checks.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct RelayStatus {
     /// Workers holding a usable broker channel, each counted by a [`CountGuard`].
     connected_workers: Arc<AtomicUsize>,
     /// Why the topology cannot be declared (a queue that exists with other
     /// arguments), until a declaration succeeds.
     topology: TopologyStatus,
+    /// The broker's state as the workers last saw it, and since when.
+    transport: Arc<std::sync::Mutex<(TransportState, DateTime<Utc>)>>,
+}
+
+impl Default for RelayStatus {
+    fn default() -> Self {
+        Self {
+            connected_workers: Arc::default(),
+            topology: TopologyStatus::default(),
+            transport: Arc::new(std::sync::Mutex::new((TransportState::Down, Utc::now()))),
+        }
+    }
 }
 
 impl RelayStatus {
+    /// The broker's state as the workers last saw it (down until a worker has
+    /// connected), and since when.
+    pub fn transport(&self) -> (TransportState, DateTime<Utc>) {
+        *self.transport.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Records `state`; returns how long the previous state had lasted when it changed.
+    fn set_transport(&self, state: TransportState) -> Option<(TransportState, Duration)> {
+        let mut current = self.transport.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if current.0 == state {
+            return None;
+        }
+        let now = Utc::now();
+        let (previous, since) = std::mem::replace(&mut *current, (state, now));
+        Some((previous, (now - since).to_std().unwrap_or_default()))
+    }
+
     /// Whether at least one worker holds a usable broker channel.
     pub fn broker_connected(&self) -> bool {
         self.connected_workers.load(Ordering::Relaxed) > 0
@@ -291,6 +351,8 @@ impl<T: Transport> Worker<T> {
         let mut publisher: Option<(T::Publisher, CountGuard)> = None;
         let mut floor = ClaimFloor::default();
         let mut trouble = Backoff::new();
+        // After a failure of the transport, one event at a time until one goes through.
+        let mut probing = false;
         while !self.shutdown.is_cancelled() {
             if !publisher.as_ref().is_some_and(|(publisher, _)| publisher.is_usable()) {
                 publisher = self.reconnect(publisher.take()).await;
@@ -299,6 +361,13 @@ impl<T: Transport> Worker<T> {
                 self.pause(trouble.next_pause()).await;
                 continue;
             };
+            if current.is_blocked() {
+                // Claim nothing while the broker asks for a pause: the events
+                // keep their attempts and no row lock is held.
+                self.transport_is(TransportState::Blocked, "the broker blocked publishing");
+                self.pause(BLOCKED_RECHECK).await;
+                continue;
+            }
             self.config.crash_switch.check(&self.name);
 
             // Register for a wake-up before looking for work, so that a commit
@@ -308,12 +377,29 @@ impl<T: Transport> Worker<T> {
             wakeup.as_mut().enable();
 
             let from = floor.next(&self.config);
+            let limit = if probing { 1 } else { self.config.batch_size };
             let result =
-                relay_batch_from(&self.db, current, &self.config, &self.metrics, from).await;
-            floor.observe(&result);
+                relay_pass(&self.db, current, &self.config, &self.metrics, from, limit).await;
+            floor.observe(&result, limit);
             match result {
+                Ok(pass) if pass.unknown > 0 => {
+                    // The transport failed mid-batch: no event is to blame.
+                    let retry_in = trouble.next_pause();
+                    self.transport_is(TransportState::Down, "the broker did not confirm a batch");
+                    tracing::warn!(worker = %self.name, unknown = pass.unknown,
+                        published = pass.published, retry_in_ms = retry_in.as_millis() as u64,
+                        "the broker did not settle a batch; backing off, no attempt spent");
+                    probing = true;
+                    self.pause(retry_in).await;
+                }
                 // There may be more: claim again without sleeping.
-                Ok(pass) if pass.claimed > 0 => trouble.reset(),
+                Ok(pass) if pass.claimed > 0 => {
+                    trouble.reset();
+                    probing = false;
+                    if pass.published > 0 || pass.failed > 0 {
+                        self.transport_is(TransportState::Up, "");
+                    }
+                }
                 Ok(_) => {
                     trouble.reset();
                     tokio::select! {
@@ -324,15 +410,39 @@ impl<T: Transport> Worker<T> {
                 }
                 Err(error) => {
                     let retry_in = trouble.next_pause();
-                    tracing::warn!(worker = %self.name, %error,
-                        retry_in_ms = retry_in.as_millis() as u64, "relay pass failed; retrying");
+                    if matches!(error, Error::Database(_)) {
+                        tracing::warn!(worker = %self.name, %error,
+                            retry_in_ms = retry_in.as_millis() as u64,
+                            "relay pass failed on the database; retrying");
+                    } else {
+                        self.transport_is(TransportState::Down, &error.to_string());
+                        tracing::warn!(worker = %self.name, %error,
+                            retry_in_ms = retry_in.as_millis() as u64,
+                            "the broker failed a batch; backing off, no attempt spent");
+                        probing = true;
+                    }
                     self.pause(retry_in).await;
                 }
             }
         }
         if let Some((publisher, connected)) = publisher.take() {
             drop(connected);
-            publisher.close().await;
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, publisher.close()).await;
+        }
+    }
+
+    /// Records what this worker saw of the broker, saying so when it changed.
+    fn transport_is(&self, state: TransportState, reason: &str) {
+        let Some((previous, lasted)) = self.status.set_transport(state) else { return };
+        self.metrics.transport_changed(state);
+        let lasted_s = lasted.as_secs_f64();
+        match state {
+            TransportState::Up => tracing::info!(worker = %self.name, %previous, lasted_s,
+                "the broker is up again"),
+            TransportState::Blocked => tracing::warn!(worker = %self.name, %previous, lasted_s,
+                "the broker blocked publishing (a resource alarm); events wait in the outbox"),
+            TransportState::Down => tracing::warn!(worker = %self.name, %previous, lasted_s,
+                reason, "the broker is down; events wait in the outbox"),
         }
     }
 
@@ -343,12 +453,14 @@ impl<T: Transport> Worker<T> {
         if let Some((old, connected)) = old {
             drop(connected);
             tracing::warn!(worker = %self.name, "broker channel lost; reconnecting");
-            old.close().await;
+            // Politely if the broker answers; a partitioned one would never.
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, old.close()).await;
         }
         match self.transport.connect(&self.name).await {
             Ok(publisher) => {
                 tracing::info!(worker = %self.name, "connected to the broker");
                 self.status.topology.set(None);
+                self.transport_is(TransportState::Up, "");
                 Some((publisher, CountGuard::new(&self.status.connected_workers)))
             }
             Err(error @ Error::TopologyMismatch { .. }) => {
@@ -357,11 +469,13 @@ impl<T: Transport> Worker<T> {
                 tracing::error!(worker = %self.name, error = %error,
                     "the broker's queue does not match this service's settings; events wait in the outbox");
                 self.status.topology.set(Some(error.to_string()));
+                self.transport_is(TransportState::Down, "topology mismatch");
                 None
             }
             Err(error) => {
                 tracing::warn!(worker = %self.name, %error,
                     "cannot reach the broker; events wait in the outbox");
+                self.transport_is(TransportState::Down, &error.to_string());
                 None
             }
         }
@@ -387,10 +501,17 @@ impl<T: Transport> Worker<T> {
 /// `next_attempt_at` is its transaction's start), or one a broken channel left
 /// unconfirmed; those are found by a full scan, which a worker makes at start,
 /// after a failed pass or an unknown outcome, and every `full_scan_interval`.
+/// A full scan that claims a whole batch starting below the floor has found
+/// late events, and there may be more: the next claim is a full scan again,
+/// until one claims less than a batch or nothing below the floor. So a burst
+/// of late commits waits at most `full_scan_interval`, then drains at the
+/// relay's full speed.
 #[derive(Debug, Default)]
 pub struct ClaimFloor {
     newest_claimed: Option<DateTime<Utc>>,
     last_full_scan: Option<tokio::time::Instant>,
+    /// The floor a claim would have had, when the last claim was a full scan.
+    full_scan_below: Option<Option<DateTime<Utc>>>,
 }
 
 impl ClaimFloor {
@@ -400,26 +521,43 @@ impl ClaimFloor {
         let full_scan_due = self
             .last_full_scan
             .is_none_or(|last| now.duration_since(last) >= config.full_scan_interval);
-        match self.newest_claimed {
-            Some(newest) if !full_scan_due => {
-                Some(newest - chrono::Duration::from_std(config.claim_lookback).ok()?)
-            }
-            _ => {
-                self.last_full_scan = Some(now);
-                None
-            }
+        let floor = self.newest_claimed.and_then(|newest| {
+            Some(newest - chrono::Duration::from_std(config.claim_lookback).ok()?)
+        });
+        if floor.is_some() && !full_scan_due {
+            self.full_scan_below = None;
+            return floor;
         }
+        self.last_full_scan = Some(now);
+        self.full_scan_below = Some(floor);
+        None
     }
 
-    /// Learns from a pass: moves up with what it claimed; forgets the floor when
-    /// the pass failed or left events unconfirmed, so the next claim finds them.
-    pub fn observe(&mut self, pass: &Result<Pass>) {
-        match pass {
-            Ok(pass) if pass.unknown == 0 => {
-                self.newest_claimed = self.newest_claimed.max(pass.newest_claimed);
-            }
-            _ => *self = Self::default(),
+    /// Learns from a pass that claimed at most `limit` events: moves up with
+    /// what it claimed; forgets the floor when the pass failed or left events
+    /// unconfirmed, so the next claim finds them; asks for another full scan
+    /// when this one found a batch of late events.
+    pub fn observe(&mut self, pass: &Result<Pass>, limit: i64) {
+        let Ok(pass) = pass else {
+            *self = Self::default();
+            return;
+        };
+        if pass.unknown > 0 {
+            *self = Self::default();
+            return;
         }
+        if let Some(floor) = self.full_scan_below.take() {
+            let full_batch = i64::try_from(pass.claimed).unwrap_or(i64::MAX) >= limit;
+            let started_below = match (pass.oldest_claimed, floor) {
+                (Some(oldest), Some(floor)) => oldest < floor,
+                (Some(_), None) => true,
+                (None, _) => false,
+            };
+            if full_batch && started_below {
+                self.last_full_scan = None;
+            }
+        }
+        self.newest_claimed = self.newest_claimed.max(pass.newest_claimed);
     }
 }
 
@@ -430,13 +568,16 @@ pub struct Pass {
     pub claimed: usize,
     /// Events the broker confirmed, now deleted.
     pub published: usize,
-    /// Events that failed (including unroutable ones), recorded with a retry time.
+    /// Events that failed (including unroutable and invalid ones), recorded
+    /// with a retry time or parked.
     pub failed: usize,
-    /// Events whose fate is unknown (the channel broke before the broker answered):
-    /// left as they were, to be published again.
+    /// Events whose fate is unknown (the transport failed before the broker
+    /// answered): left as they were, attempts unspent, to be published again.
     pub unknown: usize,
     /// Events that became dead in this pass.
     pub dead: u64,
+    /// The earliest `next_attempt_at` among the claimed events.
+    pub oldest_claimed: Option<DateTime<Utc>>,
     /// The latest `next_attempt_at` among the claimed events.
     pub newest_claimed: Option<DateTime<Utc>>,
 }
@@ -461,13 +602,28 @@ pub async fn relay_batch_from<P: Publisher>(
     metrics: &RelayMetrics,
     from: Option<DateTime<Utc>>,
 ) -> Result<Pass> {
+    relay_pass(db, publisher, config, metrics, from, config.batch_size).await
+}
+
+/// [`relay_batch_from`], claiming at most `limit` events.
+async fn relay_pass<P: Publisher>(
+    db: &PgPool,
+    publisher: &P,
+    config: &RelayConfig,
+    metrics: &RelayMetrics,
+    from: Option<DateTime<Utc>>,
+    limit: i64,
+) -> Result<Pass> {
     let mut tx = db.begin().await?;
-    let events = store::claim_due(&mut tx, config.batch_size, from).await?;
-    if events.is_empty() {
+    let claimed = store::claim_due(&mut tx, limit, from).await?;
+    if claimed.is_empty() {
         return Ok(Pass::default());
     }
+    // What no broker would take is not sent: parked at once with the reason.
+    let (events, too_large): (Vec<OutboxEvent>, Vec<OutboxEvent>) =
+        claimed.iter().cloned().partition(|event| event.size_bytes() <= config.max_message_bytes);
     // A broker error here drops `tx`, which rolls back: the events stay as they were.
-    let outcomes = publisher.publish(&events).await?;
+    let outcomes = if events.is_empty() { Vec::new() } else { publisher.publish(&events).await? };
     if outcomes.len() != events.len() {
         return Err(Error::broker(std::io::Error::other(format!(
             "the transport answered {} outcomes for {} events",
@@ -476,12 +632,20 @@ pub async fn relay_batch_from<P: Publisher>(
         ))));
     }
 
-    metrics.batch_size.observe(events.len() as f64);
+    metrics.batch_size.observe(claimed.len() as f64);
     let confirmed_at = Utc::now();
     let mut confirmed = Vec::with_capacity(events.len());
     let mut failures = Vec::new();
     let mut unknown = 0;
-    for (event, outcome) in events.iter().zip(outcomes) {
+    let refused = too_large.iter().map(|event| {
+        let reason = format!(
+            "{} bytes, over the relay's limit of {} (RELAY_MAX_MESSAGE_BYTES)",
+            event.size_bytes(),
+            config.max_message_bytes
+        );
+        (event, Outcome::Invalid(reason))
+    });
+    for (event, outcome) in events.iter().zip(outcomes).chain(refused) {
         match outcome {
             Outcome::Confirmed => {
                 let latency = (confirmed_at - event.created_at).to_std().unwrap_or_default();
@@ -496,6 +660,16 @@ pub async fn relay_batch_from<P: Publisher>(
                     error,
                     retry_in_ms: config.retry_delay(event.attempts).as_millis() as i64,
                     kind: FailureKind::Attempt,
+                });
+            }
+            Outcome::Invalid(error) => {
+                tracing::error!(message_id = %event.id, event_type = %event.event_type, %error,
+                    "event can never be published; parked as dead");
+                failures.push(Failure {
+                    id: event.id,
+                    error: format!("cannot be published: {error}"),
+                    retry_in_ms: 0,
+                    kind: FailureKind::Park,
                 });
             }
             Outcome::Unroutable(error) => {
@@ -527,15 +701,19 @@ pub async fn relay_batch_from<P: Publisher>(
     metrics.publish_failures.inc_by(failures.len() as u64);
     metrics.dead.inc_by(dead);
     if dead > 0 {
-        tracing::error!(dead, "events reached the attempt limit and were marked dead");
+        tracing::error!(
+            dead,
+            "events reached the attempt limit or can never be published, and were marked dead"
+        );
     }
     Ok(Pass {
-        claimed: events.len(),
+        claimed: claimed.len(),
         published: confirmed.len(),
         failed: failures.len(),
         unknown,
         dead,
-        newest_claimed: events.iter().map(|event| event.next_attempt_at).max(),
+        oldest_claimed: claimed.iter().map(|event| event.next_attempt_at).min(),
+        newest_claimed: claimed.iter().map(|event| event.next_attempt_at).max(),
     })
 }
 

@@ -60,6 +60,15 @@ impl OutboxEvent {
         stored.chain(relay.map(|(name, value)| (name.to_owned(), value))).collect()
     }
 
+    /// The bytes the event takes on the wire, near enough to compare with a
+    /// broker's message size limit: payload, header names and values, and
+    /// routing key.
+    pub fn size_bytes(&self) -> usize {
+        let headers: usize =
+            self.message_headers().iter().map(|(name, value)| name.len() + value.len()).sum();
+        self.payload.len() + headers + self.aggregate_type.len() + self.event_type.len() + 1
+    }
+
     /// `<aggregate_type>.<event_type>`, e.g. `order.OrderPlaced`.
     pub fn routing_key(&self) -> String {
         format!("{}.{}", self.aggregate_type, self.event_type)

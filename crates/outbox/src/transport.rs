@@ -31,13 +31,24 @@ pub trait Transport: Send + Sync + 'static {
 pub trait Publisher: Send + Sync + 'static {
     /// Publishes `events` and returns one outcome per event, in order.
     ///
-    /// `Err` means the connection failed while sending: nothing can be said of
-    /// any of them, so the relay rolls back its claim and they are published
-    /// again later (consumers deduplicate on the message id).
+    /// `Err` means the transport failed (the connection broke or stalled while
+    /// sending): nothing can be said of any of them, so the relay rolls back its
+    /// claim, spends no event's attempts, and backs off as a whole; they are
+    /// published again later (consumers deduplicate on the message id).
+    ///
+    /// Every send and every confirm must have a deadline: a publish never
+    /// waits for ever.
     fn publish(&self, events: &[OutboxEvent]) -> impl Future<Output = Result<Vec<Outcome>>> + Send;
 
     /// Whether this publisher can still be used; if not, the worker connects a new one.
     fn is_usable(&self) -> bool;
+
+    /// Whether the broker has told this connection to stop publishing for now
+    /// (RabbitMQ's `connection.blocked`, during a memory or disk alarm). The
+    /// relay claims nothing while it is.
+    fn is_blocked(&self) -> bool {
+        false
+    }
 
     /// Closes the connection politely (best effort).
     fn close(self) -> impl Future<Output = ()> + Send;
@@ -49,14 +60,49 @@ pub enum Outcome {
     /// The broker acknowledged the write (RabbitMQ: routed and confirmed; Kafka:
     /// written to all in-sync replicas): the event may leave the outbox.
     Confirmed,
-    /// The broker refused it or did not answer in time: an attempt that counts
-    /// towards the event's limit, after which it is dead.
+    /// The broker refused this event while it accepted others (a nack, a
+    /// return other than "no route", a channel closed by this message): an
+    /// attempt that counts towards the event's limit, after which it is dead.
     Failed(String),
+    /// The transport cannot carry this event at all (too large, a name longer
+    /// than the protocol allows): it was not sent, and it is parked dead at once
+    /// with the reason, for an operator to fix and replay.
+    Invalid(String),
     /// Nothing would receive it (RabbitMQ: no queue is bound for its routing key;
     /// Kafka: its topic does not exist). What happens then is the relay's
     /// [`Unroutable`](crate::relay::Unroutable) setting; it is never dropped.
     Unroutable(String),
-    /// The connection broke before the broker answered: whether it arrived is
-    /// unknown. The event stays as it is and is published again.
+    /// The transport failed before the broker answered (the connection broke,
+    /// confirms stalled, the broker refused everything): whether it arrived is
+    /// unknown and it is not the event's fault. The event keeps its attempts and
+    /// is published again; the relay backs off as a whole.
     Unknown,
+}
+
+/// How a relay's broker is doing, as its workers last saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportState {
+    /// Publishing and confirming.
+    Up,
+    /// The broker asked for publishing to stop (a resource alarm).
+    Blocked,
+    /// Not reachable, or not answering.
+    Down,
+}
+
+impl TransportState {
+    /// `up`, `blocked` or `down`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Up => "up",
+            Self::Blocked => "blocked",
+            Self::Down => "down",
+        }
+    }
+}
+
+impl std::fmt::Display for TransportState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }

@@ -126,6 +126,22 @@ impl TestBroker {
         received
     }
 
+    /// Receives until each of `ids` has arrived at least once (duplicates
+    /// allowed: delivery is at-least-once) or `within` passed; returns how many
+    /// times each id arrived.
+    pub async fn receive_all(&mut self, ids: &[Uuid], within: Duration) -> HashMap<Uuid, usize> {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut counts: HashMap<Uuid, usize> = HashMap::new();
+        while !ids.iter().all(|id| counts.contains_key(id)) {
+            match tokio::time::timeout_at(deadline, self.deliveries.next()).await {
+                Ok(Some(Ok(delivery))) => *counts.entry(message_id(&delivery)).or_default() += 1,
+                Ok(Some(Err(error))) => panic!("consumer failed: {error}"),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        counts
+    }
+
     /// Whatever else arrives within `quiet` (to check nothing extra was sent).
     pub async fn receive_rest(&mut self, quiet: Duration) -> Vec<Delivery> {
         self.receive(usize::MAX, quiet).await

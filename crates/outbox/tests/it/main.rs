@@ -6,3 +6,4 @@ mod helpers;
 mod kafka;
 mod months;
 mod relay;
+mod stalls;
