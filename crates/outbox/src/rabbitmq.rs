@@ -192,7 +192,11 @@ impl Publisher for RabbitMqPublisher {
             sent
         };
         let Ok(sent) = tokio::time::timeout_at(deadline, sending).await else {
-            self.stalled.store(true, Ordering::Relaxed);
+            // Blocked mid-batch: the connection is fine and says so; the worker
+            // waits for it to be unblocked. Anything else: a new connection.
+            if !self.is_blocked() {
+                self.stalled.store(true, Ordering::Relaxed);
+            }
             return Err(Error::broker(std::io::Error::other(format!(
                 "the broker took no messages for {:?} (blocked or unreachable)",
                 self.confirm_timeout
@@ -227,7 +231,9 @@ impl Publisher for RabbitMqPublisher {
                     continue;
                 }
                 Err(_) => {
-                    self.stalled.store(true, Ordering::Relaxed);
+                    if !self.is_blocked() {
+                        self.stalled.store(true, Ordering::Relaxed);
+                    }
                     Some(Outcome::Unknown)
                 }
             };

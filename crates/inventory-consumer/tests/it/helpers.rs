@@ -209,8 +209,13 @@ impl TestApi {
     /// Checks the outbox invariant (when this order-service relays), then shuts
     /// order-service down and waits until it has stopped.
     pub async fn stop(self) {
+        self.stop_with_dead(0).await;
+    }
+
+    /// [`TestApi::stop`] for a test that made `dead` dead events on purpose.
+    pub async fn stop_with_dead(self, dead: i64) {
         if self.relays {
-            test_support::assert_outbox_settled(&self.db, 0, Duration::from_secs(15)).await;
+            test_support::assert_outbox_settled(&self.db, dead, Duration::from_secs(15)).await;
         }
         self.shutdown.cancel();
         self.stopped.await.expect("order-service task").expect("order-service stops cleanly");

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use outbox::metrics::RelayMetrics;
-use outbox::relay::{Relay, RelayConfig};
+use outbox::relay::{ClaimFloor, Pass, Relay, RelayConfig};
 use outbox::retention::{Retention, RetentionMetrics, Sweep, sweep};
 use outbox::store::{self, Failure, FailureKind};
 use outbox::supervisor::{CrashSwitch, Supervisor};
@@ -210,10 +210,22 @@ async fn the_claim_stays_cheap_with_a_million_dead_rows_behind_it(db: PgPool) {
     .expect("a million dead rows");
     enqueue_events(&db, "Happened", 50, 50).await;
 
-    // A worker that has been relaying claims from its floor: the newest event it
-    // claimed, less the lookback.
-    let floor = chrono::Utc::now() - chrono::Duration::seconds(10);
-    let (floor_blocks, floor_ms) = claim_cost(&db, Some(floor)).await;
+    // A worker that has been relaying claims from the floor its `ClaimFloor`
+    // gives after it claimed the newest events (the floor is the relay's own,
+    // not computed here): a full scan first, then from the floor.
+    let config = RelayConfig::default();
+    let mut floor = ClaimFloor::default();
+    assert_eq!(floor.next(&config), None, "a worker starts with a full scan");
+    let newest: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT max(next_attempt_at) FROM outbox")
+            .fetch_one(&db)
+            .await
+            .expect("newest");
+    let pass = Pass { claimed: 50, newest_claimed: Some(newest), ..Pass::default() };
+    floor.observe(&Ok(pass), config.batch_size);
+    let from = floor.next(&config);
+    assert!(from.is_some(), "after a pass it claims from a floor");
+    let (floor_blocks, floor_ms) = claim_cost(&db, from).await;
     let (full_blocks, full_ms) = claim_cost(&db, None).await;
     eprintln!(
         "claim behind 1,000,000 dead rows: from the floor {floor_blocks} buffers in \
