@@ -68,7 +68,8 @@ async fn a_poison_event_written_by_hand_is_parked_and_the_orders_behind_it_compl
     .expect("the schema takes the row");
     let client = reqwest::Client::new();
     for i in 0..50 {
-        let body = json!({"customer_id": format!("c-{i}"), "items": [{"sku": "SKU-003", "quantity": 1}]});
+        let body =
+            json!({"customer_id": format!("c-{i}"), "items": [{"sku": "SKU-003", "quantity": 1}]});
         let response =
             client.post(format!("{}/orders", api.address)).json(&body).send().await.expect("post");
         assert_eq!(response.status(), 201);
@@ -82,8 +83,10 @@ async fn a_poison_event_written_by_hand_is_parked_and_the_orders_behind_it_compl
             .expect("the poison event is kept");
     assert_eq!(state, "dead");
     assert!(last_error.is_some_and(|error| error.contains("255")), "the reason names the limit");
-    let pending: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM orders WHERE status = 'PENDING'").fetch_one(&db).await.unwrap();
+    let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE status = 'PENDING'")
+        .fetch_one(&db)
+        .await
+        .unwrap();
     assert_eq!(pending, 0, "every order behind it was decided");
     consumer.stop().await;
     api.stop_with_dead(1).await;
