@@ -1,10 +1,16 @@
-# syntax=docker/dockerfile:1
-#
 # One image for the whole system: order-service, inventory-consumer and
 # stress-test; docker-compose.yml picks the binary with `command`.
 #
 #   docker build -t outbox:dev .
 #   docker run --rm outbox:dev order-service --help
+#
+# BINARIES names the image or stage the binaries are taken from (in /out/):
+# the `builder` stage below by default. scripts/compose-smoke.sh, on a machine
+# without a registry (no rust image to pull), passes an image holding binaries
+# compiled on the host instead; with BuildKit the builder stage is then skipped.
+# (No `# syntax=` line: BuildKit's built-in Dockerfile frontend is used, so the
+# build pulls nothing but the base images.)
+ARG BINARIES=builder
 
 # ---- build -------------------------------------------------------------------
 FROM rust:1.95-slim-bookworm AS builder
@@ -30,6 +36,9 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
        target/release/stress-test /out/ \
  && strip --strip-debug /out/*
 
+# ---- the binaries, from the builder or from the host ---------------------------
+FROM ${BINARIES} AS binaries
+
 # ---- run ---------------------------------------------------------------------
 FROM debian:bookworm-slim
 
@@ -42,7 +51,7 @@ RUN groupadd --system --gid 10001 outbox \
  && useradd --system --uid 10001 --gid outbox --no-create-home \
         --home-dir /nonexistent --shell /usr/sbin/nologin outbox
 
-COPY --from=builder /out/ /usr/local/bin/
+COPY --from=binaries /out/ /usr/local/bin/
 
 USER 10001:10001
 # order-service answers on 8080, inventory-consumer on 8081.
