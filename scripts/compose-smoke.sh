@@ -98,6 +98,14 @@ stop_own_engine() {
     kill -9 "$OWN_ENGINE_PID" 2>/dev/null || true
 }
 
+# dockerd leaves its bind of the host's network namespace mounted when it
+# stops (exec root, netns/default): unmounted here, so nothing is left behind.
+unmount_engine_state() {
+    [ -n "$OWN_ENGINE_PID" ] || return 0
+    awk -v state="$STATE/" 'index($2, state) == 1 { print $2 }' /proc/mounts | sort -r |
+        while read -r mount; do umount "$mount" 2>/dev/null || umount -l "$mount" 2>/dev/null || true; done
+}
+
 compose() {
     if "$DOCKER" compose version >/dev/null 2>&1; then
         "$DOCKER" compose -p "$PROJECT" "${COMPOSE_FILES[@]}" "$@"
@@ -116,6 +124,7 @@ cleanup() {
         compose --profile tools down -v --remove-orphans >/dev/null 2>&1 || true
     fi
     stop_own_engine
+    unmount_engine_state
     exit "$status"
 }
 trap cleanup EXIT
