@@ -58,9 +58,17 @@ install_missing() { # command package...
     command -v "$command" >/dev/null 2>&1 && return
     [ "$(id -u)" = 0 ] || fail "$command is missing; install $* (as root)"
     say "installing $*"
+    # Packages must not start services (docker.io would start the system's
+    # engine): a policy-rc.d that refuses, for the install only.
+    local policy=/usr/sbin/policy-rc.d own_policy=
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod +x "$policy" && own_policy=1
+    fi
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null 2>&1 ||
         { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null; } ||
-        fail "cannot install $*"
+        { [ -n "$own_policy" ] && rm -f "$policy"; fail "cannot install $*"; }
+    [ -n "$own_policy" ] && rm -f "$policy"
+    return 0
 }
 
 start_own_engine() {
@@ -141,8 +149,12 @@ build_standins() {
             mkdir -p "$cache"
             local rootfs
             rootfs=$(mktemp -d)
-            debootstrap --variant=minbase bookworm "$rootfs" http://deb.debian.org/debian >"$cache/debootstrap.log" 2>&1 ||
+            if ! debootstrap --variant=minbase bookworm "$rootfs" http://deb.debian.org/debian >"$cache/debootstrap.log" 2>&1; then
+                # It may leave /proc and /sys mounted in the root it was making.
+                awk -v root="$rootfs/" 'index($2, root) == 1 { print $2 }' /proc/mounts | sort -r |
+                    while read -r mount; do umount -l "$mount" 2>/dev/null || true; done
                 fail "debootstrap failed; see $cache/debootstrap.log"
+            fi
             tar -C "$rootfs" -c . >"$base.partial" && mv "$base.partial" "$base"
             rm -rf "$rootfs"
         fi
@@ -175,6 +187,11 @@ if docker info >/dev/null 2>&1 && registry_answers; then
     MODE=registry
     API=http://127.0.0.1:8080
     say "a Docker engine and the registry answer: the compose file as the README runs it"
+    for port in 5432 5672 15672 8080 8081; do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            fail "port $port is in use; the compose file publishes it (stop the local service first)"
+        fi
+    done
     UP_ARGS=(--build)
 else
     MODE=standins

@@ -91,7 +91,10 @@ pub fn router(state: AppState, body_limit_bytes: usize) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(body_limit_bytes))
-        .layer(axum::middleware::from_fn_with_state(state.request_timeout, time_limit))
+        .layer(axum::middleware::from_fn_with_state(
+            (state.request_timeout, body_limit_bytes),
+            time_limit,
+        ))
         // Every bare error response (a 413 of the body limit, say) gets the JSON body.
         .layer(axum::middleware::map_response(crate::error::json_for_bare_errors))
         .layer(TraceLayer::new_for_http())
@@ -99,16 +102,41 @@ pub fn router(state: AppState, body_limit_bytes: usize) -> Router {
 }
 
 /// Answers 408 for a request that takes longer than REQUEST_TIMEOUT_MS, except
-/// `POST /orders`, which keeps its own time: a request whose order is already
-/// being written must be answered with what became of it, not with a timeout
-/// that says nothing (see [`OrderWriter::write`]).
+/// `POST /orders`, which keeps its own time once its body has arrived: a
+/// request whose order is already being written must be answered with what
+/// became of it, not with a timeout that says nothing (see
+/// [`OrderWriter::write`]). Its body must arrive within the timeout.
 async fn time_limit(
-    State(timeout): State<Duration>,
+    State((timeout, body_limit)): State<(Duration, usize)>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
     if request.method() == axum::http::Method::POST && request.uri().path() == "/orders" {
-        return next.run(request).await;
+        let (parts, body) = request.into_parts();
+        // One byte over the limit is enough for the extractor to answer 413.
+        let reading = axum::body::to_bytes(body, body_limit.saturating_add(1));
+        let body = match tokio::time::timeout(timeout, reading).await {
+            Ok(Ok(bytes)) => axum::body::Body::from(bytes),
+            Ok(Err(error)) => {
+                // `to_bytes` fails with http-body-util's LengthLimitError over the limit.
+                let too_large = std::iter::successors(
+                    Some(&error as &(dyn std::error::Error + 'static)),
+                    |error| error.source(),
+                )
+                .any(|error| error.to_string().contains("length limit exceeded"));
+                let (status, message) = if too_large {
+                    (
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        format!("the request body is over {body_limit} bytes"),
+                    )
+                } else {
+                    (StatusCode::BAD_REQUEST, "the request body could not be read".to_owned())
+                };
+                return ApiError::BadBody { status, message }.into_response();
+            }
+            Err(_) => return ApiError::Timeout.into_response(),
+        };
+        return next.run(axum::extract::Request::from_parts(parts, body)).await;
     }
     match tokio::time::timeout(timeout, next.run(request)).await {
         Ok(response) => response,

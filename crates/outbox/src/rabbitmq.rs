@@ -123,6 +123,7 @@ impl RabbitMq {
             confirm_timeout: self.confirm_timeout,
             confirming: AtomicBool::new(false),
             stalled: AtomicBool::new(false),
+            lone_nack: Mutex::new(None),
         })
     }
 }
@@ -135,8 +136,9 @@ impl RabbitMq {
 /// - acked is [`Outcome::Confirmed`]; returned for no route [`Outcome::Unroutable`];
 /// - nacked is [`Outcome::Failed`] when the broker is otherwise confirming:
 ///   another event of the batch was acked, or the batch is one event and this
-///   channel has had acks. A batch of several events all nacked is the
-///   broker's trouble, not theirs: [`Outcome::Unknown`];
+///   channel has had acks (or nacked that same event alone just before). A
+///   batch of several events all nacked is the broker's trouble, not theirs:
+///   [`Outcome::Unknown`];
 /// - no confirm by the confirm timeout is a stall of the transport:
 ///   [`Outcome::Unknown`], and the publisher is replaced;
 /// - the broker closed the channel during the batch (as it does for a message
@@ -144,7 +146,10 @@ impl RabbitMq {
 ///   limit): one event may be the cause, so the unconfirmed ones are published
 ///   again one by one on a new channel; the one on which the channel closes
 ///   again is [`Outcome::Failed`] with the broker's reason, the others go
-///   through. A lost connection leaves them [`Outcome::Unknown`].
+///   through. A close that concerns every message (the exchange gone, access
+///   refused), or one on every event alone, is the transport's: they stay
+///   [`Outcome::Unknown`] and the publisher is replaced. A lost connection
+///   leaves them [`Outcome::Unknown`].
 ///
 /// Nothing is sent while the broker blocks the connection (a memory or disk
 /// alarm: [`Publisher::is_blocked`]), and sending has the confirm timeout as its
@@ -160,6 +165,9 @@ pub struct RabbitMqPublisher {
     confirming: AtomicBool,
     /// A send or a confirm missed its deadline: the worker replaces this publisher.
     stalled: AtomicBool,
+    /// The last event nacked alone on a channel without acks (so not counted):
+    /// nacked alone again, it is that event's failure.
+    lone_nack: Mutex<Option<uuid::Uuid>>,
 }
 
 /// AMQP's limit on a short string (routing key, type, header name).
@@ -241,8 +249,15 @@ impl Publisher for RabbitMqPublisher {
         if acked > 0 {
             self.confirming.store(true, Ordering::Relaxed);
         }
-        let nack_is_theirs =
-            acked > 0 || (sendable.len() == 1 && self.confirming.load(Ordering::Relaxed));
+        let lone = (sendable.len() == 1).then(|| events[sendable[0]].id);
+        let nacked_again = {
+            let mut last = self.lone_nack.lock().unwrap_or_else(PoisonError::into_inner);
+            let again = lone.is_some() && *last == lone && !nacked.is_empty();
+            *last = if nacked.is_empty() { None } else { lone };
+            again
+        };
+        let nack_is_theirs = acked > 0
+            || (lone.is_some() && (self.confirming.load(Ordering::Relaxed) || nacked_again));
         for index in nacked {
             outcomes[index] = Some(if nack_is_theirs {
                 Outcome::Failed("nacked by the broker".to_owned())
@@ -334,14 +349,23 @@ impl RabbitMqPublisher {
         }
         tracing::warn!(unconfirmed = suspects.len(), %reason,
             "the broker closed the channel during a batch; publishing its unconfirmed events one by one");
+        let mut closed_on = Vec::new();
         for (position, &index) in suspects.iter().enumerate() {
             let Ok(channel) = self.open_channel().await else { return };
             let alone = async { self.send(&channel, &events[index]).await?.await };
             outcomes[index] = Some(match tokio::time::timeout(self.confirm_timeout, alone).await {
                 Ok(Ok(confirmation)) => outcome_of(confirmation),
+                Ok(Err(error)) if closes_for_everyone(&error) => {
+                    // Not this message: the exchange is gone or access is refused.
+                    // A new connection declares the exchange again.
+                    tracing::warn!(%error, "the broker refuses every message on this channel");
+                    self.stalled.store(true, Ordering::Relaxed);
+                    return;
+                }
                 Ok(Err(error)) if self.connection.status().connected() => {
                     tracing::warn!(message_id = %events[index].id, %error,
                         "the broker closed the channel on this event");
+                    closed_on.push(index);
                     Outcome::Failed(format!(
                         "the broker closed the channel on this message: {error}"
                     ))
@@ -358,7 +382,24 @@ impl RabbitMqPublisher {
                 }
             });
         }
+        if closed_on.len() > 1 && closed_on.len() == suspects.len() {
+            // Every one of them closes it: the channel's trouble, not theirs.
+            tracing::warn!(
+                events = closed_on.len(),
+                "the broker closed the channel on every event alone; not their failure"
+            );
+            self.stalled.store(true, Ordering::Relaxed);
+            for index in closed_on {
+                outcomes[index] = None;
+            }
+        }
     }
+}
+
+/// Whether the broker closed the channel for a reason that concerns every
+/// message, not one: the exchange does not exist (404), access refused (403).
+fn closes_for_everyone(error: &lapin::Error) -> bool {
+    matches!(error.kind(), lapin::ErrorKind::ProtocolError(amqp) if matches!(amqp.get_id(), 403 | 404))
 }
 
 /// What a confirm other than a nack says of its event.
@@ -397,10 +438,8 @@ fn check(event: &OutboxEvent) -> std::result::Result<(), String> {
     if let Some((name, _)) =
         event.message_headers().into_iter().find(|(name, _)| name.len() > SHORT_STRING_MAX)
     {
-        return Err(too_long(
-            &format!("header name {:?}…", &name[..32.min(name.len())]),
-            name.len(),
-        ));
+        let start: String = name.chars().take(32).collect();
+        return Err(too_long(&format!("header name {start:?}…"), name.len()));
     }
     Ok(())
 }

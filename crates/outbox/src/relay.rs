@@ -572,8 +572,12 @@ pub struct Pass {
     /// with a retry time or parked.
     pub failed: usize,
     /// Events whose fate is unknown (the transport failed before the broker
-    /// answered): left as they were, attempts unspent, to be published again.
+    /// answered) in a pass where nothing was confirmed: left as they were,
+    /// attempts unspent, to be published again; the worker backs off.
     pub unknown: usize,
+    /// Events the broker did not settle while it confirmed others: due again
+    /// after `retry_base` or so, attempts unspent.
+    pub deferred: usize,
     /// Events that became dead in this pass.
     pub dead: u64,
     /// The earliest `next_attempt_at` among the claimed events.
@@ -636,7 +640,7 @@ async fn relay_pass<P: Publisher>(
     let confirmed_at = Utc::now();
     let mut confirmed = Vec::with_capacity(events.len());
     let mut failures = Vec::new();
-    let mut unknown = 0;
+    let mut unknown = Vec::new();
     let refused = too_large.iter().map(|event| {
         let reason = format!(
             "{} bytes, over the relay's limit of {} (RELAY_MAX_MESSAGE_BYTES)",
@@ -686,14 +690,25 @@ async fn relay_pass<P: Publisher>(
                     kind,
                 });
             }
-            Outcome::Unknown => unknown += 1,
+            Outcome::Unknown => unknown.push(event.id),
         }
     }
+    // The broker confirmed others of this batch, so it works: those it did not
+    // settle (a partition whose leader moved, say) wait a little, without an
+    // attempt, instead of holding the whole relay back with them.
+    let deferred = if confirmed.is_empty() { Vec::new() } else { std::mem::take(&mut unknown) };
+    let waits = deferred.iter().map(|id| Failure {
+        id: *id,
+        error: "not confirmed while others were: the broker's trouble, no attempt spent".to_owned(),
+        retry_in_ms: config.retry_delay(0).as_millis() as i64,
+        kind: FailureKind::Wait,
+    });
     store::delete(&mut tx, &confirmed).await?;
-    let dead = if failures.is_empty() {
+    let recorded: Vec<Failure> = failures.iter().cloned().chain(waits).collect();
+    let dead = if recorded.is_empty() {
         0
     } else {
-        store::record_failures(&mut tx, &failures, config.max_attempts).await?
+        store::record_failures(&mut tx, &recorded, config.max_attempts).await?
     };
     tx.commit().await?;
 
@@ -710,7 +725,8 @@ async fn relay_pass<P: Publisher>(
         claimed: claimed.len(),
         published: confirmed.len(),
         failed: failures.len(),
-        unknown,
+        unknown: unknown.len(),
+        deferred: deferred.len(),
         dead,
         oldest_claimed: claimed.iter().map(|event| event.next_attempt_at).min(),
         newest_claimed: claimed.iter().map(|event| event.next_attempt_at).max(),

@@ -170,7 +170,13 @@ impl FaultProxy {
                     (accept_state.clone(), accept_stop.clone(), target.clone());
                 tokio::spawn(async move {
                     // A held connection is not even passed on until the hold ends.
-                    if !wait_while_held(&mut state.fault.subscribe()).await {
+                    let mut fault = state.fault.subscribe();
+                    let held = wait_while_held(&mut fault);
+                    let passed = tokio::select! {
+                        passed = held => passed,
+                        () = stop.cancelled() => false,
+                    };
+                    if !passed {
                         return;
                     }
                     let Ok(outbound) = TcpStream::connect(target).await else { return };
@@ -314,8 +320,14 @@ async fn pump(
             window.extend_from_slice(chunk);
             let matched = {
                 let mut armed = state.armed.lock().expect("armed");
+                // A match must end in this chunk: the tail only joins a match
+                // split across two reads, it does not match again.
+                let fresh = window.len() - chunk.len();
                 let hit = armed.as_ref().is_some_and(|(bytes, _)| {
-                    window.windows(bytes.len()).any(|part| part == bytes.as_slice())
+                    window
+                        .windows(bytes.len())
+                        .enumerate()
+                        .any(|(at, part)| at + bytes.len() > fresh && part == bytes.as_slice())
                 });
                 if hit { armed.take().map(|(_, then)| then) } else { None }
             };

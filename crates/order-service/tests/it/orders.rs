@@ -328,3 +328,28 @@ async fn a_key_past_its_ttl_creates_a_new_order(db: PgPool) {
     assert_ne!(first["id"], second["id"], "a new order");
     assert_eq!(app.row_counts().await, RowCounts { orders: 2, lines: 4, events: 2, keys: 1 });
 }
+
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
+async fn a_body_that_never_arrives_is_answered_408_within_the_timeout(db: PgPool) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = spawn_with_args(db, &["--relay-workers", "0", "--request-timeout-ms", "300"]).await;
+    let address = app.address.trim_start_matches("http://").to_owned();
+    let mut stream = tokio::net::TcpStream::connect(&address).await.expect("connect");
+    // Promises 100 bytes and sends 10.
+    stream
+        .write_all(
+            b"POST /orders HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+              content-length: 100\r\n\r\n{\"customer",
+        )
+        .await
+        .expect("send");
+    let mut answer = vec![0u8; 1024];
+    let read = tokio::time::timeout(std::time::Duration::from_secs(3), stream.read(&mut answer))
+        .await
+        .expect("answered, not left hanging")
+        .expect("read");
+    let answer = String::from_utf8_lossy(&answer[..read]);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("request_timeout"), "{answer}");
+    assert_eq!(app.row_counts().await, RowCounts::NONE);
+}

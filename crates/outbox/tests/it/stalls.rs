@@ -217,3 +217,28 @@ async fn late_commits_drain_at_once_not_one_batch_per_full_scan(db: PgPool) {
     relay.join().await;
     broker.delete().await;
 }
+
+#[sqlx::test(migrator = "outbox::MIGRATOR")]
+async fn an_exchange_deleted_under_the_relay_spends_no_attempts(db: PgPool) {
+    let broker = TestBroker::new(&["test.#"]).await;
+    let config = broker.relay_config();
+    let publisher = broker.transport().connect("gone-test").await.expect("connects");
+    enqueue_events(&db, "Happened", 5, 5).await;
+    // The exchange goes: the broker closes the channel (404) on every message,
+    // which is no one message's fault.
+    let connection = outbox::amqp::connect(&test_support::amqp_url(), "gone-test").await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .exchange_delete(broker.exchange.as_str().into(), Default::default())
+        .await
+        .expect("delete the exchange");
+
+    let pass = relay_batch(&db, &publisher, &config, &RelayMetrics::default()).await.expect("pass");
+
+    assert_eq!((pass.published, pass.failed, pass.unknown), (0, 0, 5), "{pass:?}");
+    assert_eq!(spent_attempts(&db).await, (0, 0), "no attempt spent, nothing dead");
+    assert!(!publisher.is_usable(), "replaced: a new connection declares the exchange again");
+    let _ = connection.close(200, "done".into()).await;
+    publisher.close().await;
+    broker.delete().await;
+}
