@@ -29,7 +29,9 @@
 //!   Idempotency-Key;
 //! - a request that is gone (timed out, client disconnected) before its batch
 //!   is formed is not written; once its batch is formed, its request timeout no
-//!   longer answers for it: the batch's outcome does, within 2 × COMMIT_DEADLINE.
+//!   longer answers for it: the batch's outcome does, within 2 × COMMIT_DEADLINE
+//!   per transaction it takes (one, unless the batch is refused for its data
+//!   and written again order by order).
 //!
 //! After a commit the writer wakes the in-process relay, which publishes the
 //! events at once; no `NOTIFY` is needed (see the migration that dropped it).

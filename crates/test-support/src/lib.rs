@@ -86,6 +86,22 @@ pub async fn assert_outbox_settled(db: &sqlx::PgPool, dead: i64, within: Duratio
     assert_eq!(count("dead").await, dead, "dead events in the outbox");
 }
 
+/// The value of the sample `name` (with its labels, if any: `name{a="b"}`) in
+/// the OpenMetrics text `metrics`.
+pub fn sample(metrics: &str, name: &str) -> Option<f64> {
+    metrics.lines().find_map(|line| {
+        let value = line.strip_prefix(name)?.strip_prefix(' ')?;
+        value.split_whitespace().next()?.parse().ok()
+    })
+}
+
+/// `GET <base>/metrics`, as text.
+pub async fn scrape(base: &str) -> String {
+    let response = reqwest::get(format!("{base}/metrics")).await.expect("GET /metrics");
+    assert!(response.status().is_success(), "GET /metrics answered {}", response.status());
+    response.text().await.expect("metrics text")
+}
+
 /// Polls `check` until it holds or `within` passes; returns whether it held.
 pub async fn eventually<F, Fut>(within: Duration, mut check: F) -> bool
 where

@@ -316,20 +316,12 @@ async fn a_message_whose_data_the_database_refuses_is_dead_lettered_alone(db: Pg
 
     // The five were one batch (what this test is about: the refused message
     // among others), applied message by message after the refusal.
-    let metrics = reqwest::get(format!("{}/metrics", consumer.address))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text");
+    let metrics = test_support::scrape(&consumer.address).await;
     let value = |name: &str| {
-        metrics
-            .lines()
-            .find_map(|line| line.strip_prefix(name)?.trim().parse::<f64>().ok())
-            .unwrap_or_else(|| panic!("{name} in {metrics}"))
+        test_support::sample(&metrics, name).unwrap_or_else(|| panic!("{name} in {metrics}"))
     };
     assert_eq!(
-        (value("inventory_batch_size_count "), value("inventory_batch_size_sum ")),
+        (value("inventory_batch_size_count"), value("inventory_batch_size_sum")),
         (1.0, 5.0),
         "one batch of five"
     );

@@ -12,7 +12,7 @@ use outbox::transport::CREATED_AT_HEADER;
 use prometheus_client::registry::Registry;
 use serde_json::json;
 use sqlx::PgPool;
-use test_support::{FaultProxy, eventually};
+use test_support::{FaultProxy, eventually, sample};
 
 use crate::helpers::{TestApi, TestBroker, TestConsumer, insert_orders, order_status};
 
@@ -20,20 +20,8 @@ const WITHIN: Duration = Duration::from_secs(10);
 
 /// The consumer's `/metrics` text (the scrape must succeed).
 async fn scrape(consumer: &TestConsumer) -> String {
-    let response =
-        reqwest::get(format!("{}/metrics", consumer.address)).await.expect("GET /metrics");
-    assert_eq!(response.status(), 200, "the scrape succeeds");
-    response.text().await.expect("text")
+    test_support::scrape(&consumer.address).await
 }
-
-/// The value of the sample `name` (with its labels, if any) in `metrics`.
-fn sample(metrics: &str, name: &str) -> Option<f64> {
-    metrics.lines().find_map(|line| {
-        let value = line.strip_prefix(name)?.strip_prefix(' ')?;
-        value.split_whitespace().next()?.parse().ok()
-    })
-}
-
 fn created_at_header(seconds_ago: i64) -> FieldTable {
     let created = Utc::now() - chrono::TimeDelta::seconds(seconds_ago);
     let mut headers = FieldTable::default();

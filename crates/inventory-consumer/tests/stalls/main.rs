@@ -163,16 +163,11 @@ async fn a_partition_and_a_memory_alarm_leave_no_event_dead_and_every_order_deci
     let orders = count(&db, "SELECT count(*) FROM orders").await;
     let pending = count(&db, "SELECT count(*) FROM orders WHERE status = 'PENDING'").await;
     // Every failed attempt the relay counted, from its metrics.
-    let metrics = reqwest::get(format!("{}/metrics", api.address))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text");
-    let attempts: f64 = metrics
-        .lines()
-        .find_map(|line| line.strip_prefix("outbox_publish_failures_total ")?.trim().parse().ok())
-        .expect("outbox_publish_failures_total");
+    let attempts = test_support::sample(
+        &test_support::scrape(&api.address).await,
+        "outbox_publish_failures_total",
+    )
+    .expect("outbox_publish_failures_total");
     eprintln!(
         "stalls: accepted={} orders={orders} pending={pending} dead during the partition \
          {dead_in_partition}, during the alarm {dead_in_alarm}; attempts spent {attempts}",

@@ -244,12 +244,9 @@ async fn concurrent_requests_share_transactions_and_get_their_own_answers(db: Pg
 
     let metrics = app.metrics().await;
     let value = |name: &str| -> f64 {
-        metrics
-            .lines()
-            .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
-            .unwrap_or_else(|| panic!("{name} in {metrics}"))
+        test_support::sample(&metrics, name).unwrap_or_else(|| panic!("{name} in {metrics}"))
     };
-    assert_eq!(value("order_write_batch_size_sum "), 13.0, "every placed order counted once");
-    let transactions = value("order_write_batch_size_count ");
+    assert_eq!(value("order_write_batch_size_sum"), 13.0, "every placed order counted once");
+    let transactions = value("order_write_batch_size_count");
     assert!(transactions <= 4.0, "13 orders in {transactions} transactions: not batched");
 }
