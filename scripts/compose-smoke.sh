@@ -160,7 +160,7 @@ build_standins() {
         fi
         "$DOCKER" import "$base" debian:bookworm-slim >/dev/null
     fi
-    for standin in postgres:15:postgres rabbitmq:3-management:rabbitmq; do
+    for standin in postgres:15:postgres rabbitmq:3-management:rabbitmq prom/prometheus:v3.13.2:prometheus; do
         local tag=${standin%:*} dir=${standin##*:}
         if ! have_image "$tag"; then
             say "building the stand-in $tag from Debian's packages (deploy/standins/$dir)"
@@ -193,6 +193,8 @@ if docker info >/dev/null 2>&1 && registry_answers; then
         fi
     done
     UP_ARGS=(--build)
+    PROMETHEUS=http://127.0.0.1:9090
+    OBSERVABILITY=(prometheus grafana)
 else
     MODE=standins
     start_own_engine
@@ -200,17 +202,26 @@ else
     # base file's `ports` (Compose merges lists): the two files merged, without
     # them, make the one file this mode runs.
     mkdir -p .run/compose
+    sed -e 's/"order-service:8080"/"127.0.0.1:18080"/' -e 's/"inventory-consumer:8081"/"127.0.0.1:18081"/' \
+        deploy/prometheus/prometheus.yml >.run/compose/prometheus.yml
     docker-compose -f docker-compose.yml -f docker-compose.smoke.yml config |
         /usr/bin/python3 -c 'import sys, yaml
 config = yaml.safe_load(sys.stdin)
 for service in config["services"].values():
     service.pop("ports", None)
+# Prometheus on the host network scrapes 127.0.0.1 (a copy of its config).
+prometheus = config["services"]["prometheus"]
+prometheus["volumes"] = [sys.argv[1] + ":/etc/prometheus/prometheus.yml:ro"]
+prometheus["command"] = list(prometheus["command"]) + ["--web.listen-address=127.0.0.1:19090"]
 # No network of its own, which would add a bridge to the host: the host network.
 config["networks"] = {"default": {"external": True, "name": "host"}}
-yaml.safe_dump(config, sys.stdout, sort_keys=False)' >.run/compose/docker-compose.smoke-merged.yml ||
+yaml.safe_dump(config, sys.stdout, sort_keys=False)' "$ROOT/.run/compose/prometheus.yml" \
+        >.run/compose/docker-compose.smoke-merged.yml ||
         fail "cannot merge docker-compose.yml with docker-compose.smoke.yml"
     COMPOSE_FILES=(-f .run/compose/docker-compose.smoke-merged.yml)
     API=http://127.0.0.1:18080
+    PROMETHEUS=http://127.0.0.1:19090
+    OBSERVABILITY=(prometheus)
     build_standins
     build_service_image
     UP_ARGS=(--no-build)
@@ -219,8 +230,9 @@ fi
 started=$(date +%s)
 STACK_UP=1
 say "docker compose up ($MODE)"
-compose up -d "${UP_ARGS[@]}" postgres rabbitmq order-service inventory-consumer >/dev/null ||
-    fail "docker compose up failed"
+mkdir -p .run/compose
+compose up -d "${UP_ARGS[@]}" postgres rabbitmq order-service inventory-consumer >.run/compose/up.log 2>&1 ||
+    { tail -20 .run/compose/up.log >&2; fail "docker compose up failed"; }
 
 healthy() { # service
     local id
@@ -262,6 +274,24 @@ done
 say "psql in the postgres container: $completed of $posted decided"
 compose exec -T postgres psql -U postgres -d outbox -c \
     "SELECT status, count(*) FROM orders WHERE id IN ($id_list) GROUP BY status" >&2
+
+# The observability profile: Prometheus scrapes both services.
+targets_up() {
+    curl -fsS --max-time 3 "$PROMETHEUS/api/v1/targets" 2>/dev/null | /usr/bin/python3 -c 'import json, sys
+targets = json.load(sys.stdin)["data"]["activeTargets"]
+jobs = {target["labels"]["job"] for target in targets if target["health"] == "up"}
+sys.exit(0 if {"order-service", "inventory-consumer"} <= jobs else 1)'
+}
+say "observability profile: ${OBSERVABILITY[*]}"
+compose --profile observability up -d "${UP_ARGS[@]}" "${OBSERVABILITY[@]}" >.run/compose/up.log 2>&1 ||
+    { tail -20 .run/compose/up.log >&2; fail "docker compose --profile observability up failed"; }
+[ "$MODE" = standins ] && say "!! grafana is not checked here: it has no Debian package, so no stand-in"
+for _ in $(seq 1 60); do
+    targets_up && break
+    sleep 1
+done
+targets_up || fail "Prometheus does not scrape both services ($PROMETHEUS/api/v1/targets)"
+say "Prometheus scrapes order-service and inventory-consumer (both targets up)"
 
 if [ "$completed" = "$posted" ]; then
     say "stress test: 500 orders, 8 in flight (docker compose run --rm stress-test)"
