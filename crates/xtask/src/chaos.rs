@@ -1,0 +1,367 @@
+//! `cargo xtask chaos`: the whole system on the local services under a steady
+//! open-loop load whose client retries with its Idempotency-Key, and a
+//! schedule of faults ([`Schedule::chaos`]): order-service and
+//! inventory-consumer SIGKILLed, RabbitMQ and Postgres restarted, Postgres,
+//! RabbitMQ and both partitioned away (every byte held by a TCP proxy between
+//! the services and them, nothing closed), a RabbitMQ memory alarm, and
+//! COMMITs whose answer is lost. Then it waits until every order is decided,
+//! runs `order-service reconcile`, and judges the run ([`Verdict`]).
+//!
+//! It RESTARTS THE MACHINE'S RabbitMQ AND Postgres and raises a memory alarm on
+//! that RabbitMQ: run it on a development machine. The services use a database
+//! and broker names of their own (`outbox_chaos`, prefix `chaos.`).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
+use sqlx::{Connection, PgConnection};
+use test_support::{Fault as ProxyFault, FaultProxy, OnMatch};
+use tokio::time::Instant;
+
+use crate::faults::{Fault, Schedule};
+use crate::process::{Service, command, free_port};
+use crate::verdict::Verdict;
+
+const EXCHANGE: &str = "chaos.orders";
+const QUEUE: &str = "chaos.inventory.order-placed";
+const DEAD_LETTER_EXCHANGE: &str = "chaos.orders.dlx";
+const DEAD_LETTER_QUEUE: &str = "chaos.inventory.order-placed.dead";
+
+/// The settings of `cargo xtask chaos`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// How long the load runs (`40s`, `2m`); the faults are spread over it.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Orders per second.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    rate: u32,
+    /// How long each partition and the memory alarm last [default: an eighth
+    /// of --duration, at most 25s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    stall: Option<Duration>,
+    /// Use the release binaries as they are.
+    #[arg(long)]
+    no_build: bool,
+}
+
+/// Where the local services are: as scripts/services.sh says (PG_HOST,
+/// PG_PORT, AMQP_HOST, AMQP_PORT), else the defaults.
+struct Local {
+    pg: String,
+    amqp: String,
+}
+
+impl Local {
+    fn from_env() -> Self {
+        let var =
+            |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.into());
+        Self {
+            pg: format!("{}:{}", var("PG_HOST", "127.0.0.1"), var("PG_PORT", "5432")),
+            amqp: format!("{}:{}", var("AMQP_HOST", "127.0.0.1"), var("AMQP_PORT", "5672")),
+        }
+    }
+
+    fn database_url(&self, database: &str) -> String {
+        format!("postgres://postgres:postgres@{}/{database}", self.pg)
+    }
+
+    fn amqp_url(&self) -> String {
+        format!("amqp://guest:guest@{}/%2f", self.amqp)
+    }
+}
+
+pub async fn run(args: Args) -> anyhow::Result<bool> {
+    if args.duration < Duration::from_secs(20) {
+        bail!("--duration must be at least 20s");
+    }
+    let stall = args.stall.unwrap_or((args.duration / 8).min(Duration::from_secs(25)));
+    let schedule = Schedule::chaos(args.duration, stall);
+    let local = Local::from_env();
+    let run_dir = PathBuf::from(".run/chaos");
+    std::fs::create_dir_all(&run_dir)?;
+    for file in std::fs::read_dir(&run_dir)? {
+        let _ = std::fs::remove_file(file?.path());
+    }
+    let bin_dir =
+        PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or("target".into())).join("release");
+    if !args.no_build {
+        println!("== building (release)");
+        command(
+            "cargo",
+            &[
+                "build",
+                "--release",
+                "--locked",
+                "-q",
+                "-p",
+                "order-service",
+                "-p",
+                "inventory-consumer",
+                "-p",
+                "stress-test",
+            ],
+        )
+        .await?;
+    }
+
+    println!("== fresh database outbox_chaos and queues chaos.*");
+    let mut admin = PgConnection::connect(&local.database_url("postgres")).await?;
+    for statement in
+        ["DROP DATABASE IF EXISTS outbox_chaos WITH (FORCE)", "CREATE DATABASE outbox_chaos"]
+    {
+        sqlx::raw_sql(statement)
+            .execute(&mut admin)
+            .await
+            .with_context(|| format!("cannot make the database outbox_chaos: {statement}"))?;
+    }
+    delete_queues(&local).await?;
+
+    // The services reach Postgres and RabbitMQ through proxies that can hold
+    // every byte; this process reads and counts past them.
+    let db_proxy = FaultProxy::start(&local.pg).await;
+    let broker_proxy = FaultProxy::start(&local.amqp).await;
+    let env = vec![
+        (
+            "DATABASE_URL".to_owned(),
+            format!("postgres://postgres:postgres@127.0.0.1:{}/outbox_chaos", db_proxy.port),
+        ),
+        ("AMQP_URL".to_owned(), format!("amqp://guest:guest@127.0.0.1:{}/%2f", broker_proxy.port)),
+        ("EXCHANGE".to_owned(), EXCHANGE.to_owned()),
+        ("INVENTORY_QUEUE".to_owned(), QUEUE.to_owned()),
+        ("DEAD_LETTER_EXCHANGE".to_owned(), DEAD_LETTER_EXCHANGE.to_owned()),
+        ("DEAD_LETTER_QUEUE".to_owned(), DEAD_LETTER_QUEUE.to_owned()),
+        (
+            "RUST_LOG".to_owned(),
+            std::env::var("RUST_LOG").unwrap_or("info,sqlx::postgres::notice=warn".into()),
+        ),
+    ];
+    let mut api = Service::new("order-service", &bin_dir, free_port()?, env.clone(), &run_dir);
+    let mut consumer = Service::new("inventory-consumer", &bin_dir, free_port()?, env, &run_dir);
+    api.start()?;
+    api.wait_ready(Duration::from_secs(60)).await?; // migrates the database first
+    consumer.start()?;
+    consumer.wait_ready(Duration::from_secs(60)).await?;
+
+    println!(
+        "== load: {} orders/s for {}, each with an Idempotency-Key, retried; stalls of {}",
+        args.rate,
+        humantime::format_duration(args.duration),
+        humantime::format_duration(stall)
+    );
+    println!(
+        "   {} faults; the last heals {} after the load starts",
+        schedule.0.len(),
+        humantime::format_duration(schedule.ends())
+    );
+    let load_report = run_dir.join("load.json");
+    let mut load = tokio::process::Command::new(bin_dir.join("stress-test"))
+        .args(["--url", &api.url, "--rate", &args.rate.to_string()])
+        .args(["--duration", &format!("{}s", args.duration.as_secs())])
+        .args(["--concurrency", "256", "--idempotency-keys", "--retries", "60"])
+        .args(["--timeout", "180s", "--json"])
+        // Follows the orders in the database directly, past the proxy.
+        .env("DATABASE_URL", local.database_url("outbox_chaos"))
+        .stdout(std::fs::File::create(&load_report)?)
+        .stderr(std::fs::File::create(run_dir.join("load.err"))?)
+        .kill_on_drop(true)
+        .spawn()
+        .context("cannot start the stress test")?;
+
+    let started = Instant::now();
+    let (mut commits_armed, mut commits_lost) = (0u32, 0u32);
+    for (at, fault) in &schedule.0 {
+        tokio::time::sleep_until(started + *at).await;
+        println!("[{:>3}s] {fault}", started.elapsed().as_secs());
+        match *fault {
+            Fault::KillApi => {
+                api.kill().await;
+                api.start()?;
+            }
+            Fault::KillConsumer => {
+                consumer.kill().await;
+                consumer.start()?;
+            }
+            Fault::RestartBroker => restart_broker(&local).await?,
+            Fault::RestartDatabase => restart_database(&local).await?,
+            Fault::PartitionDatabase(lasts) => hold(&[&db_proxy], lasts).await,
+            Fault::PartitionBroker(lasts) => hold(&[&broker_proxy], lasts).await,
+            Fault::PartitionBoth(lasts) => hold(&[&db_proxy, &broker_proxy], lasts).await,
+            Fault::MemoryAlarm(lasts) => memory_alarm(lasts).await?,
+            Fault::AmbiguousCommit => {
+                commits_lost += u32::from(commits_armed > 0 && db_proxy.fired());
+                commits_armed += 1;
+                db_proxy.arm(b"COMMIT", OnMatch::LoseAnswer);
+            }
+        }
+    }
+
+    let load_status = load.wait().await?;
+    commits_lost += u32::from(commits_armed > 0 && db_proxy.fired());
+    println!(
+        "== load done ({commits_lost} of {commits_armed} COMMIT answers lost); \
+         waiting for every order to be decided"
+    );
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&load_report)?)
+        .with_context(|| {
+            format!("the load printed no report; see {}", run_dir.join("load.err").display())
+        })?;
+    let mut db = PgConnection::connect(&local.database_url("outbox_chaos")).await?;
+    let count = async |db: &mut PgConnection, sql: &str| -> anyhow::Result<u64> {
+        let n: i64 = sqlx::query_scalar(sql).fetch_one(db).await.with_context(|| sql.to_owned())?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    };
+    let converge_until = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < converge_until {
+        let pending = count(&mut db, "SELECT count(*) FROM outbox WHERE state = 'pending'").await?
+            + count(&mut db, "SELECT count(*) FROM orders WHERE status = 'PENDING'").await?;
+        if pending == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    println!("== reconcile");
+    let reconcile = tokio::process::Command::new(bin_dir.join("order-service"))
+        .arg("reconcile")
+        .env("DATABASE_URL", local.database_url("outbox_chaos"))
+        .status()
+        .await?;
+    let reconcile_json = tokio::process::Command::new(bin_dir.join("order-service"))
+        .args(["reconcile", "--json"])
+        .env("DATABASE_URL", local.database_url("outbox_chaos"))
+        .output()
+        .await?;
+    std::fs::write(run_dir.join("reconcile.json"), &reconcile_json.stdout)?;
+    let reconciled: serde_json::Value = serde_json::from_slice(&reconcile_json.stdout)
+        .context("reconcile --json printed no report")?;
+
+    let field = |name: &str| report[name].as_u64().unwrap_or(0);
+    let verdict = Verdict {
+        accepted: field("ok"),
+        lost: field("not_found"),
+        doubled: count(
+            &mut db,
+            "SELECT count(*) FROM orders o
+             WHERE NOT EXISTS (SELECT 1 FROM idempotency_keys k WHERE k.order_id = o.id)",
+        )
+        .await?,
+        stock_off: reconciled["skus_off"].as_array().map_or(0, |skus| skus.len() as u64),
+        stuck: count(
+            &mut db,
+            "SELECT count(*) FROM orders WHERE status NOT IN ('COMPLETED', 'REJECTED')",
+        )
+        .await?,
+        dead: count(&mut db, "SELECT count(*) FROM outbox WHERE state = 'dead'").await?
+            + dead_letters(&local).await?,
+        reconciled: reconcile.success(),
+    };
+    println!(
+        "load: {} sent, {} accepted, {} retries, stress-test {load_status}; reconcile {reconcile}",
+        field("sent"),
+        verdict.accepted,
+        field("retries")
+    );
+    println!("{verdict}");
+    drop((api, consumer));
+    Ok(verdict.holds())
+}
+
+/// Holds every byte through `proxies` for `lasts`, then lets them pass.
+async fn hold(proxies: &[&FaultProxy], lasts: Duration) {
+    for proxy in proxies {
+        proxy.set(ProxyFault::Hold);
+    }
+    tokio::time::sleep(lasts).await;
+    for proxy in proxies {
+        proxy.set(ProxyFault::Pass);
+    }
+}
+
+async fn restart_broker(local: &Local) -> anyhow::Result<()> {
+    let _ = command("rabbitmqctl", &["-q", "stop"]).await;
+    command("rabbitmq-server", &["-detached"]).await?;
+    wait_for_port(&local.amqp, Duration::from_secs(90)).await?;
+    let _ = command("rabbitmqctl", &["-q", "await_startup"]).await;
+    Ok(())
+}
+
+async fn restart_database(local: &Local) -> anyhow::Result<()> {
+    let cluster = std::env::var("PG_CLUSTER").ok().or_else(|| {
+        let mut versions: Vec<String> = std::fs::read_dir("/etc/postgresql")
+            .ok()?
+            .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+            .collect();
+        versions.sort();
+        Some(format!("{} main", versions.first()?))
+    });
+    let Some(cluster) = cluster else {
+        bail!("no Postgres cluster in /etc/postgresql (set PG_CLUSTER)")
+    };
+    let (version, name) = cluster.split_once(' ').unwrap_or((cluster.as_str(), "main"));
+    command(
+        "pg_ctlcluster",
+        &["--skip-systemctl-redirect", version, name, "restart", "-m", "immediate"],
+    )
+    .await?;
+    wait_for_port(&local.pg, Duration::from_secs(60)).await
+}
+
+/// Raises a memory alarm on the local RabbitMQ for `lasts`, then puts its
+/// watermark back as it was.
+async fn memory_alarm(lasts: Duration) -> anyhow::Result<()> {
+    let current =
+        command("rabbitmqctl", &["eval", "vm_memory_monitor:get_vm_memory_high_watermark()."])
+            .await?;
+    let current = current.trim().trim_matches('"').to_owned();
+    command("rabbitmqctl", &["set_vm_memory_high_watermark", "0"]).await?;
+    tokio::time::sleep(lasts).await;
+    match current.strip_prefix("{absolute,") {
+        Some(bytes) => {
+            command(
+                "rabbitmqctl",
+                &["set_vm_memory_high_watermark", "absolute", bytes.trim_end_matches('}')],
+            )
+            .await?
+        }
+        None => command("rabbitmqctl", &["set_vm_memory_high_watermark", &current]).await?,
+    };
+    Ok(())
+}
+
+async fn wait_for_port(address: &str, within: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if tokio::net::TcpStream::connect(address).await.is_ok() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    bail!("{address} did not answer within {within:?}")
+}
+
+async fn delete_queues(local: &Local) -> anyhow::Result<()> {
+    let connection = outbox::amqp::connect(&local.amqp_url(), "chaos").await?;
+    let channel = connection.create_channel().await?;
+    for queue in [QUEUE, DEAD_LETTER_QUEUE] {
+        channel.queue_delete(queue.into(), QueueDeleteOptions::default()).await?;
+    }
+    let _ = connection.close(200, "done".into()).await;
+    Ok(())
+}
+
+/// Messages in the dead-letter queue.
+async fn dead_letters(local: &Local) -> anyhow::Result<u64> {
+    let connection = outbox::amqp::connect(&local.amqp_url(), "chaos").await?;
+    let channel = connection.create_channel().await?;
+    let passive = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
+    let depth =
+        match channel.queue_declare(DEAD_LETTER_QUEUE.into(), passive, Default::default()).await {
+            Ok(queue) => u64::from(queue.message_count()),
+            Err(_) => 0, // never declared: nothing was dead-lettered
+        };
+    let _ = connection.close(200, "done".into()).await;
+    Ok(depth)
+}

@@ -1,0 +1,35 @@
+//! `cargo xtask <command>`: the project's orchestration, in Rust rather than
+//! shell, so that what it proves is itself tested (the cargo `xtask`
+//! convention; the alias is in `.cargo/config.toml`).
+//!
+//! - `chaos`: the whole system under a fault schedule (see [`chaos`]).
+
+mod chaos;
+mod faults;
+mod process;
+mod verdict;
+
+use clap::Parser;
+
+#[derive(Debug, clap::Parser)]
+#[command(name = "cargo xtask", about = "The project's orchestration")]
+enum Command {
+    /// The whole system under a schedule of crashes, restarts and stalls, then
+    /// a check that nothing was lost or doubled (scripts/chaos.sh runs this).
+    Chaos(chaos::Args),
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let outcome = match Command::parse() {
+        Command::Chaos(args) => chaos::run(args).await,
+    };
+    match outcome {
+        Ok(true) => std::process::ExitCode::SUCCESS,
+        Ok(false) => std::process::ExitCode::FAILURE,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
