@@ -5,6 +5,10 @@
 
 use std::time::Duration;
 
+use order_service::error::ApiError;
+use order_service::orders::ValidLine;
+use order_service::writer::{NewOrder, WriteOptions, WriterMetrics, Written, write_batch};
+use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
@@ -21,8 +25,7 @@ fn order() -> Value {
 
 /// order-service whose API pool reaches this test's database through `proxy`.
 async fn spawn_behind(db: &PgPool, proxy: &FaultProxy, extra: &[&str]) -> TestApp {
-    let options = (*db.connect_options()).clone().host("127.0.0.1").port(proxy.port);
-    let pool = PgPoolOptions::new().max_connections(4).connect_with(options).await.expect("pool");
+    let pool = pool_behind(db, proxy).await;
     let mut args = vec!["--relay-workers", "0", "--commit-deadline", "1s"];
     args.extend(extra);
     let mut app = spawn_with_args(pool, &args).await;
@@ -63,20 +66,55 @@ async fn a_commit_whose_answer_is_lost_after_it_was_made_is_answered_201(db: PgP
     assert_eq!(orders(&db).await, 1, "and it is the only one");
 }
 
+/// `count` orders of one SKU, without keys, as the writer gets them.
+fn batch(count: usize) -> Vec<NewOrder> {
+    (0..count)
+        .map(|n| NewOrder {
+            customer_id: format!("c-{n}"),
+            lines: vec![ValidLine { sku: "SKU-001".to_owned(), quantity: 1 }],
+            key: None,
+            trace: Default::default(),
+        })
+        .collect()
+}
+
+/// A pool of this test's database through `proxy`.
+async fn pool_behind(db: &PgPool, proxy: &FaultProxy) -> PgPool {
+    let options = (*db.connect_options()).clone().host("127.0.0.1").port(proxy.port);
+    PgPoolOptions::new().max_connections(2).connect_with(options).await.expect("pool")
+}
+
 #[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn every_order_of_a_batch_whose_commit_answer_is_lost_gets_its_answer(db: PgPool) {
     let proxy = FaultProxy::database().await;
-    // One writer, so that concurrent requests share its transactions.
-    let app = spawn_behind(&db, &proxy, &["--write-concurrency", "1"]).await;
+    let pool = pool_behind(&db, &proxy).await;
+    let options =
+        WriteOptions { commit_deadline: Duration::from_secs(1), ..WriteOptions::default() };
+    let metrics = WriterMetrics::register(&mut Registry::default());
+
+    // One transaction of eight orders, whose COMMIT answer is lost.
     proxy.arm(COMMIT, OnMatch::LoseAnswer);
-
-    let body = order();
-    let responses = futures_util::future::join_all((0..8).map(|_| app.post_order(&body))).await;
-
+    let results = write_batch(&pool, &batch(8), options, &metrics).await;
     assert!(proxy.fired());
-    let statuses: Vec<u16> = responses.iter().map(|response| response.status().as_u16()).collect();
-    assert_eq!(statuses, vec![201; 8], "every order committed and is answered so");
+    assert!(
+        results.iter().all(|result| matches!(result, Ok(Written::Placed(_)))),
+        "every order of the batch committed and is answered so: {results:?}"
+    );
     assert_eq!(orders(&db).await, 8);
+
+    // Another, whose outcome cannot be learnt: every order is told so.
+    proxy.arm(COMMIT, OnMatch::HoldAll);
+    let results = write_batch(&pool, &batch(8), options, &metrics).await;
+    assert!(
+        results.iter().all(|result| matches!(result, Err(ApiError::CommitOutcomeUnknown(_)))),
+        "{results:?}"
+    );
+    proxy.set(Fault::Pass);
+    assert!(
+        test_support::eventually(Duration::from_secs(10), || async { orders(&db).await == 16 })
+            .await,
+        "the COMMIT had arrived: all eight committed"
+    );
 }
 
 #[sqlx::test(migrator = "service_kit::MIGRATOR")]
