@@ -111,6 +111,13 @@ pub enum DlqCommand {
 }
 
 impl Config {
+    /// How long processed message ids are kept: `DEDUP_WINDOW`, which is also
+    /// the window `order-service reconcile` checks (its `--dedup-window`, same
+    /// default), so every id it looks for is still here.
+    pub fn inbox_retention(&self) -> outbox::retention::Retention {
+        outbox::retention::Retention::processed_messages(self.dedup_window)
+    }
+
     /// The command line, taking the settings the dead-letter tools use after a
     /// subcommand as well (`inventory-consumer dlq list --amqp-url ...`).
     pub fn command_line() -> clap::Command {

@@ -22,7 +22,7 @@ pub mod worker;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 
-use outbox::retention::{Retention, RetentionMetrics};
+use outbox::retention::RetentionMetrics;
 use outbox::supervisor::{CrashSwitch, Supervisor};
 use prometheus_client::registry::Registry;
 use service_kit::http::HttpListener;
@@ -118,7 +118,7 @@ impl Application {
             &supervisor,
             &mut workers,
             self.db.clone(),
-            Retention::processed_messages(config.dedup_window),
+            config.inbox_retention(),
             config.sweep_interval,
             self.retention_metrics.clone(),
         );

@@ -92,7 +92,9 @@ pub enum Command {
     /// 5. outbox: no dead event; pending events are counted, and one pending
     ///    for longer than --pending-after fails (the relay is stuck or down).
     ///
-    /// 6. idempotency keys: each names an order that exists.
+    /// 6. idempotency keys: each names an order that exists, and the answer
+    ///    stored for its retries is a 201 with that order's id, customer and
+    ///    total.
     #[command(verbatim_doc_comment)]
     Reconcile(ReconcileArgs),
 }

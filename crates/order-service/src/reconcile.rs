@@ -3,7 +3,7 @@
 //! the message that made it, and that message was recorded by the consumer;
 //! the stock of each SKU equals what it received minus what COMPLETED orders
 //! took; the outbox holds no dead or stuck event; every Idempotency-Key names
-//! its order.
+//! its order, and the answer stored for its retries is that order's.
 //!
 //! All checks read one snapshot (a REPEATABLE READ, READ ONLY transaction), so
 //! they are exact while the system runs: a decision is either wholly visible
@@ -79,6 +79,11 @@ pub struct Report {
     pub keys_without_order: i64,
     /// (key, the order id it names)
     pub keys_without_order_examples: Vec<(String, Uuid)>,
+    /// Keys whose stored answer (what every retry with the key is told) is not
+    /// a 201 with their order's id, customer and total.
+    pub keys_wrong_answer: i64,
+    /// (key, the order it names, the id its stored answer gives)
+    pub keys_wrong_answer_examples: Vec<(String, Uuid, Option<String>)>,
 }
 
 /// A SKU whose stock does not match its books.
@@ -265,13 +270,22 @@ pub async fn check(conn: &mut PgConnection, args: &ReconcileArgs) -> anyhow::Res
     .await
     .context("cannot count the outbox")?;
 
-    // Check 6. The foreign key (ON DELETE CASCADE) makes a key without its
-    // order impossible while constraints are enforced; it can still arise from
-    // a restore or a replica that skipped triggers (session_replication_role).
-    let (keys, keys_without_order): (i64, i64) = sqlx::query_as(
-        "SELECT count(*), count(*) FILTER (WHERE o.id IS NULL)
-         FROM idempotency_keys AS k LEFT JOIN orders AS o ON o.id = k.order_id",
-    )
+    // Check 6: every key names its order, and the answer stored for its
+    // retries is that order's. A writer that stored one order's answer against
+    // another's key (a batch's arrays out of step) would tell a retrying client
+    // of an order that is not theirs; the foreign key cannot see that. A key
+    // without its order cannot arise while the foreign key is enforced, but can
+    // from a restore or a replica that skipped triggers.
+    const WRONG_ANSWER: &str = "o.id IS NOT NULL AND (
+             k.response_status IS DISTINCT FROM 201
+          OR k.response_body->>'id' IS DISTINCT FROM o.id::text
+          OR k.response_body->>'customer_id' IS DISTINCT FROM o.customer_id
+          OR k.response_body->'total_cents' IS DISTINCT FROM to_jsonb(o.total_cents))";
+    let (keys, keys_without_order, keys_wrong_answer): (i64, i64, i64) = sqlx::query_as(&format!(
+        "SELECT count(*), count(*) FILTER (WHERE o.id IS NULL),
+                    count(*) FILTER (WHERE {WRONG_ANSWER})
+             FROM idempotency_keys AS k LEFT JOIN orders AS o ON o.id = k.order_id"
+    ))
     .fetch_one(&mut *tx)
     .await
     .context("cannot count the idempotency keys")?;
@@ -285,6 +299,20 @@ pub async fn check(conn: &mut PgConnection, args: &ReconcileArgs) -> anyhow::Res
         .fetch_all(&mut *tx)
         .await
         .context("cannot list the keys without an order")?
+    } else {
+        Vec::new()
+    };
+    let keys_wrong_answer_examples = if keys_wrong_answer > 0 {
+        sqlx::query_as(&format!(
+            "SELECT k.idempotency_key, k.order_id, k.response_body->>'id'
+             FROM idempotency_keys AS k JOIN orders AS o ON o.id = k.order_id
+             WHERE {WRONG_ANSWER}
+             ORDER BY k.created_at LIMIT $1"
+        ))
+        .bind(EXAMPLES)
+        .fetch_all(&mut *tx)
+        .await
+        .context("cannot list the keys with a wrong answer")?
     } else {
         Vec::new()
     };
@@ -316,6 +344,8 @@ pub async fn check(conn: &mut PgConnection, args: &ReconcileArgs) -> anyhow::Res
         keys,
         keys_without_order,
         keys_without_order_examples,
+        keys_wrong_answer,
+        keys_wrong_answer_examples,
     })
 }
 
@@ -460,12 +490,16 @@ impl Report {
             details: Vec::new(),
         });
 
+        let wrong_answers = self.keys_wrong_answer_examples.iter().map(|(key, order, answered)| {
+            let answered = answered.as_deref().unwrap_or("no id");
+            format!("key {key:?} names order {order} but its stored answer is order {answered}'s")
+        });
         checks.push(Check {
             name: "idempotency keys",
-            ok: self.keys_without_order == 0,
+            ok: self.keys_without_order == 0 && self.keys_wrong_answer == 0,
             summary: format!(
-                "{} keys, {} naming a missing order",
-                self.keys, self.keys_without_order
+                "{} keys, {} naming a missing order, {} whose stored answer is not their order's",
+                self.keys, self.keys_without_order, self.keys_wrong_answer
             ),
             details: self
                 .keys_without_order_examples
@@ -473,6 +507,7 @@ impl Report {
                 .map(|(key, order)| {
                     format!("key {key:?} names order {order}, which does not exist")
                 })
+                .chain(wrong_answers)
                 .collect(),
         });
         checks
@@ -551,6 +586,7 @@ impl Report {
             "outbox_dead": self.outbox_dead,
             "keys": self.keys,
             "keys_without_order": self.keys_without_order,
+            "keys_wrong_answer": self.keys_wrong_answer,
         })
     }
 }

@@ -112,3 +112,53 @@ async fn the_running_system_leaves_a_database_that_reconciles(db: PgPool) {
     api.stop().await;
     broker.delete().await;
 }
+
+/// reconcile's "processed messages" check looks for the message of every order
+/// decided within its `--dedup-window`; the consumer's sweeper deletes ids past
+/// its `DEDUP_WINDOW`. With both at their defaults the sweeper, run for real,
+/// keeps every id the check needs and only those: a sweeper that forgot ids
+/// early (a shorter window, a wrong comparison) fails the check.
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
+async fn the_consumers_sweeper_keeps_every_message_reconcile_looks_for(db: PgPool) {
+    let config = inventory_consumer::Config::parse_command_line(["inventory-consumer"]);
+    let messages = insert_orders(
+        &db,
+        &[vec![("SKU-001", 1)], vec![("SKU-002", 1)], vec![("SKU-003", 1)], vec![("SKU-004", 1)]],
+    )
+    .await;
+    let mut tx = db.begin().await.expect("begin");
+    apply_batch(&mut tx, &config.consumer_name, &messages).await.expect("apply");
+    tx.commit().await.expect("commit");
+    // Decided (and recorded, in the same transaction) at these ages: just
+    // inside the window, well inside, just past it, long past it.
+    let window = i64::try_from(config.dedup_window.as_secs()).expect("seconds");
+    let ages = [window - 60, window / 2, window + 60, 2 * window];
+    for (message, age) in messages.iter().zip(ages) {
+        sqlx::query(
+            "WITH aged AS (SELECT now() - $2 * interval '1 second' AS at)
+             , recorded AS (UPDATE processed_messages SET processed_at = (SELECT at FROM aged)
+                            WHERE message_id = $1)
+             UPDATE orders SET updated_at = (SELECT at FROM aged) WHERE decided_by = $1",
+        )
+        .bind(message.id)
+        .bind(age)
+        .execute(&db)
+        .await
+        .expect("aged");
+    }
+
+    let metrics = outbox::retention::RetentionMetrics::default();
+    let swept = outbox::retention::sweep(
+        &db,
+        &config.inbox_retention(),
+        &metrics,
+        &tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .expect("sweep");
+
+    let report = reconcile(&db).await;
+    assert!(report.ok(), "{}", report.text());
+    assert_eq!(swept, outbox::retention::Sweep::Deleted(2), "the two past the window");
+    assert_eq!((report.decided, report.decided_within_window), (4, 2), "{}", report.text());
+}

@@ -406,6 +406,86 @@ async fn a_key_whose_order_is_gone_fails(db: PgPool) {
     assert_eq!(report.json()["keys_without_order"], 1);
 }
 
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
+async fn a_stored_answer_that_is_not_its_orders_fails(db: PgPool) {
+    let state = healthy(db).await;
+    let db = &state.app.db;
+    // As a writer whose batch arrays slipped out of step would leave them: each
+    // key names its order, but a retry would be told of the other order.
+    sqlx::query(
+        "UPDATE idempotency_keys AS k SET response_body = other.response_body
+         FROM idempotency_keys AS other
+         WHERE k.idempotency_key <> other.idempotency_key",
+    )
+    .execute(db)
+    .await
+    .expect("swap");
+
+    let report = check(db).await;
+
+    assert_eq!(failed(&report), ["idempotency keys"], "{}", report.text());
+    assert_eq!((report.keys_wrong_answer, report.keys_without_order), (2, 0));
+    let young = state.young.to_string();
+    assert!(
+        report.keys_wrong_answer_examples.iter().any(|(key, order, answered)| {
+            key == "key-2" && *order == state.young && answered.as_deref() != Some(young.as_str())
+        }),
+        "{:?}",
+        report.keys_wrong_answer_examples
+    );
+    assert!(report.text().contains("whose stored answer is not their order's"));
+    assert_eq!(report.json()["keys_wrong_answer"], 2);
+}
+
+/// What a batch of the real writer stores for its keys is what each retry must
+/// be told: its own order's answer. The writer binds keys, orders and answers as
+/// parallel arrays; this is the check that they stay in step.
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
+async fn a_batch_of_the_writer_stores_each_key_with_its_own_orders_answer(db: PgPool) {
+    use order_service::idempotency::IdempotencyKey;
+    use order_service::orders::ValidLine;
+    use order_service::writer::{NewOrder, WriteOptions, WriterMetrics, Written, write_batch};
+
+    let orders: Vec<NewOrder> = (0..6u8)
+        .map(|n| {
+            let mut headers = axum::http::HeaderMap::new();
+            headers.insert("idempotency-key", format!("batch-{n}").parse().expect("header"));
+            let key = IdempotencyKey::from_headers(&headers).expect("valid").expect("present");
+            NewOrder {
+                customer_id: format!("customer-{n}"),
+                lines: vec![ValidLine { sku: "SKU-001".to_owned(), quantity: 1 + i32::from(n) }],
+                key: Some((key, json!({"n": n}))),
+                trace: Default::default(),
+            }
+        })
+        .collect();
+    let metrics = WriterMetrics::register(&mut prometheus_client::registry::Registry::default());
+
+    let results = write_batch(&db, &orders, WriteOptions::default(), &metrics).await;
+
+    let placed: Vec<Uuid> = results
+        .iter()
+        .map(|result| match result {
+            Ok(Written::Placed(order)) => order.id,
+            other => panic!("placed: {other:?}"),
+        })
+        .collect();
+    let report = check(&db).await;
+    assert!(report.ok(), "{}", report.text());
+    assert_eq!((report.keys, report.keys_wrong_answer), (6, 0), "{}", report.text());
+    for (n, id) in placed.iter().enumerate() {
+        let answered: (Uuid, String) = sqlx::query_as(
+            "SELECT order_id, response_body->>'customer_id' FROM idempotency_keys
+             WHERE idempotency_key = $1",
+        )
+        .bind(format!("batch-{n}"))
+        .fetch_one(&db)
+        .await
+        .expect("key");
+        assert_eq!(answered, (*id, format!("customer-{n}")));
+    }
+}
+
 async fn execute_in(tx: &mut sqlx::PgConnection, sql: &str, id: Uuid) {
     sqlx::query(sql).bind(id).execute(tx).await.expect(sql);
 }
