@@ -23,7 +23,12 @@
 #   on ports away from the services already running. The engine it started is
 #   stopped by its pid.
 #
-# Usage: scripts/compose-smoke.sh [--orders N]   (N orders posted with curl, default 20)
+# It runs the stack twice: as `docker compose up` starts it (with the
+# observability profile, a stress test and reconcile), then with
+# docker-compose.cluster.yml (three clustered RabbitMQ nodes, two replicas of
+# each service, orders posted to both APIs, reconcile).
+#
+# Usage: scripts/compose-smoke.sh [--orders N]   (N orders posted with curl per stack, default 20)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -32,7 +37,7 @@ ORDERS=20
 while [ $# -gt 0 ]; do
     case $1 in
         --orders) ORDERS=$2; shift 2 ;;
-        -h | --help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h | --help) sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "compose-smoke: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -183,97 +188,155 @@ build_service_image() {
 }
 
 # ---- the run ---------------------------------------------------------------
+# In stand-in mode the compose files named are merged into one file, without
+# the base file's `ports` (host networking cannot publish ports, and an
+# override cannot remove them: Compose merges lists), and hostnames (host
+# networking has the host's); the cluster's peer list names the nodes of
+# docker-compose.smoke-cluster.yml.
+merge_for_host_network() { # output file...
+    local output=$1
+    shift
+    local files=()
+    for file in "$@"; do files+=(-f "$file"); done
+    docker-compose "${files[@]}" config |
+        /usr/bin/python3 -c 'import sys, yaml
+config = yaml.safe_load(sys.stdin)
+run = sys.argv[1]
+for service in config["services"].values():
+    service.pop("ports", None)
+    service.pop("hostname", None)
+    service["volumes"] = [volume for volume in service.get("volumes", [])
+                          if not str(volume).startswith(sys.argv[2] + "/deploy/rabbitmq-cluster.conf")]
+    if service.get("image") == "rabbitmq:3-management" and "RABBITMQ_ERLANG_COOKIE" in service.get("environment", {}):
+        service["volumes"].append(run + "/rabbitmq-cluster.conf:/etc/rabbitmq/conf.d/20-cluster.conf:ro")
+    if not service["volumes"]:
+        del service["volumes"]
+# Prometheus on the host network scrapes 127.0.0.1 (a copy of its config).
+prometheus = config["services"].get("prometheus")
+if prometheus:
+    prometheus["volumes"] = [run + "/prometheus.yml:/etc/prometheus/prometheus.yml:ro"]
+    prometheus["command"] = list(prometheus["command"]) + ["--web.listen-address=127.0.0.1:19090"]
+# No network of its own, which would add a bridge to the host: the host network.
+config["networks"] = {"default": {"external": True, "name": "host"}}
+yaml.safe_dump(config, sys.stdout, sort_keys=False)' "$ROOT/.run/compose" "$ROOT" >"$output" ||
+        fail "cannot merge $*"
+}
+
 if docker info >/dev/null 2>&1 && registry_answers; then
     MODE=registry
-    API=http://127.0.0.1:8080
     say "a Docker engine and the registry answer: the compose file as the README runs it"
-    for port in 5432 5672 15672 8080 8081; do
+    for port in 5432 5672 15672 8080 8081 8082 8083; do
         if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-            fail "port $port is in use; the compose file publishes it (stop the local service first)"
+            fail "port $port is in use; the compose files publish it (stop the local service first)"
         fi
     done
+    SINGLE=(-f docker-compose.yml)
+    CLUSTER=(-f docker-compose.yml -f docker-compose.cluster.yml)
+    APIS=(http://127.0.0.1:8080 http://127.0.0.1:8082)
     UP_ARGS=(--build)
     PROMETHEUS=http://127.0.0.1:9090
     OBSERVABILITY=(prometheus grafana)
 else
     MODE=standins
     start_own_engine
-    # Host networking cannot publish ports, and an override cannot remove the
-    # base file's `ports` (Compose merges lists): the two files merged, without
-    # them, make the one file this mode runs.
     mkdir -p .run/compose
     sed -e 's/"order-service:8080"/"127.0.0.1:18080"/' -e 's/"inventory-consumer:8081"/"127.0.0.1:18081"/' \
         deploy/prometheus/prometheus.yml >.run/compose/prometheus.yml
-    docker-compose -f docker-compose.yml -f docker-compose.smoke.yml config |
-        /usr/bin/python3 -c 'import sys, yaml
-config = yaml.safe_load(sys.stdin)
-for service in config["services"].values():
-    service.pop("ports", None)
-# Prometheus on the host network scrapes 127.0.0.1 (a copy of its config).
-prometheus = config["services"]["prometheus"]
-prometheus["volumes"] = [sys.argv[1] + ":/etc/prometheus/prometheus.yml:ro"]
-prometheus["command"] = list(prometheus["command"]) + ["--web.listen-address=127.0.0.1:19090"]
-# No network of its own, which would add a bridge to the host: the host network.
-config["networks"] = {"default": {"external": True, "name": "host"}}
-yaml.safe_dump(config, sys.stdout, sort_keys=False)' "$ROOT/.run/compose/prometheus.yml" \
-        >.run/compose/docker-compose.smoke-merged.yml ||
-        fail "cannot merge docker-compose.yml with docker-compose.smoke.yml"
-    COMPOSE_FILES=(-f .run/compose/docker-compose.smoke-merged.yml)
-    API=http://127.0.0.1:18080
+    printf '%s\n' '# Written by scripts/compose-smoke.sh: the nodes of docker-compose.smoke-cluster.yml.' \
+        'cluster_formation.peer_discovery_backend = classic_config' \
+        'cluster_formation.classic_config.nodes.1 = outbox-smoke@localhost' \
+        'cluster_formation.classic_config.nodes.2 = outbox-smoke-b@localhost' \
+        'cluster_formation.classic_config.nodes.3 = outbox-smoke-c@localhost' >.run/compose/rabbitmq-cluster.conf
+    merge_for_host_network .run/compose/docker-compose.smoke-merged.yml docker-compose.yml docker-compose.smoke.yml
+    merge_for_host_network .run/compose/docker-compose.smoke-cluster-merged.yml docker-compose.yml \
+        docker-compose.cluster.yml docker-compose.smoke.yml docker-compose.smoke-cluster.yml
+    SINGLE=(-f .run/compose/docker-compose.smoke-merged.yml)
+    CLUSTER=(-f .run/compose/docker-compose.smoke-cluster-merged.yml)
+    APIS=(http://127.0.0.1:18080 http://127.0.0.1:18082)
     PROMETHEUS=http://127.0.0.1:19090
     OBSERVABILITY=(prometheus)
     build_standins
     build_service_image
     UP_ARGS=(--no-build)
 fi
-
-started=$(date +%s)
-STACK_UP=1
-say "docker compose up ($MODE)"
 mkdir -p .run/compose
-compose up -d "${UP_ARGS[@]}" postgres rabbitmq order-service inventory-consumer >.run/compose/up.log 2>&1 ||
-    { tail -20 .run/compose/up.log >&2; fail "docker compose up failed"; }
 
-healthy() { # service
-    local id
-    id=$(compose ps -q "$1")
-    [ -n "$id" ] && [ "$("$DOCKER" inspect -f '{{.State.Health.Status}}' "$id" 2>/dev/null)" = healthy ]
+up() { # what... services...
+    local what=$1
+    shift
+    compose up -d "${UP_ARGS[@]}" "$@" >.run/compose/up.log 2>&1 ||
+        { tail -20 .run/compose/up.log >&2; fail "docker compose up ($what) failed"; }
 }
-for _ in $(seq 1 120); do
-    healthy order-service && healthy inventory-consumer && break
-    sleep 1
-done
-healthy order-service && healthy inventory-consumer ||
-    fail "order-service and inventory-consumer were not healthy within 120 s"
-say "the stack is healthy after $(($(date +%s) - started)) s"
+
+healthy() { # service...
+    local service id
+    for service in "$@"; do
+        id=$(compose ps -q "$service")
+        [ -n "$id" ] && [ "$("$DOCKER" inspect -f '{{.State.Health.Status}}' "$id" 2>/dev/null)" = healthy ] ||
+            return 1
+    done
+}
+
+wait_healthy() { # service...
+    local started=$SECONDS
+    for _ in $(seq 1 150); do
+        healthy "$@" && break
+        sleep 1
+    done
+    healthy "$@" || fail "$* were not healthy within 150 s"
+    say "$* healthy after $((SECONDS - started)) s"
+}
 
 psql_value() { # sql
     compose exec -T postgres psql -U postgres -d outbox -tAc "$1" | tr -d '[:space:]'
 }
 
 posted=0
-ids=()
-for n in $(seq 1 "$ORDERS"); do
-    body=$(printf '{"customer_id": "smoke-%d", "items": [{"sku": "SKU-%03d", "quantity": 1}]}' "$n" $((1 + n % 20)))
-    answer=$(curl -sS -w '\n%{http_code}' -X POST "$API/orders" -H 'content-type: application/json' -d "$body") ||
-        fail "POST /orders $n did not answer"
-    [ "$(tail -n1 <<<"$answer")" = 201 ] || fail "POST /orders $n answered $(tail -n1 <<<"$answer"): $(head -n1 <<<"$answer")"
-    ids+=("$(head -n1 <<<"$answer" | sed -n 's/.*"id":"\([^"]*\)".*/\1/p')")
-    posted=$((posted + 1))
-done
-say "posted $posted orders with curl"
-
-id_list=$(printf "'%s'," "${ids[@]}")
-id_list=${id_list%,}
 completed=0
-for _ in $(seq 1 60); do
-    completed=$(psql_value "SELECT count(*) FROM orders WHERE id IN ($id_list) AND status IN ('COMPLETED', 'REJECTED')")
-    [ "$completed" = "$posted" ] && break
-    sleep 0.5
-done
-say "psql in the postgres container: $completed of $posted decided"
-compose exec -T postgres psql -U postgres -d outbox -c \
-    "SELECT status, count(*) FROM orders WHERE id IN ($id_list) GROUP BY status" >&2
+# Posts ORDERS orders with curl, in turn to each API given, and waits until
+# psql in the postgres container shows each of them decided.
+post_and_decide() { # label api...
+    local label=$1
+    shift
+    local apis=("$@") ids=() n answer body decided=0
+    for n in $(seq 1 "$ORDERS"); do
+        local api=${apis[$((n % ${#apis[@]}))]}
+        body=$(printf '{"customer_id": "%s-%d", "items": [{"sku": "SKU-%03d", "quantity": 1}]}' "$label" "$n" $((1 + n % 20)))
+        answer=$(curl -sS -w '\n%{http_code}' -X POST "$api/orders" -H 'content-type: application/json' -d "$body") ||
+            fail "POST $api/orders ($label $n) did not answer"
+        [ "$(tail -n1 <<<"$answer")" = 201 ] ||
+            fail "POST $api/orders ($label $n) answered $(tail -n1 <<<"$answer"): $(head -n1 <<<"$answer")"
+        ids+=("$(head -n1 <<<"$answer" | sed -n 's/.*"id":"\([^"]*\)".*/\1/p')")
+    done
+    posted=$((posted + ORDERS))
+    say "$label: posted $ORDERS orders with curl to ${apis[*]}"
+    local id_list
+    id_list=$(printf "'%s'," "${ids[@]}")
+    id_list=${id_list%,}
+    for _ in $(seq 1 60); do
+        decided=$(psql_value "SELECT count(*) FROM orders WHERE id IN ($id_list) AND status IN ('COMPLETED', 'REJECTED')")
+        [ "$decided" = "$ORDERS" ] && break
+        sleep 0.5
+    done
+    completed=$((completed + decided))
+    say "$label: psql in the postgres container: $decided of $ORDERS decided"
+    compose exec -T postgres psql -U postgres -d outbox -c \
+        "SELECT status, count(*) FROM orders WHERE id IN ($id_list) GROUP BY status" >&2
+    [ "$decided" = "$ORDERS" ] || fail "$label: $((ORDERS - decided)) orders were not decided within 30 s"
+}
+
+down() {
+    compose --profile tools down -v --remove-orphans >/dev/null 2>&1 || true
+    STACK_UP=
+}
+
+# -- One of each, as `docker compose up` starts it.
+COMPOSE_FILES=("${SINGLE[@]}")
+STACK_UP=1
+say "docker compose up ($MODE)"
+up "the stack" postgres rabbitmq order-service inventory-consumer
+wait_healthy order-service inventory-consumer
+post_and_decide smoke "${APIS[0]}"
 
 # The observability profile: Prometheus scrapes both services.
 targets_up() {
@@ -283,8 +346,7 @@ jobs = {target["labels"]["job"] for target in targets if target["health"] == "up
 sys.exit(0 if {"order-service", "inventory-consumer"} <= jobs else 1)'
 }
 say "observability profile: ${OBSERVABILITY[*]}"
-compose --profile observability up -d "${UP_ARGS[@]}" "${OBSERVABILITY[@]}" >.run/compose/up.log 2>&1 ||
-    { tail -20 .run/compose/up.log >&2; fail "docker compose --profile observability up failed"; }
+up "--profile observability" "${OBSERVABILITY[@]}"
 [ "$MODE" = standins ] && say "!! grafana is not checked here: it has no Debian package, so no stand-in"
 for _ in $(seq 1 60); do
     targets_up && break
@@ -293,12 +355,33 @@ done
 targets_up || fail "Prometheus does not scrape both services ($PROMETHEUS/api/v1/targets)"
 say "Prometheus scrapes order-service and inventory-consumer (both targets up)"
 
-if [ "$completed" = "$posted" ]; then
-    say "stress test: 500 orders, 8 in flight (docker compose run --rm stress-test)"
-    compose run --rm stress-test --orders 500 --concurrency 8 >&2 || fail "the stress test failed"
-    say "order-service reconcile"
-    compose exec -T order-service order-service reconcile >&2 || fail "reconcile found a problem"
-fi
+say "stress test: 500 orders, 8 in flight (docker compose run --rm stress-test)"
+compose run --rm stress-test --orders 500 --concurrency 8 >&2 || fail "the stress test failed"
+say "order-service reconcile"
+compose exec -T order-service order-service reconcile >&2 || fail "reconcile found a problem"
+down
+
+# -- The cluster: three RabbitMQ nodes, two replicas of each service.
+COMPOSE_FILES=("${CLUSTER[@]}")
+STACK_UP=1
+say "docker compose up with docker-compose.cluster.yml ($MODE)"
+up "the cluster" postgres rabbitmq rabbitmq-b rabbitmq-c \
+    order-service order-service-2 inventory-consumer inventory-consumer-2
+wait_healthy rabbitmq rabbitmq-b rabbitmq-c order-service order-service-2 inventory-consumer inventory-consumer-2
+nodes=$(compose exec -T rabbitmq rabbitmqctl -q cluster_status --formatter json |
+    /usr/bin/python3 -c 'import json, sys; print(len(json.load(sys.stdin)["running_nodes"]))') ||
+    fail "cannot read the cluster's status (rabbitmqctl cluster_status)"
+[ "$nodes" = 3 ] || fail "the cluster has $nodes running nodes, not 3"
+say "the three RabbitMQ nodes form one cluster (rabbitmqctl cluster_status: 3 running nodes)"
+post_and_decide cluster "${APIS[@]}"
+queue_type=$(compose exec -T rabbitmq rabbitmqctl -q list_queues name type --formatter json |
+    /usr/bin/python3 -c 'import json, sys
+print(" ".join(sorted(queue["type"] for queue in json.load(sys.stdin) if queue["name"] == "inventory.order-placed")))')
+[ "$queue_type" = quorum ] || fail "the queue inventory.order-placed is ${queue_type:-missing}, not a quorum queue"
+say "the queue inventory.order-placed is a quorum queue"
+say "order-service reconcile"
+compose exec -T order-service order-service reconcile >&2 || fail "reconcile found a problem"
+down
 
 echo "compose-smoke: posted=$posted completed=$completed"
 [ "$completed" = "$posted" ]
