@@ -3,8 +3,11 @@
 //! convention; the alias is in `.cargo/config.toml`).
 //!
 //! - `chaos`: the whole system under a fault schedule (see [`chaos`]).
+//! - `check-docs`: README_zh.md mirrors README.md, and the docs' links resolve
+//!   (see [`docs`]).
 
 mod chaos;
+mod docs;
 mod faults;
 mod process;
 mod verdict;
@@ -17,12 +20,16 @@ enum Command {
     /// The whole system under a schedule of crashes, restarts and stalls, then
     /// a check that nothing was lost or doubled (scripts/chaos.sh runs this).
     Chaos(chaos::Args),
+    /// README_zh.md has README.md's headings and code blocks, and every relative
+    /// link of the READMEs and docs/*.md resolves (scripts/test.sh runs this).
+    CheckDocs(docs::Args),
 }
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let outcome = match Command::parse() {
         Command::Chaos(args) => chaos::run(args).await,
+        Command::CheckDocs(args) => docs::run(args),
     };
     match outcome {
         Ok(true) => std::process::ExitCode::SUCCESS,
