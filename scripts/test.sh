@@ -50,6 +50,14 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 # With the optional Kafka transport, so that its code is linted too.
 cargo clippy --workspace --all-targets --locked --features outbox/kafka -- -D warnings
+echo "== outbox: the core with no transport, and each transport alone"
+for features in "" rabbitmq kafka; do
+    cargo clippy -p outbox --locked --no-default-features --features "$features" -- -D warnings
+done
+if cargo tree -p outbox --locked --no-default-features -e normal | grep -E "^.*(lapin|rskafka|rdkafka) v"; then
+    echo "!! the outbox core depends on a broker client" >&2
+    exit 1
+fi
 echo "== cargo test"
 # Every test binary prints its own "test result:" line; the last line of this
 # script sums them, so one line tells how the whole suite went.

@@ -327,8 +327,8 @@ pub async fn replay(
     target_queue: &str,
     selection: &Selection,
     confirm_timeout: Duration,
-) -> crate::Result<Replayed> {
-    use crate::error::Context;
+) -> anyhow::Result<Replayed> {
+    use anyhow::Context;
 
     channel
         .confirm_select(ConfirmSelectOptions::default())
@@ -342,7 +342,7 @@ pub async fn replay(
     // or held, so one multiple nack up to it returns exactly the held ones.
     let mut hand_back = None;
     let mut taken = 0;
-    let outcome: crate::Result<()> = async {
+    let outcome: anyhow::Result<()> = async {
         while taken < present && done.failed == 0 {
             let mut chunk = Vec::new();
             let mut exhausted = false;

@@ -4,14 +4,14 @@
 //! so they work while Postgres is down. Each opens a connection of its own, does
 //! one pass over the dead-letter queue and closes it; whatever it took and did
 //! not ack goes back to the queue, even if the command is killed half-way. The
-//! mechanics, which know nothing of orders, are in [`outbox::dead_letter`].
+//! mechanics, which know nothing of orders, are in [`crate::dead_letter`].
 
 use std::io::Write;
 use std::time::Duration;
 
 use anyhow::Context;
 use lapin::{Channel, Connection};
-use outbox::dead_letter::{self, DeadLetter, Replayed, Selection};
+use crate::dead_letter::{self, DeadLetter, Replayed, Selection};
 use service_kit::broker::BrokerConfig;
 
 use crate::config::DlqCommand;

@@ -13,6 +13,7 @@
 
 pub mod apply;
 pub mod config;
+pub mod dead_letter;
 pub mod dlq;
 pub mod http;
 pub mod message;

@@ -62,7 +62,7 @@ fn check(event: &OrderPlaced) -> Result<(), String> {
 
 /// A header's text, when the delivery has it as a string.
 pub fn header_text(delivery: &Delivery, name: &str) -> Option<String> {
-    outbox::dead_letter::header_text(delivery.properties.headers().as_ref(), name)
+    crate::dead_letter::header_text(delivery.properties.headers().as_ref(), name)
 }
 
 /// The W3C trace context the message carries (`traceparent`, `tracestate`);

@@ -227,7 +227,7 @@ impl QueueDepthProbe {
                 Some(open.connection.create_channel().await.context("cannot open a channel")?);
         }
         let channel = open.channel.as_ref().expect("opened above");
-        outbox::dead_letter::queue_depth(channel, queue)
+        crate::dead_letter::queue_depth(channel, queue)
             .await
             .with_context(|| format!("cannot read the depth of {queue:?}"))
     }

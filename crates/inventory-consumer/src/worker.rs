@@ -4,7 +4,7 @@
 //! Per batch: decode every delivery (poison is set aside), apply the rest in ONE
 //! transaction ([`apply_batch`]), commit, then dead-letter the poison and ack the
 //! rest with a single `multiple` ack. Poison is republished to the dead-letter
-//! exchange with the reason in a header ([`outbox::dead_letter`]) on a second,
+//! exchange with the reason in a header ([`crate::dead_letter`]) on a second,
 //! confirm-mode channel, and acked only once the broker confirmed the copy.
 //! A crash anywhere before the ack leaves the messages unacked, so the broker
 //! redelivers them, and `processed_messages` turns the redelivery into a no-op.
@@ -241,7 +241,7 @@ impl Worker {
         let confirmed = if letters.is_empty() {
             Vec::new()
         } else {
-            outbox::dead_letter::publish(
+            crate::dead_letter::publish(
                 &session.dead_letters,
                 &self.config.topology.dead_letter_exchange,
                 &letters,

@@ -43,6 +43,7 @@ impl Error {
     }
 }
 
+#[cfg(feature = "rabbitmq")]
 impl From<lapin::Error> for Error {
     fn from(error: lapin::Error) -> Self {
         Self::broker(error)
@@ -51,36 +52,6 @@ impl From<lapin::Error> for Error {
 
 /// `Result` with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-/// A broker error with what was being done, for messages such as "cannot read
-/// the dead-letter queue: <the client's error>".
-#[derive(Debug, thiserror::Error)]
-#[error("{context}: {source}")]
-pub(crate) struct WithContext {
-    context: String,
-    #[source]
-    source: Box<dyn std::error::Error + Send + Sync + 'static>,
-}
-
-/// `.context(...)` for broker calls, as `anyhow` has, returning [`Error::Broker`].
-pub(crate) trait Context<T> {
-    fn context(self, context: impl Into<String>) -> Result<T>;
-    fn with_context(self, context: impl FnOnce() -> String) -> Result<T>;
-}
-
-impl<T, E: std::error::Error + Send + Sync + 'static> Context<T> for std::result::Result<T, E> {
-    fn context(self, context: impl Into<String>) -> Result<T> {
-        self.map_err(|source| {
-            Error::broker(WithContext { context: context.into(), source: Box::new(source) })
-        })
-    }
-
-    fn with_context(self, context: impl FnOnce() -> String) -> Result<T> {
-        self.map_err(|source| {
-            Error::broker(WithContext { context: context(), source: Box::new(source) })
-        })
-    }
-}
 
 /// So that `?` works on this crate's calls inside code that returns
 /// `sqlx::Result`, such as the caller's own transaction: a database error is

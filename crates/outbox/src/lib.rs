@@ -1,14 +1,10 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
-pub mod amqp;
 pub mod backoff;
-pub mod dead_letter;
+pub mod event;
 pub mod inbox;
-#[cfg(feature = "kafka")]
-pub mod kafka;
 pub mod metrics;
-pub mod rabbitmq;
 pub mod relay;
 pub mod retention;
 pub mod store;
@@ -17,7 +13,11 @@ pub mod transport;
 
 mod enqueue;
 mod error;
-mod listener;
+
+#[cfg(feature = "rabbitmq")]
+pub use transport::{amqp, rabbitmq};
+#[cfg(feature = "kafka")]
+pub use transport::kafka;
 
 use std::sync::LazyLock;
 

@@ -12,7 +12,7 @@ use inventory_consumer::{Command, Config, dlq};
 use lapin::options::{BasicGetOptions, BasicRejectOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use order_events::{OrderPlaced, OrderPlacedLine};
-use outbox::dead_letter::{REASON_HEADER, Replayed, Selection};
+use inventory_consumer::dead_letter::{REASON_HEADER, Replayed, Selection};
 use serde_json::Value;
 use sqlx::PgPool;
 use test_support::eventually;
@@ -76,7 +76,7 @@ async fn dead_letter(broker: &TestBroker, consumer: &TestConsumer, messages: &[M
     assert!(there, "{} in the dead-letter queue, not {depth}", broker.dead_letter_depth().await);
 }
 
-fn ids(letters: &[outbox::dead_letter::DeadLetter]) -> Vec<String> {
+fn ids(letters: &[inventory_consumer::dead_letter::DeadLetter]) -> Vec<String> {
     letters.iter().map(|letter| letter.message_id.clone().unwrap_or_default()).collect()
 }
 

@@ -155,7 +155,7 @@ impl TestBroker {
     }
 
     async fn depth(&self, queue: &str) -> u32 {
-        outbox::dead_letter::queue_depth(&self.channel, queue).await.expect("queue exists")
+        inventory_consumer::dead_letter::queue_depth(&self.channel, queue).await.expect("queue exists")
     }
 
     pub async fn delete(self) {

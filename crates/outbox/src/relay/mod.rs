@@ -20,6 +20,8 @@
 //!
 //! Workers run under a [`Supervisor`]: one that panics is restarted.
 
+mod listener;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -30,12 +32,11 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::amqp::TopologyStatus;
 use crate::backoff::Backoff;
 use crate::metrics::RelayMetrics;
 use crate::store::{self, Failure, FailureKind, OutboxEvent};
 use crate::supervisor::{CountGuard, CrashSwitch, Supervisor};
-use crate::transport::{Outcome, Publisher, Transport, TransportState};
+use crate::transport::{Outcome, Publisher, TopologyStatus, Transport, TransportState};
 use crate::{Error, Result};
 
 /// How the relay works, whatever the broker. Checked by [`RelayConfig::validate`]
@@ -276,7 +277,7 @@ impl Relay {
         let (listener_db, listener_wakeup, listener_shutdown) =
             (db.clone(), wakeup.clone(), shutdown.clone());
         supervisor.spawn(&mut tasks, "outbox-listener", move || {
-            crate::listener::run(
+            listener::run(
                 listener_db.clone(),
                 listener_wakeup.clone(),
                 listener_shutdown.clone(),

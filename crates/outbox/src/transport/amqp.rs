@@ -129,24 +129,7 @@ pub struct ConsumerQueue {
     pub delivery_limit: u32,
 }
 
-/// The topology mismatch a service's workers last met, if any: shared between
-/// them and the readiness check that reports it. Cheap to clone.
-#[derive(Debug, Clone, Default)]
-pub struct TopologyStatus(std::sync::Arc<std::sync::Mutex<Option<String>>>);
-
-impl TopologyStatus {
-    /// The last mismatch met, or `None` since a declaration succeeded.
-    pub fn error(&self) -> Option<String> {
-        self.0.lock().map(|error| error.clone()).unwrap_or_default()
-    }
-
-    /// Records the outcome of a declaration: the mismatch, or `None` once one succeeded.
-    pub fn set(&self, error: Option<String>) {
-        if let Ok(mut current) = self.0.lock() {
-            *current = error;
-        }
-    }
-}
+pub use crate::transport::TopologyStatus;
 
 impl ConsumerQueue {
     /// Declares the exchange, the dead-letter exchange and queue, and the queue

@@ -35,7 +35,7 @@ use rskafka::client::partition::{Compression, PartitionClient, UnknownTopicHandl
 use rskafka::client::{Client, ClientBuilder};
 use rskafka::record::Record;
 
-use crate::store::OutboxEvent;
+use crate::event::OutboxEvent;
 use crate::transport::{Outcome, Publisher, Transport};
 use crate::{Error, Result};
 

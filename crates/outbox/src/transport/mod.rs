@@ -1,19 +1,25 @@
 //! What the relay needs of a broker: connect a publisher, publish a batch and
 //! say what became of each event.
 //!
-//! [`crate::rabbitmq`] (RabbitMQ, publisher confirms) is one implementation;
-//! `kafka` (acknowledged writes, behind the cargo feature `kafka`) another. The
+//! [`rabbitmq`] (RabbitMQ, publisher confirms; cargo feature `rabbitmq`, on by
+//! default) is one implementation; `kafka` (acknowledged writes, cargo feature
+//! `kafka`) another. The
 //! relay ([`crate::relay`]) is generic over them: it claims events, hands them to
 //! a [`Publisher`], deletes the confirmed ones and records the others.
+
+#[cfg(feature = "rabbitmq")]
+pub mod amqp;
+#[cfg(feature = "kafka")]
+pub mod kafka;
+#[cfg(feature = "rabbitmq")]
+pub mod rabbitmq;
 
 use std::future::Future;
 
 use crate::Result;
-use crate::store::OutboxEvent;
+use crate::event::OutboxEvent;
 
-/// The header carrying the event's creation time (RFC 3339, microseconds, UTC),
-/// from which consumers measure their end-to-end lag.
-pub const CREATED_AT_HEADER: &str = "x-created-at";
+pub use crate::event::CREATED_AT_HEADER;
 
 /// A broker the relay publishes to: the settings and topology of one
 /// connection, from which each relay worker opens its own [`Publisher`].
@@ -104,5 +110,24 @@ impl TransportState {
 impl std::fmt::Display for TransportState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+/// The topology mismatch a service's workers last met, if any: shared between
+/// them and the readiness check that reports it. Cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct TopologyStatus(std::sync::Arc<std::sync::Mutex<Option<String>>>);
+
+impl TopologyStatus {
+    /// The last mismatch met, or `None` since a declaration succeeded.
+    pub fn error(&self) -> Option<String> {
+        self.0.lock().map(|error| error.clone()).unwrap_or_default()
+    }
+
+    /// Records the outcome of a declaration: the mismatch, or `None` once one succeeded.
+    pub fn set(&self, error: Option<String>) {
+        if let Ok(mut current) = self.0.lock() {
+            *current = error;
+        }
     }
 }

@@ -16,9 +16,10 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, PublisherConfirm};
 
-use crate::store::OutboxEvent;
+use crate::event::OutboxEvent;
 use crate::transport::{Outcome, Publisher, Transport};
-use crate::{Error, Result, amqp};
+use super::amqp;
+use crate::{Error, Result};
 
 /// AMQP delivery mode 2: the broker writes the message to disk.
 const PERSISTENT: u8 = 2;
