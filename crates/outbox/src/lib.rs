@@ -14,10 +14,10 @@ pub mod transport;
 mod enqueue;
 mod error;
 
-#[cfg(feature = "rabbitmq")]
-pub use transport::{amqp, rabbitmq};
 #[cfg(feature = "kafka")]
 pub use transport::kafka;
+#[cfg(feature = "rabbitmq")]
+pub use transport::{amqp, rabbitmq};
 
 use std::sync::LazyLock;
 

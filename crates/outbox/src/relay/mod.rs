@@ -277,11 +277,7 @@ impl Relay {
         let (listener_db, listener_wakeup, listener_shutdown) =
             (db.clone(), wakeup.clone(), shutdown.clone());
         supervisor.spawn(&mut tasks, "outbox-listener", move || {
-            listener::run(
-                listener_db.clone(),
-                listener_wakeup.clone(),
-                listener_shutdown.clone(),
-            )
+            listener::run(listener_db.clone(), listener_wakeup.clone(), listener_shutdown.clone())
         });
         for worker in 0..config.workers {
             let worker = Worker {

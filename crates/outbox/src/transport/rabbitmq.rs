@@ -16,9 +16,9 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, PublisherConfirm};
 
+use super::amqp;
 use crate::event::OutboxEvent;
 use crate::transport::{Outcome, Publisher, Transport};
-use super::amqp;
 use crate::{Error, Result};
 
 /// AMQP delivery mode 2: the broker writes the message to disk.

@@ -24,7 +24,7 @@ const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-
 
 /// The broker the tests publish to. Unset is a failure, not a skip: a run that
 /// asked for the Kafka tests (the feature `kafka`) must not pass without them.
-fn kafka_brokers() -> String {
+pub(crate) fn kafka_brokers() -> String {
     std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| {
         panic!(
             "KAFKA_BROKERS is not set: start a local broker with \
@@ -35,13 +35,13 @@ fn kafka_brokers() -> String {
 }
 
 /// A transport whose topics exist for one test only: `test.<random>.<aggregate_type>`.
-struct TestKafka {
-    transport: KafkaTransport,
+pub(crate) struct TestKafka {
+    pub(crate) transport: KafkaTransport,
     client: Client,
 }
 
 impl TestKafka {
-    async fn new() -> Self {
+    pub(crate) async fn new() -> Self {
         let brokers = kafka_brokers();
         let prefix = format!("test.{}.", Uuid::new_v4().simple());
         let transport = KafkaTransport::new(&brokers).topic_prefix(prefix);
@@ -53,24 +53,28 @@ impl TestKafka {
     }
 
     /// Creates the topic of `aggregate_type` with `partitions` partitions.
-    async fn create_topic(&self, aggregate_type: &str, partitions: i32) -> String {
+    pub(crate) async fn create_topic(&self, aggregate_type: &str, partitions: i32) -> String {
         let topic = self.transport.topic_for(aggregate_type);
         let controller = self.client.controller_client().expect("controller client");
         controller.create_topic(&topic, partitions, 1, 5_000).await.expect("topic created");
         topic
     }
 
-    async fn publisher(&self) -> KafkaPublisher {
+    pub(crate) async fn publisher(&self) -> KafkaPublisher {
         self.transport.connect("relay-test").await.expect("publisher connects")
     }
 
-    async fn topic_exists(&self, topic: &str) -> bool {
+    pub(crate) async fn topic_exists(&self, topic: &str) -> bool {
         let topics = self.client.list_topics().await.expect("topics listed");
         topics.iter().any(|listed| listed.name == topic)
     }
 
     /// Every record of `topic`, per partition, in offset order.
-    async fn read_all(&self, topic: &str, partitions: i32) -> BTreeMap<i32, Vec<Record>> {
+    pub(crate) async fn read_all(
+        &self,
+        topic: &str,
+        partitions: i32,
+    ) -> BTreeMap<i32, Vec<Record>> {
         let mut all = BTreeMap::new();
         for partition in 0..partitions {
             let client = self
@@ -96,7 +100,7 @@ impl TestKafka {
         all
     }
 
-    async fn delete_topic(&self, topic: &str) {
+    pub(crate) async fn delete_topic(&self, topic: &str) {
         let controller = self.client.controller_client().expect("controller client");
         let _ = controller.delete_topic(topic, 5_000).await;
     }
