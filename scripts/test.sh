@@ -90,6 +90,9 @@ check() { # name, command...
         status=1
     fi
 }
+# The docs: README_zh.md has README.md's headings and code blocks, and every
+# relative link of the READMEs and docs/*.md names a file (and a heading) that exists.
+check "docs: README_zh mirrors README, links resolve (cargo xtask check-docs)" cargo xtask check-docs
 check "API fuzzing (scripts/fuzz-api.sh)" scripts/fuzz-api.sh
 # docker-compose.yml run for real: with the machine's engine and the official
 # images where a registry answers, else (here) a private engine and stand-in
