@@ -4,7 +4,8 @@
 # files and the Prometheus configuration (promtool), and runs the format check,
 # clippy with warnings as errors, the whole test suite against them (with the
 # Kafka transport, against a local broker from scripts/kafka-broker.sh), the
-# API fuzzer (scripts/fuzz-api.sh), the Compose stack run for real
+# docs check (cargo xtask check-docs), the API fuzzer (scripts/fuzz-api.sh),
+# the Compose stack run for real
 # (scripts/compose-smoke.sh) and the cluster proof (scripts/cluster-proof.sh). The last line sums every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
