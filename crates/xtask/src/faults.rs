@@ -25,6 +25,12 @@ pub enum Fault {
     /// The next COMMIT sent to Postgres takes effect but its answer is lost
     /// (the connection is cut right after it).
     AmbiguousCommit,
+    /// SIGKILL the RabbitMQ node leading the inventory quorum queue (on the
+    /// cluster of scripts/rabbitmq-cluster.sh).
+    KillQueueLeader,
+    /// Start the node killed by [`Fault::KillQueueLeader`] again: it rejoins
+    /// the cluster with its data.
+    RestartKilledNode,
 }
 
 impl Fault {
@@ -52,6 +58,8 @@ impl std::fmt::Display for Fault {
             Self::PartitionBoth(d) => write!(f, "partition Postgres and RabbitMQ away for {d:?}"),
             Self::MemoryAlarm(d) => write!(f, "RabbitMQ memory alarm for {d:?}"),
             Self::AmbiguousCommit => write!(f, "lose the answer to the next COMMIT"),
+            Self::KillQueueLeader => write!(f, "SIGKILL the quorum queue's leader node"),
+            Self::RestartKilledNode => write!(f, "bring the killed node back"),
         }
     }
 }
@@ -84,6 +92,20 @@ impl Schedule {
             KillConsumer,
         ];
         Self::spread(duration, &faults)
+    }
+
+    /// The cluster proof's schedule (the load lasts 45 s by default): the
+    /// queue's leader killed, then one order-service and one consumer, then
+    /// the leader's node back; at fixed times, whatever the load's length.
+    pub fn cluster_proof() -> Self {
+        use Fault::*;
+        let at = Duration::from_secs;
+        Self(vec![
+            (at(8), KillQueueLeader),
+            (at(14), KillApi),
+            (at(20), KillConsumer),
+            (at(26), RestartKilledNode),
+        ])
     }
 
     /// `faults` at even intervals over `duration`, none at its start or end.
@@ -130,6 +152,17 @@ mod tests {
             assert!(schedule.0.iter().any(|(_, fault)| *fault == kind), "{kind}");
         }
         assert_eq!(schedule.0.iter().filter(|(_, f)| *f == Fault::KillApi).count(), 3);
+    }
+
+    #[test]
+    fn the_cluster_proof_kills_the_leader_first_and_brings_it_back_last() {
+        let schedule = Schedule::cluster_proof();
+        let faults: Vec<Fault> = schedule.0.iter().map(|(_, fault)| *fault).collect();
+        assert_eq!(
+            faults,
+            [Fault::KillQueueLeader, Fault::KillApi, Fault::KillConsumer, Fault::RestartKilledNode]
+        );
+        assert_eq!(schedule.ends(), Duration::from_secs(26));
     }
 
     #[test]

@@ -5,11 +5,17 @@
 //! - `chaos`: the whole system under a fault schedule (see [`chaos`]).
 //! - `check-docs`: README_zh.md mirrors README.md, and the docs' links resolve
 //!   (see [`docs`]).
+//! - `cluster-proof`: nothing lost or doubled on a RabbitMQ cluster while
+//!   nodes and processes die (see [`cluster`]).
+//! - `soak`: the whole system for a long while, a row a minute, then a
+//!   verdict (see [`soak`]).
 
 mod chaos;
+mod cluster;
 mod docs;
 mod faults;
 mod process;
+mod soak;
 mod verdict;
 
 use clap::Parser;
@@ -23,6 +29,13 @@ enum Command {
     /// README_zh.md has README.md's headings and code blocks, and every relative
     /// link of the READMEs and docs/*.md resolves (scripts/test.sh runs this).
     CheckDocs(docs::Args),
+    /// Nothing lost or doubled on a 3-node RabbitMQ cluster while the queue's
+    /// leader, an order-service and a consumer are SIGKILLed
+    /// (scripts/cluster-proof.sh runs this).
+    ClusterProof(cluster::Args),
+    /// The whole system under a steady load for a long while, a row a minute,
+    /// then soak-report's verdict (scripts/soak.sh runs this).
+    Soak(soak::Args),
 }
 
 #[tokio::main]
@@ -30,6 +43,8 @@ async fn main() -> std::process::ExitCode {
     let outcome = match Command::parse() {
         Command::Chaos(args) => chaos::run(args).await,
         Command::CheckDocs(args) => docs::run(args),
+        Command::ClusterProof(args) => cluster::run(args).await,
+        Command::Soak(args) => soak::run(args).await,
     };
     match outcome {
         Ok(true) => std::process::ExitCode::SUCCESS,

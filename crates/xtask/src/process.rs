@@ -1,9 +1,9 @@
 //! The processes a command starts: each killed when its handle drops, so a
 //! run that fails half-way leaves nothing running; readiness by `/readyz`, in
-//! one place; free ports.
+//! one place; free ports; where the local Postgres and RabbitMQ are.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -13,6 +13,53 @@ use tokio::process::{Child, Command};
 pub fn free_port() -> anyhow::Result<u16> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").context("cannot bind a port")?;
     Ok(listener.local_addr()?.port())
+}
+
+/// Where the local services are: as scripts/services.sh says (PG_HOST,
+/// PG_PORT, AMQP_HOST, AMQP_PORT), else the defaults.
+pub struct Local {
+    /// `host:port` of Postgres.
+    pub pg: String,
+    /// `host:port` of RabbitMQ.
+    pub amqp: String,
+}
+
+impl Local {
+    pub fn from_env() -> Self {
+        let var =
+            |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.into());
+        Self {
+            pg: format!("{}:{}", var("PG_HOST", "127.0.0.1"), var("PG_PORT", "5432")),
+            amqp: format!("{}:{}", var("AMQP_HOST", "127.0.0.1"), var("AMQP_PORT", "5672")),
+        }
+    }
+
+    pub fn database_url(&self, database: &str) -> String {
+        format!("postgres://postgres:postgres@{}/{database}", self.pg)
+    }
+
+    pub fn amqp_url(&self) -> String {
+        format!("amqp://guest:guest@{}/%2f", self.amqp)
+    }
+}
+
+/// Where the binaries of `profile` are (`$CARGO_TARGET_DIR`, else `target`).
+pub fn bin_dir(profile: &str) -> PathBuf {
+    PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or("target".into())).join(profile)
+}
+
+/// Runs `work` until it ends or SIGINT or SIGTERM arrives; then `work` is
+/// dropped, and with it every [`Service`] and guard it holds, so an
+/// interrupted run leaves nothing behind either.
+pub async fn until_signal<T>(
+    work: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        outcome = work => outcome,
+        _ = tokio::signal::ctrl_c() => bail!("interrupted (SIGINT)"),
+        _ = terminate.recv() => bail!("terminated (SIGTERM)"),
+    }
 }
 
 /// One of the project's services, run from its binary with its environment,
@@ -46,6 +93,57 @@ impl Service {
             log: logs.join(format!("{name}.log")),
             url: format!("http://127.0.0.1:{port}"),
             child: None,
+        }
+    }
+
+    /// Logs to `log` (appending) instead, for two of the same service.
+    pub fn logging_to(mut self, log: PathBuf) -> Self {
+        self.log = log;
+        self
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    pub fn log(&self) -> &Path {
+        &self.log
+    }
+
+    /// The process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref()?.id()
+    }
+
+    /// How it ended, if it has (without waiting).
+    pub fn exited(&mut self) -> anyhow::Result<Option<ExitStatus>> {
+        match self.child.as_mut() {
+            Some(child) => Ok(child.try_wait()?),
+            None => Ok(None),
+        }
+    }
+
+    /// The last `lines` lines of its log, for an error message.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// SIGTERM (a graceful stop finishes the in-flight batch), then SIGKILL
+    /// if it still runs after `within`. Whether it stopped on the SIGTERM.
+    pub async fn stop(&mut self, within: Duration) -> bool {
+        let Some(mut child) = self.child.take() else { return true };
+        if let Some(pid) = child.id() {
+            // std has no SIGTERM and this workspace forbids unsafe code: kill(1).
+            let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status().await;
+        }
+        match tokio::time::timeout(within, child.wait()).await {
+            Ok(_) => true,
+            Err(_) => {
+                let _ = child.kill().await;
+                false
+            }
         }
     }
 
