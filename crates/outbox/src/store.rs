@@ -30,12 +30,28 @@ pub async fn claim_due(
 
 /// The claim of [`claim_due`]: `$1` the limit, `$2` the floor or NULL. Public for
 /// the tests that look at its plan.
+///
+/// Only the head of each aggregate is claimed: an event with an earlier pending
+/// event of its aggregate (earlier by `created_at`, its transaction's start on
+/// the database's clock, then by id) waits until that one has left the outbox,
+/// confirmed. So one aggregate's events are published in the order they were
+/// written, whatever the number of workers and replicas, and across retries: a
+/// later event waits for an earlier one that is backing off (a dead one no
+/// longer holds the rest back). A batch holds at most one event per aggregate.
+/// Writers of one aggregate must serialise (lock its row, as order-service
+/// does), or two of its transactions could commit in the other order.
 pub const CLAIM_DUE_SQL: &str = "
     SELECT id, aggregate_type, aggregate_id, event_type, payload::text AS payload,
            headers, created_at, attempts, next_attempt_at
-    FROM outbox
+    FROM outbox AS o
     WHERE state = 'pending' AND next_attempt_at <= now()
       AND ($2::timestamptz IS NULL OR next_attempt_at >= $2)
+      AND NOT EXISTS (
+          SELECT FROM outbox AS earlier
+          WHERE earlier.state = 'pending'
+            AND earlier.aggregate_type = o.aggregate_type
+            AND earlier.aggregate_id = o.aggregate_id
+            AND (earlier.created_at, earlier.id) < (o.created_at, o.id))
     ORDER BY next_attempt_at, id
     LIMIT $1
     FOR UPDATE SKIP LOCKED";

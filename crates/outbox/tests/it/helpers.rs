@@ -176,7 +176,9 @@ pub fn delivery_counts(deliveries: &[Delivery]) -> HashMap<Uuid, usize> {
     counts
 }
 
-/// Writes `count` events of `event_type`, one transaction per `per_tx` events.
+/// Writes `count` events of `event_type`, one transaction per `per_tx` events,
+/// each of an aggregate of its own (so that none waits for another: the relay
+/// keeps one aggregate's events in order).
 pub async fn enqueue_events(
     db: &PgPool,
     event_type: &str,
@@ -184,13 +186,14 @@ pub async fn enqueue_events(
     per_tx: usize,
 ) -> Vec<Uuid> {
     let mut ids = Vec::with_capacity(count);
+    let call = Uuid::new_v4().simple().to_string();
     while ids.len() < count {
         let mut tx = db.begin().await.expect("begin");
         for _ in 0..per_tx.min(count - ids.len()) {
             let n = ids.len();
             let event = outbox::NewEvent {
                 aggregate_type: "test".to_owned(),
-                aggregate_id: format!("aggregate-{n}"),
+                aggregate_id: format!("aggregate-{n}-{call}"),
                 event_type: event_type.to_owned(),
                 payload: serde_json::json!({ "n": n }),
                 headers: serde_json::Map::from_iter([(

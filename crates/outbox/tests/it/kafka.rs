@@ -152,9 +152,12 @@ async fn kafka_every_event_arrives_once_in_its_aggregates_partition_in_order(db:
     let config = RelayConfig::default();
     let metrics = RelayMetrics::default();
 
-    let pass = relay_batch(&db, &publisher, &config, &metrics).await.expect("relay pass");
+    // A pass claims the head of each aggregate only: five passes of eight.
+    for _ in 0..5 {
+        let pass = relay_batch(&db, &publisher, &config, &metrics).await.expect("relay pass");
+        assert_eq!((pass.claimed, pass.published, pass.failed, pass.unknown), (8, 8, 0, 0));
+    }
 
-    assert_eq!((pass.claimed, pass.published, pass.failed, pass.unknown), (40, 40, 0, 0));
     assert_eq!(outbox_rows(&db).await, 0, "the outbox is empty");
     assert_eq!(metrics.published.get(), 40);
     let partitions = kafka.read_all(&topic, PARTITIONS).await;

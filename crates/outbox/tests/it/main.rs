@@ -6,5 +6,6 @@ mod helpers;
 #[cfg(feature = "kafka")]
 mod kafka;
 mod months;
+mod ordering;
 mod relay;
 mod stalls;

@@ -20,7 +20,8 @@ async fn enqueue_one(db: &PgPool, event_type: &str, headers: serde_json::Value) 
     let mut tx = db.begin().await.expect("begin");
     let event = outbox::NewEvent {
         aggregate_type: "test".to_owned(),
-        aggregate_id: "poison-1".to_owned(),
+        // An aggregate of its own: none waits for another (per-aggregate order).
+        aggregate_id: format!("poison-{}", Uuid::new_v4().simple()),
         event_type: event_type.to_owned(),
         payload: serde_json::json!({"n": "poison"}),
         headers: headers.as_object().cloned().unwrap_or_default(),

@@ -1,0 +1,142 @@
+//! Per-aggregate order: the relay claims only the head of each aggregate, so
+//! one aggregate's events are published in the order they were written, with
+//! several workers, across retries, and across late commits; other aggregates
+//! are not held back.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use lapin::message::Delivery;
+use outbox::metrics::RelayMetrics;
+use outbox::relay::{Relay, RelayConfig, relay_batch};
+use outbox::{Publisher, Transport};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::helpers::{TestBroker, message_id, outbox_rows};
+
+/// Writes one event of `aggregate` of `event_type`, in a transaction of its own.
+async fn write(db: &PgPool, aggregate: &str, event_type: &str, n: usize) -> Uuid {
+    let mut tx = db.begin().await.expect("begin");
+    let event = outbox::NewEvent {
+        aggregate_type: "test".to_owned(),
+        aggregate_id: aggregate.to_owned(),
+        event_type: event_type.to_owned(),
+        payload: serde_json::json!({ "n": n }),
+        headers: serde_json::Map::new(),
+    };
+    let id = outbox::enqueue_untyped(&mut tx, &event).await.expect("enqueue");
+    tx.commit().await.expect("commit");
+    id
+}
+
+fn aggregate_of(delivery: &Delivery) -> String {
+    let headers = delivery.properties.headers().as_ref().expect("headers");
+    match headers.inner().get("aggregate_id") {
+        Some(lapin::types::AMQPValue::LongString(text)) => text.to_string(),
+        other => panic!("aggregate_id: {other:?}"),
+    }
+}
+
+#[sqlx::test(migrator = "outbox::MIGRATOR")]
+async fn one_aggregates_events_are_published_in_order_by_many_workers(db: PgPool) {
+    let mut broker = TestBroker::new(&["test.#"]).await;
+    // 10 aggregates, 20 events each, one transaction per event, interleaved.
+    let mut written: HashMap<String, Vec<Uuid>> = HashMap::new();
+    for n in 0..20 {
+        for a in 0..10 {
+            let aggregate = format!("a-{a}");
+            let id = write(&db, &aggregate, "Happened", n).await;
+            written.entry(aggregate).or_default().push(id);
+        }
+    }
+    let config = RelayConfig { workers: 4, batch_size: 3, ..broker.relay_config() };
+    let shutdown = CancellationToken::new();
+    let relay = Relay::spawn(
+        db.clone(),
+        broker.transport(),
+        config,
+        RelayMetrics::default(),
+        shutdown.clone(),
+    )
+    .expect("valid settings");
+
+    let deliveries = broker.receive(200, Duration::from_secs(60)).await;
+    shutdown.cancel();
+    relay.join().await;
+
+    assert_eq!(deliveries.len(), 200);
+    let mut published: HashMap<String, Vec<Uuid>> = HashMap::new();
+    for delivery in &deliveries {
+        published.entry(aggregate_of(delivery)).or_default().push(message_id(delivery));
+    }
+    let out_of_order: Vec<&String> = written
+        .iter()
+        .filter(|(aggregate, ids)| published.get(*aggregate) != Some(*ids))
+        .map(|(aggregate, _)| aggregate)
+        .collect();
+    assert!(out_of_order.is_empty(), "published out of the order written: {out_of_order:?}");
+    assert_eq!(outbox_rows(&db).await, 0);
+    broker.delete().await;
+}
+
+#[sqlx::test(migrator = "outbox::MIGRATOR")]
+async fn a_later_event_waits_for_an_earlier_one_that_backs_off_and_others_do_not(db: PgPool) {
+    let mut broker = TestBroker::new(&["test.Happened"]).await;
+    // The broker nacks every `Refused` event while this queue is bound.
+    let rejecting = broker.bind_rejecting("test.Refused").await;
+    let first = write(&db, "a", "Refused", 0).await;
+    let second = write(&db, "a", "Happened", 1).await;
+    let other = write(&db, "b", "Happened", 0).await;
+    let publisher = broker.transport().connect("ordering").await.expect("publisher");
+    let config = RelayConfig { retry_base: Duration::from_secs(60), ..broker.relay_config() };
+    let metrics = RelayMetrics::default();
+
+    let pass = relay_batch(&db, &publisher, &config, &metrics).await.expect("pass");
+    assert_eq!((pass.claimed, pass.published, pass.failed), (2, 1, 1), "a's head and b: {pass:?}");
+    let pass = relay_batch(&db, &publisher, &config, &metrics).await.expect("pass");
+    assert_eq!(pass.claimed, 0, "a's second waits while its first backs off: {pass:?}");
+
+    broker.delete_queue(&rejecting).await;
+    broker.bind("test.Refused").await;
+    sqlx::query("UPDATE outbox SET next_attempt_at = now() WHERE id = $1")
+        .bind(first)
+        .execute(&db)
+        .await
+        .expect("due again");
+    for _ in 0..2 {
+        relay_batch(&db, &publisher, &config, &metrics).await.expect("pass");
+    }
+
+    let order: Vec<Uuid> =
+        broker.receive(3, Duration::from_secs(10)).await.iter().map(message_id).collect();
+    assert_eq!(order, [other, first, second]);
+    assert_eq!(outbox_rows(&db).await, 0);
+    publisher.close().await;
+    broker.delete().await;
+}
+
+#[sqlx::test(migrator = "outbox::MIGRATOR")]
+async fn a_dead_event_no_longer_holds_its_aggregate_back(db: PgPool) {
+    let mut broker = TestBroker::new(&["test.#"]).await;
+    let dead = write(&db, "a", "Happened", 0).await;
+    let next = write(&db, "a", "Happened", 1).await;
+    sqlx::query("UPDATE outbox SET state = 'dead', last_error = 'parked' WHERE id = $1")
+        .bind(dead)
+        .execute(&db)
+        .await
+        .expect("parked");
+    let publisher = broker.transport().connect("ordering").await.expect("publisher");
+
+    let pass = relay_batch(&db, &publisher, &broker.relay_config(), &RelayMetrics::default())
+        .await
+        .expect("pass");
+
+    assert_eq!(pass.published, 1);
+    let order: Vec<Uuid> =
+        broker.receive(1, Duration::from_secs(10)).await.iter().map(message_id).collect();
+    assert_eq!(order, [next]);
+    publisher.close().await;
+    broker.delete().await;
+}
