@@ -2,6 +2,9 @@
 //! shell, so that what it proves is itself tested (the cargo `xtask`
 //! convention; the alias is in `.cargo/config.toml`).
 //!
+//! - `bench-e2e`: the whole system against what Postgres alone commits, with
+//!   CPU per component; `bench-relay`, `bench-consumer`, `bench-queue-types`:
+//!   the parts (see [`bench`]).
 //! - `chaos`: the whole system under a fault schedule (see [`chaos`]).
 //! - `check-docs`: README_zh.md mirrors README.md, and the docs' links resolve
 //!   (see [`docs`]).
@@ -10,6 +13,7 @@
 //! - `soak`: the whole system for a long while, a row a minute, then a
 //!   verdict (see [`soak`]).
 
+mod bench;
 mod chaos;
 mod cluster;
 mod docs;
@@ -23,6 +27,19 @@ use clap::Parser;
 #[derive(Debug, clap::Parser)]
 #[command(name = "cargo xtask", about = "The project's orchestration")]
 enum Command {
+    /// The whole system against what Postgres alone commits of the same
+    /// orders, with CPU per order of each component (scripts/bench-e2e.sh runs
+    /// this).
+    BenchE2e(bench::Args),
+    /// The relay draining a backlog against the broker alone, and its idle
+    /// latency: the options of outbox's relay_bench (scripts/bench-relay.sh).
+    BenchRelay(bench::PassThrough),
+    /// The consumer's apply rate, batched against one transaction a message:
+    /// the options of consumer_bench (scripts/bench-consumer.sh).
+    BenchConsumer(bench::PassThrough),
+    /// Classic against quorum queues, and quorum on a 3-node cluster
+    /// (scripts/bench-queue-types.sh runs this).
+    BenchQueueTypes(bench::QueueTypesArgs),
     /// The whole system under a schedule of crashes, restarts and stalls, then
     /// a check that nothing was lost or doubled (scripts/chaos.sh runs this).
     Chaos(chaos::Args),
@@ -41,6 +58,10 @@ enum Command {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let outcome = match Command::parse() {
+        Command::BenchE2e(args) => bench::run(args).await,
+        Command::BenchRelay(args) => bench::relay(args).await,
+        Command::BenchConsumer(args) => bench::consumer(args).await,
+        Command::BenchQueueTypes(args) => bench::queue_types(args).await,
         Command::Chaos(args) => chaos::run(args).await,
         Command::CheckDocs(args) => docs::run(args),
         Command::ClusterProof(args) => cluster::run(args).await,
