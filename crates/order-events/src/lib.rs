@@ -1,5 +1,5 @@
 //! The contract between the order service and its consumers: what an
-//! `OrderPlaced` event carries.
+//! `OrderPlaced` and an `OrderCancelled` event carry.
 //!
 //! Producers are strict, consumers tolerant, so the two can be deployed one at a
 //! time. The producer writes exactly these structs, and stamps each event with
@@ -70,6 +70,30 @@ impl OrderPlaced {
             )),
             None => Err(format!("event version {version:?} is not <major>.<minor>")),
         }
+    }
+}
+
+/// Emitted in the transaction that records a cancel request (`POST
+/// /orders/{id}/cancel`), once per order. Its consumer gives back the stock the
+/// order took, if it took any, and marks it CANCELLED. Published after the
+/// order's `OrderPlaced` (the relay keeps one aggregate's events in order).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderCancelled {
+    pub order_id: Uuid,
+    /// The order's lines, as `OrderPlaced` carried them.
+    pub lines: Vec<OrderPlacedLine>,
+}
+
+impl outbox::Event for OrderCancelled {
+    const AGGREGATE_TYPE: &'static str = ORDER_AGGREGATE;
+    const EVENT_TYPE: &'static str = "OrderCancelled";
+
+    fn aggregate_id(&self) -> String {
+        self.order_id.to_string()
+    }
+
+    fn headers(&self) -> Map<String, Value> {
+        Map::from_iter([(VERSION_HEADER.to_owned(), Value::from(OrderPlaced::VERSION))])
     }
 }
 

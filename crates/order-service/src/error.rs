@@ -31,6 +31,19 @@ pub enum ApiError {
     #[error("{0} not found")]
     NotFound(&'static str),
 
+    /// The order a cancel names does not exist.
+    #[error("no order has this id")]
+    OrderNotFound,
+
+    /// A REJECTED order cannot be cancelled: it never took stock.
+    #[error("the order was rejected; only a PENDING or COMPLETED order can be cancelled")]
+    NotCancellable,
+
+    /// A cancel's COMMIT failed: it may or may not have been recorded. A cancel
+    /// is idempotent, so retrying is always safe.
+    #[error("the cancel's commit failed: {0}")]
+    CancelNotKnown(String),
+
     #[error("this method is not allowed on this route")]
     MethodNotAllowed,
 
@@ -80,6 +93,9 @@ impl ApiError {
                 (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused")
             }
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            Self::OrderNotFound => (StatusCode::NOT_FOUND, "order_not_found"),
+            Self::NotCancellable => (StatusCode::CONFLICT, "order_not_cancellable"),
+            Self::CancelNotKnown(_) => (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable"),
             Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable"),
             Self::CommitOutcomeUnknown(_) => {
@@ -138,9 +154,15 @@ impl IntoResponse for ApiError {
         let message = if status.is_server_error() {
             // Details stay in the log; the client learns only what it must do.
             let unknown = matches!(self, Self::CommitOutcomeUnknown(_));
+            let cancel = matches!(self, Self::CancelNotKnown(_));
             tracing::error!(error = ?anyhow::Error::from(self), "request failed");
             match status {
                 StatusCode::SERVICE_UNAVAILABLE if unknown => COMMIT_OUTCOME_UNKNOWN.to_owned(),
+                StatusCode::SERVICE_UNAVAILABLE if cancel => {
+                    "the database did not confirm the cancel; it may have been recorded. \
+                     Retry: a cancel is idempotent"
+                        .to_owned()
+                }
                 StatusCode::SERVICE_UNAVAILABLE => {
                     "the database is busy or unreachable and nothing was written, try again"
                         .to_owned()

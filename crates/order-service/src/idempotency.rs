@@ -1,5 +1,6 @@
-//! `Idempotency-Key` for `POST /orders`: a retry with the same key and body gets
-//! the first response again and creates nothing.
+//! `Idempotency-Key` for `POST /orders` and `POST /orders/{id}/cancel`: a retry
+//! with the same key and request gets the first response again and writes
+//! nothing; the same key with another request is refused.
 //!
 //! The key's row is inserted in the order's own transaction (see the writer).
 //! Of two concurrent requests with one key, the second insert waits on the
@@ -14,7 +15,6 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::error::{ApiError, Result};
-use crate::orders::CreateOrder;
 
 pub const HEADER: &str = "idempotency-key";
 const MAX_KEY_LEN: usize = 255;
@@ -48,7 +48,9 @@ impl IdempotencyKey {
 /// The response stored with a key.
 #[derive(Debug, sqlx::FromRow)]
 pub struct SavedResponse {
-    request: sqlx::types::Json<CreateOrder>,
+    /// The request the key first came with: a `POST /orders` body, or
+    /// `{"cancel": "<order id>"}` for a cancel.
+    request: sqlx::types::Json<Value>,
     pub order_id: Uuid,
     response_status: i16,
     pub response_body: Value,
@@ -56,7 +58,7 @@ pub struct SavedResponse {
 
 impl SavedResponse {
     /// The stored response if `request` is the one it answered, else an error.
-    pub fn replay_for(self, request: &CreateOrder) -> Result<(StatusCode, Uuid, Value)> {
+    pub fn replay_for(self, request: &Value) -> Result<(StatusCode, Uuid, Value)> {
         if self.request.0 != *request {
             return Err(ApiError::IdempotencyKeyReused);
         }

@@ -11,6 +11,7 @@
 //! relay of connections, nor a slow broker hold the connections the API needs.
 //! Background tasks run under a supervisor that restarts one that panics.
 
+pub mod cancel;
 pub mod commit;
 pub mod config;
 pub mod error;

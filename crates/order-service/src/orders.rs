@@ -117,7 +117,8 @@ impl CreateOrder {
 pub struct Order {
     pub id: Uuid,
     pub customer_id: String,
-    /// PENDING until the inventory consumer has processed it, then COMPLETED or REJECTED.
+    /// PENDING until the inventory consumer has processed it, then COMPLETED or
+    /// REJECTED; CANCELLED once a cancel was applied.
     #[schema(value_type = OrderStatus)]
     pub status: String,
     pub total_cents: i64,
@@ -133,6 +134,7 @@ pub enum OrderStatus {
     PENDING,
     COMPLETED,
     REJECTED,
+    CANCELLED,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow, utoipa::ToSchema)]
@@ -144,6 +146,11 @@ pub struct OrderLine {
 
 /// Reads one order with its lines.
 pub async fn find(db: &PgPool, id: Uuid) -> Result<Option<Order>> {
+    find_in(&mut *db.acquire().await?, id).await
+}
+
+/// [`find`] on `conn` (inside a transaction, say).
+pub async fn find_in(conn: &mut sqlx::PgConnection, id: Uuid) -> Result<Option<Order>> {
     let Some((customer_id, status, total_cents, created_at, updated_at)) = sqlx::query_as::<
         _,
         (String, String, i64, DateTime<Utc>, DateTime<Utc>),
@@ -151,7 +158,7 @@ pub async fn find(db: &PgPool, id: Uuid) -> Result<Option<Order>> {
         "SELECT customer_id, status, total_cents, created_at, updated_at FROM orders WHERE id = $1",
     )
     .bind(id)
-    .fetch_optional(db)
+    .fetch_optional(&mut *conn)
     .await?
     else {
         return Ok(None);
@@ -160,7 +167,7 @@ pub async fn find(db: &PgPool, id: Uuid) -> Result<Option<Order>> {
         "SELECT sku, quantity, unit_price_cents FROM order_lines WHERE order_id = $1 ORDER BY sku",
     )
     .bind(id)
-    .fetch_all(db)
+    .fetch_all(&mut *conn)
     .await?;
     Ok(Some(Order { id, customer_id, status, total_cents, items, created_at, updated_at }))
 }

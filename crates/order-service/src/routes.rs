@@ -69,6 +69,7 @@ fn api() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(create_order))
         .routes(routes!(get_order))
+        .routes(routes!(cancel_order))
         .routes(routes!(healthz))
         .routes(routes!(readyz))
         .routes(routes!(metrics))
@@ -102,16 +103,19 @@ pub fn router(state: AppState, body_limit_bytes: usize) -> Router {
 }
 
 /// Answers 408 for a request that takes longer than REQUEST_TIMEOUT_MS, except
-/// `POST /orders`, which keeps its own time once its body has arrived: a
-/// request whose order is already being written must be answered with what
-/// became of it, not with a timeout that says nothing (see
-/// [`OrderWriter::write`]). Its body must arrive within the timeout.
+/// `POST /orders` and `POST /orders/{id}/cancel`, which keep their own time
+/// once their body has arrived: a request whose write is under way must be
+/// answered with what became of it, not with a timeout that says nothing was
+/// written (see [`OrderWriter::write`] and [`cancel_order`]). Their body must
+/// arrive within the timeout.
 async fn time_limit(
     State((timeout, body_limit)): State<(Duration, usize)>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    if request.method() == axum::http::Method::POST && request.uri().path() == "/orders" {
+    let path = request.uri().path();
+    let writes = path == "/orders" || (path.starts_with("/orders/") && path.ends_with("/cancel"));
+    if request.method() == axum::http::Method::POST && writes {
         let (parts, body) = request.into_parts();
         // One byte over the limit is enough for the extractor to answer 413.
         let reading = axum::body::to_bytes(body, body_limit.saturating_add(1));
@@ -254,7 +258,7 @@ async fn place_order(
     if let Some(key) = &key
         && let Some(saved) = in_time(deadline, idempotency::load(&state.db, key)).await?
     {
-        return Ok(replayed(saved.replay_for(&request)?));
+        return Ok(replayed(saved.replay_for(&request_json(&request)?)?));
     }
 
     let order = NewOrder {
@@ -278,9 +282,13 @@ async fn place_order(
             let saved = in_time(deadline, idempotency::load(&state.db, &key))
                 .await?
                 .ok_or_else(|| anyhow::anyhow!("idempotency key vanished after a conflict"))?;
-            Ok(replayed(saved.replay_for(&request)?))
+            Ok(replayed(saved.replay_for(&request_json(&request)?)?))
         }
     }
+}
+
+fn request_json(request: &CreateOrder) -> Result<Value> {
+    Ok(serde_json::to_value(request).map_err(anyhow::Error::from)?)
 }
 
 /// `future` by `deadline`, else [`ApiError::Timeout`]. Only for what writes
@@ -327,6 +335,67 @@ async fn get_order(
     let id = Uuid::parse_str(&id).map_err(|_| ApiError::NotFound("order"))?;
     let order = orders::find(&state.db, id).await?.ok_or(ApiError::NotFound("order"))?;
     Ok(Json(order))
+}
+
+/// Cancel an order: its stock is given back, and it ends CANCELLED.
+///
+/// The request is recorded, with an `OrderCancelled` event, in one
+/// transaction; the inventory consumer applies the event (the stock the order
+/// took back in `inventory.available`, the order `CANCELLED`, in one
+/// transaction). The answer is the order as it is when the cancel is accepted:
+/// its status changes to CANCELLED once the consumer has applied it. A second
+/// cancel of the same order is answered 202 again and writes nothing: a cancel
+/// can always be retried. It takes no body (an empty one is fine).
+#[utoipa::path(
+    post,
+    path = "/orders/{id}/cancel",
+    tag = "orders",
+    params(
+        ("id" = String, Path, description = "The order's id, as POST /orders gave it"),
+        ("Idempotency-Key" = Option<String>, Header,
+            description = "As for POST /orders: a retry with the key gets the first answer; \
+the key with another request is `idempotency_key_reused`.",
+            pattern = "^[!-~]{1,255}$", example = "cancel-42"),
+    ),
+    responses(
+        (status = 202, description = "The cancel is accepted (now, or by an earlier request): \
+the order as it is; it becomes CANCELLED once its stock is given back.", body = orders::Order),
+        (status = 400, description = "`invalid_idempotency_key`", body = ErrorBody),
+        (status = 404, description = "`order_not_found`: no order has this id.", body = ErrorBody),
+        (status = 409, description = "`order_not_cancellable`: the order was REJECTED.",
+            body = ErrorBody),
+        (status = 413, description = "`body_too_large`", body = ErrorBody),
+        (status = 422, description = "`invalid_order_id` (not a UUID), `invalid_body` (a cancel \
+takes no body), or `idempotency_key_reused`.", body = ErrorBody),
+        (status = 503, description = "`database_unavailable`: the cancel may or may not have \
+been recorded; retry (a cancel is idempotent).", body = ErrorBody),
+        (status = 500, description = "`internal`", body = ErrorBody),
+    )
+)]
+async fn cancel_order(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response> {
+    let id = Uuid::parse_str(&id).map_err(|_| {
+        ApiError::validation("invalid_order_id", format!("{id:?} is not an order id (a UUID)"))
+    })?;
+    if !body.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::validation("invalid_body", "a cancel takes no body"));
+    }
+    let key = IdempotencyKey::from_headers(&headers)?;
+    let cancelling = crate::cancel::cancel(&state.db, id, key.as_ref());
+    let cancelled =
+        tokio::time::timeout(state.request_timeout, cancelling).await.map_err(|_| {
+            ApiError::CancelNotKnown(format!("no answer within {:?}", state.request_timeout))
+        })??;
+    Ok(match cancelled {
+        crate::cancel::Cancelled::Accepted(order) => {
+            (StatusCode::ACCEPTED, Json(order)).into_response()
+        }
+        crate::cancel::Cancelled::Replayed(status, id, body) => replayed((status, id, body)),
+    })
 }
 
 /// Liveness: the process answers.

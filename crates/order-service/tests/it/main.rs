@@ -2,6 +2,7 @@
 //! relay, RabbitMQ). One test binary; each test gets a fresh database.
 
 mod batch;
+mod cancel;
 mod commit;
 mod helpers;
 mod openapi;

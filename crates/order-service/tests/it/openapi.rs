@@ -18,7 +18,15 @@ async fn the_served_document_is_the_committed_one(db: PgPool) {
     let served = response.text().await.expect("text");
     let document: Value = serde_json::from_str(&served).expect("JSON");
     assert_eq!(document["openapi"], "3.1.0");
-    for path in ["/orders", "/orders/{id}", "/healthz", "/readyz", "/metrics", "/openapi.json"] {
+    for path in [
+        "/orders",
+        "/orders/{id}",
+        "/orders/{id}/cancel",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/openapi.json",
+    ] {
         assert!(document["paths"][path].is_object(), "{path} is described");
     }
 
