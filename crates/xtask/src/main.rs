@@ -12,10 +12,12 @@
 //!   nodes and processes die (see [`cluster`]).
 //! - `soak`: the whole system for a long while, a row a minute, then a
 //!   verdict (see [`soak`]).
+//! - `demo`: the whole system in one command (see [`demo`]).
 
 mod bench;
 mod chaos;
 mod cluster;
+mod demo;
 mod docs;
 mod faults;
 mod process;
@@ -53,6 +55,9 @@ enum Command {
     /// The whole system under a steady load for a long while, a row a minute,
     /// then soak-report's verdict (scripts/soak.sh runs this).
     Soak(soak::Args),
+    /// The whole system in one command: one order followed to COMPLETED, the
+    /// stress test, the counts (scripts/demo.sh runs this).
+    Demo(demo::Args),
 }
 
 #[tokio::main]
@@ -66,6 +71,7 @@ async fn main() -> std::process::ExitCode {
         Command::CheckDocs(args) => docs::run(args),
         Command::ClusterProof(args) => cluster::run(args).await,
         Command::Soak(args) => soak::run(args).await,
+        Command::Demo(args) => demo::run(args).await,
     };
     match outcome {
         Ok(true) => std::process::ExitCode::SUCCESS,
