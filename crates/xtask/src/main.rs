@@ -13,6 +13,7 @@
 //! - `soak`: the whole system for a long while, a row a minute, then a
 //!   verdict (see [`soak`]).
 //! - `demo`: the whole system in one command (see [`demo`]).
+//! - `fuzz-api`: order-service fuzzed from its OpenAPI document (see [`fuzz`]).
 
 mod bench;
 mod chaos;
@@ -20,6 +21,7 @@ mod cluster;
 mod demo;
 mod docs;
 mod faults;
+mod fuzz;
 mod process;
 mod soak;
 mod verdict;
@@ -58,6 +60,9 @@ enum Command {
     /// The whole system in one command: one order followed to COMPLETED, the
     /// stress test, the counts (scripts/demo.sh runs this).
     Demo(demo::Args),
+    /// order-service fuzzed by schemathesis from its OpenAPI document
+    /// (scripts/fuzz-api.sh runs this).
+    FuzzApi(fuzz::Args),
 }
 
 #[tokio::main]
@@ -72,6 +77,7 @@ async fn main() -> std::process::ExitCode {
         Command::ClusterProof(args) => cluster::run(args).await,
         Command::Soak(args) => soak::run(args).await,
         Command::Demo(args) => demo::run(args).await,
+        Command::FuzzApi(args) => fuzz::run(args).await,
     };
     match outcome {
         Ok(true) => std::process::ExitCode::SUCCESS,
