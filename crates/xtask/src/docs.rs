@@ -1,5 +1,6 @@
-//! `cargo xtask check-docs`: README_zh.md mirrors README.md, and every relative
-//! link of the documentation resolves.
+//! `cargo xtask check-docs`: README_zh.md mirrors README.md, every relative
+//! link of the documentation resolves, and the settings table matches the
+//! services' command lines (see [`crate::settings`]).
 //!
 //! The Chinese README is a translation, so its prose cannot be compared with the
 //! English one; its shape can. Outside code blocks both must have the same
@@ -40,14 +41,24 @@ pub struct Args {
 /// says whether it passed.
 pub fn run(args: Args) -> anyhow::Result<bool> {
     let root = args.root.unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."));
-    let report = check(&root)?;
+    let mut report = check(&root)?;
+    let table = root.join(crate::settings::FILE);
+    let table =
+        std::fs::read_to_string(&table).with_context(|| format!("reading {}", table.display()))?;
+    let services = crate::settings::services();
+    report.problems.extend(crate::settings::check(&table, &services));
+    let settings: usize = services.iter().map(|(_, settings)| settings.len()).sum();
     for problem in &report.problems {
         println!("{problem}");
     }
     if report.problems.is_empty() {
         println!(
-            "check-docs: {ORIGINAL} and {TRANSLATION} agree ({} headings, {} code blocks), {} links resolve",
-            report.headings, report.code_blocks, report.links
+            "check-docs: {ORIGINAL} and {TRANSLATION} agree ({} headings, {} code blocks), {} links resolve, \
+             {settings} settings of the services match {}",
+            report.headings,
+            report.code_blocks,
+            report.links,
+            crate::settings::FILE
         );
         Ok(true)
     } else {

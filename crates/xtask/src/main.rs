@@ -12,17 +12,20 @@
 //!   nodes and processes die (see [`cluster`]).
 //! - `soak`: the whole system for a long while, a row a minute, then a
 //!   verdict (see [`soak`]).
+//! - `compose-smoke`: docker-compose.yml for real (see [`compose`]).
 //! - `demo`: the whole system in one command (see [`demo`]).
 //! - `fuzz-api`: order-service fuzzed from its OpenAPI document (see [`fuzz`]).
 
 mod bench;
 mod chaos;
 mod cluster;
+mod compose;
 mod demo;
 mod docs;
 mod faults;
 mod fuzz;
 mod process;
+mod settings;
 mod soak;
 mod verdict;
 
@@ -57,6 +60,9 @@ enum Command {
     /// The whole system under a steady load for a long while, a row a minute,
     /// then soak-report's verdict (scripts/soak.sh runs this).
     Soak(soak::Args),
+    /// docker-compose.yml and its cluster run for real: orders posted, seen
+    /// decided with psql, reconcile (scripts/compose-smoke.sh runs this).
+    ComposeSmoke(compose::Args),
     /// The whole system in one command: one order followed to COMPLETED, the
     /// stress test, the counts (scripts/demo.sh runs this).
     Demo(demo::Args),
@@ -76,6 +82,7 @@ async fn main() -> std::process::ExitCode {
         Command::CheckDocs(args) => docs::run(args),
         Command::ClusterProof(args) => cluster::run(args).await,
         Command::Soak(args) => soak::run(args).await,
+        Command::ComposeSmoke(args) => compose::run(args).await,
         Command::Demo(args) => demo::run(args).await,
         Command::FuzzApi(args) => fuzz::run(args).await,
     };
