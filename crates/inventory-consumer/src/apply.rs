@@ -1,6 +1,14 @@
-//! The effect of a batch of `OrderPlaced` events, applied in the caller's
-//! transaction: each new event reserves its order's stock (all lines or none) and
-//! decides the order; an event seen before has no effect.
+//! The effect of a batch of order events, applied in the caller's transaction:
+//! each new `OrderPlaced` reserves its order's stock (all lines or none) and
+//! decides the order; each new `OrderCancelled` gives back what its order took
+//! (if it took anything) and marks it CANCELLED; an event seen before has no
+//! effect.
+//!
+//! A cancel may be applied before its order's `OrderPlaced` (two consumers,
+//! each with a prefetch, can receive one aggregate's events at once): the order
+//! is then CANCELLED with nothing to give back, and its `OrderPlaced`, applied
+//! later, finds it decided and has no effect. Either way a CANCELLED order holds
+//! no stock, and the stock of a COMPLETED order is taken once.
 //!
 //! Set-based on purpose: a batch costs a fixed handful of statements whatever its
 //! size, which is where the consumer's throughput comes from. Rows are locked in a
@@ -12,19 +20,22 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
-use crate::message::Message;
+use crate::message::{Message, OrderEvent};
 
 /// What applying one message did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// Stock reserved for every line; the order is COMPLETED.
     Completed,
+    /// A cancel: the stock the order took (if any) given back; it is CANCELLED.
+    Cancelled,
     /// Some line's stock was short; nothing reserved, the order is REJECTED.
     Rejected,
     /// This message id was applied before: no effect.
     Duplicate,
-    /// A new message for an order that is no longer PENDING (decided by another
-    /// message): recorded, no effect.
+    /// A new message for an order that no longer takes it (an `OrderPlaced` for
+    /// an order no longer PENDING, a cancel for one already CANCELLED): recorded,
+    /// no effect.
     AlreadyDecided,
     /// No such order: the message is poison and is not recorded, so a replay
     /// after the order appears (a restored database, say) is still applied.
@@ -38,6 +49,7 @@ impl Outcome {
     pub fn label(&self) -> &'static str {
         match self {
             Self::Completed => "completed",
+            Self::Cancelled => "cancelled",
             Self::Rejected => "rejected",
             Self::Duplicate => "duplicate",
             Self::AlreadyDecided => "already_decided",
@@ -62,7 +74,7 @@ pub async fn apply_batch(
     //
     // 1. Lock the orders. This also serialises two deliveries of one message:
     //    the second waits here until the first commits.
-    let mut order_ids: Vec<Uuid> = messages.iter().map(|m| m.event.order_id).collect();
+    let mut order_ids: Vec<Uuid> = messages.iter().map(|m| m.event.order_id()).collect();
     order_ids.sort_unstable();
     order_ids.dedup();
     let rows: Vec<(Uuid, String)> = sqlx::query_as(
@@ -74,8 +86,11 @@ pub async fn apply_batch(
     let mut status: HashMap<Uuid, String> = rows.into_iter().collect();
 
     // 2. Record the message ids of known orders; only the new ones take effect.
-    let mut known_ids: Vec<Uuid> =
-        messages.iter().filter(|m| status.contains_key(&m.event.order_id)).map(|m| m.id).collect();
+    let mut known_ids: Vec<Uuid> = messages
+        .iter()
+        .filter(|m| status.contains_key(&m.event.order_id()))
+        .map(|m| m.id)
+        .collect();
     known_ids.sort_unstable();
     let mut new_ids: HashSet<Uuid> =
         outbox::inbox::claim_new(tx, consumer, &known_ids).await?.into_iter().collect();
@@ -84,7 +99,7 @@ pub async fn apply_batch(
     let mut skus: Vec<&str> = messages
         .iter()
         .filter(|m| new_ids.contains(&m.id))
-        .flat_map(|m| m.event.lines.iter().map(|line| line.sku.as_str()))
+        .flat_map(|m| m.event.lines().iter().map(|line| line.sku.as_str()))
         .collect();
     skus.sort_unstable();
     skus.dedup();
@@ -100,11 +115,13 @@ pub async fn apply_batch(
 
     // 4. Decide each message in order, against the stock left by those before it.
     let mut outcomes = Vec::with_capacity(messages.len());
+    // Stock taken (positive) or given back (negative), per sku.
     let mut reserved: BTreeMap<&str, i64> = BTreeMap::new();
-    // (order, its new status, the message that decided it)
-    let mut decided: Vec<(Uuid, &'static str, Uuid)> = Vec::new();
+    // Each order's last decision in the batch: its new status and the message
+    // that decided it (an order placed and cancelled in one batch is written once).
+    let mut decided: BTreeMap<Uuid, (&'static str, Uuid)> = BTreeMap::new();
     for message in messages {
-        let order_id = message.event.order_id;
+        let order_id = message.event.order_id();
         let Some(order_status) = status.get_mut(&order_id) else {
             outcomes.push(Outcome::UnknownOrder);
             continue;
@@ -114,32 +131,54 @@ pub async fn apply_batch(
             outcomes.push(Outcome::Duplicate);
             continue;
         }
-        if order_status != "PENDING" {
-            outcomes.push(Outcome::AlreadyDecided);
-            continue;
-        }
-        let needed = quantities(message);
-        let in_stock = needed
-            .iter()
-            .all(|(sku, quantity)| available.get(*sku).is_some_and(|left| left >= quantity));
-        let outcome = if in_stock {
-            for (sku, quantity) in needed {
-                *available.get_mut(sku).expect("checked above") -= quantity;
-                *reserved.entry(sku).or_default() += quantity;
+        let outcome = match &message.event {
+            OrderEvent::Placed(_) if order_status != "PENDING" => Outcome::AlreadyDecided,
+            OrderEvent::Placed(_) => {
+                let needed = quantities(message);
+                let in_stock = needed.iter().all(|(sku, quantity)| {
+                    available.get(*sku).is_some_and(|left| left >= quantity)
+                });
+                if in_stock {
+                    for (sku, quantity) in needed {
+                        *available.get_mut(sku).expect("checked above") -= quantity;
+                        *reserved.entry(sku).or_default() += quantity;
+                    }
+                    Outcome::Completed
+                } else {
+                    Outcome::Rejected
+                }
             }
-            Outcome::Completed
-        } else {
-            Outcome::Rejected
+            OrderEvent::Cancelled(_) if order_status == "CANCELLED" => Outcome::AlreadyDecided,
+            OrderEvent::Cancelled(_) => {
+                // Only a COMPLETED order took stock; a PENDING or REJECTED one
+                // has nothing to give back.
+                if order_status == "COMPLETED" {
+                    for (sku, quantity) in quantities(message) {
+                        *available.entry(sku.to_owned()).or_default() += quantity;
+                        *reserved.entry(sku).or_default() -= quantity;
+                    }
+                }
+                Outcome::Cancelled
+            }
         };
-        let new_status = if outcome == Outcome::Completed { "COMPLETED" } else { "REJECTED" };
+        let new_status = match outcome {
+            Outcome::Completed => "COMPLETED",
+            Outcome::Rejected => "REJECTED",
+            Outcome::Cancelled => "CANCELLED",
+            _ => {
+                outcomes.push(outcome);
+                continue;
+            }
+        };
         new_status.clone_into(order_status);
-        decided.push((order_id, new_status, message.id));
+        decided.insert(order_id, (new_status, message.id));
         outcomes.push(outcome);
     }
 
     // 5. Write the decisions: one statement for the stock, one for the orders.
     //    Each decided order names its message (`decided_by`), whose id step 2
     //    recorded in this transaction: `order-service reconcile` checks the pair.
+    reserved.retain(|_, quantity| *quantity != 0);
     if !reserved.is_empty() {
         let (skus, quantities): (Vec<&str>, Vec<i64>) = reserved.into_iter().unzip();
         sqlx::query(
@@ -156,7 +195,7 @@ pub async fn apply_batch(
         let mut ids = Vec::with_capacity(decided.len());
         let mut statuses = Vec::with_capacity(decided.len());
         let mut deciders = Vec::with_capacity(decided.len());
-        for (id, status, message_id) in decided {
+        for (id, (status, message_id)) in decided {
             ids.push(id);
             statuses.push(status);
             deciders.push(message_id);
@@ -178,7 +217,7 @@ pub async fn apply_batch(
 /// The quantity the message asks of each sku (an sku on two lines counts once).
 fn quantities(message: &Message) -> BTreeMap<&str, i64> {
     let mut needed = BTreeMap::new();
-    for line in &message.event.lines {
+    for line in message.event.lines() {
         *needed.entry(line.sku.as_str()).or_default() += i64::from(line.quantity);
     }
     needed

@@ -9,9 +9,9 @@
 use std::io::Write;
 use std::time::Duration;
 
+use crate::dead_letter::{self, DeadLetter, Replayed, Selection};
 use anyhow::Context;
 use lapin::{Channel, Connection};
-use crate::dead_letter::{self, DeadLetter, Replayed, Selection};
 use service_kit::broker::BrokerConfig;
 
 use crate::config::DlqCommand;

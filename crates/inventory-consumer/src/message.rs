@@ -1,4 +1,5 @@
-//! Turning a delivery into an `OrderPlaced` event, or into the reason it is poison.
+//! Turning a delivery into an order event (`OrderPlaced`, `OrderCancelled`), or
+//! into the reason it is poison.
 //!
 //! A message that fails here can never succeed, however often it is retried, so the
 //! worker moves it to the dead-letter queue with the reason (never requeues it).
@@ -6,7 +7,7 @@
 use chrono::{DateTime, Utc};
 use lapin::message::Delivery;
 use lapin::types::AMQPValue;
-use order_events::{OrderPlaced, VERSION_HEADER};
+use order_events::{OrderCancelled, OrderPlaced, OrderPlacedLine, VERSION_HEADER};
 use outbox::Event as _;
 use outbox::transport::CREATED_AT_HEADER;
 use uuid::Uuid;
@@ -15,7 +16,44 @@ use uuid::Uuid;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {
     pub id: Uuid,
-    pub event: OrderPlaced,
+    pub event: OrderEvent,
+}
+
+/// The events of an order this consumer applies. Serialised as the event
+/// itself (what the message body holds).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(untagged)]
+pub enum OrderEvent {
+    Placed(OrderPlaced),
+    Cancelled(OrderCancelled),
+}
+
+impl OrderEvent {
+    pub fn order_id(&self) -> Uuid {
+        match self {
+            Self::Placed(event) => event.order_id,
+            Self::Cancelled(event) => event.order_id,
+        }
+    }
+
+    pub fn lines(&self) -> &[OrderPlacedLine] {
+        match self {
+            Self::Placed(event) => &event.lines,
+            Self::Cancelled(event) => &event.lines,
+        }
+    }
+}
+
+impl From<OrderPlaced> for OrderEvent {
+    fn from(event: OrderPlaced) -> Self {
+        Self::Placed(event)
+    }
+}
+
+impl From<OrderCancelled> for OrderEvent {
+    fn from(event: OrderCancelled) -> Self {
+        Self::Cancelled(event)
+    }
 }
 
 /// Decodes and checks a delivery; the error is the reason it is poison.
@@ -24,11 +62,12 @@ pub fn decode(delivery: &Delivery) -> Result<Message, String> {
     let id = properties.message_id().as_ref().ok_or("the message has no message_id")?;
     let id = Uuid::parse_str(id.as_str())
         .map_err(|_| format!("message_id {:?} is not a UUID", id.as_str()))?;
-    match properties.kind() {
-        Some(kind) if kind.as_str() == OrderPlaced::EVENT_TYPE => {}
+    let kind = match properties.kind() {
+        Some(kind) if kind.as_str() == OrderPlaced::EVENT_TYPE => OrderPlaced::EVENT_TYPE,
+        Some(kind) if kind.as_str() == OrderCancelled::EVENT_TYPE => OrderCancelled::EVENT_TYPE,
         Some(kind) => return Err(format!("unknown event type {:?}", kind.as_str())),
         None => return Err("the message has no type".to_owned()),
-    }
+    };
     let version = match properties.headers().as_ref().and_then(|h| h.inner().get(VERSION_HEADER)) {
         None => None,
         Some(AMQPValue::LongString(text)) => {
@@ -38,23 +77,30 @@ pub fn decode(delivery: &Delivery) -> Result<Message, String> {
         Some(other) => return Err(format!("header {VERSION_HEADER} is not text: {other:?}")),
     };
     OrderPlaced::check_version(version.as_deref())?;
-    let event: OrderPlaced = serde_json::from_slice(&delivery.data)
-        .map_err(|error| format!("the body is not a valid OrderPlaced event: {error}"))?;
-    check(&event)?;
+    let event: OrderEvent = if kind == OrderPlaced::EVENT_TYPE {
+        serde_json::from_slice::<OrderPlaced>(&delivery.data)
+            .map_err(|error| format!("the body is not a valid OrderPlaced event: {error}"))?
+            .into()
+    } else {
+        serde_json::from_slice::<OrderCancelled>(&delivery.data)
+            .map_err(|error| format!("the body is not a valid OrderCancelled event: {error}"))?
+            .into()
+    };
+    check(event.lines())?;
     Ok(Message { id, event })
 }
 
 /// What serde cannot check: an event the order service would never have written.
-fn check(event: &OrderPlaced) -> Result<(), String> {
-    if event.lines.is_empty() {
+fn check(lines: &[OrderPlacedLine]) -> Result<(), String> {
+    if lines.is_empty() {
         return Err("the event has no lines".to_owned());
     }
-    if let Some(line) = event.lines.iter().find(|line| line.quantity <= 0) {
+    if let Some(line) = lines.iter().find(|line| line.quantity <= 0) {
         return Err(format!("line {} has quantity {}", line.sku, line.quantity));
     }
     // Postgres text cannot hold U+0000: such a SKU would fail the batch's query
     // every time it is retried.
-    if let Some(line) = event.lines.iter().find(|line| line.sku.contains('\0')) {
+    if let Some(line) = lines.iter().find(|line| line.sku.contains('\0')) {
         return Err(format!("line sku {:?} contains a NUL character", line.sku));
     }
     Ok(())

@@ -218,7 +218,7 @@ impl Worker {
         let mut ack_up_to = None;
         for ((message, &index), outcome) in messages.iter().zip(&delivered_as).zip(&outcomes) {
             if *outcome == Outcome::UnknownOrder {
-                poison.push((index, format!("order {} does not exist", message.event.order_id)));
+                poison.push((index, format!("order {} does not exist", message.event.order_id())));
             } else if let Outcome::Refused(reason) = outcome {
                 poison.push((index, reason.clone()));
             } else {

@@ -95,6 +95,9 @@ pub enum Command {
     /// 6. idempotency keys: each names an order that exists, and the answer
     ///    stored for its retries is a 201 with that order's id, customer and
     ///    total.
+    ///
+    /// 7. cancels: every order whose cancel was accepted longer than
+    ///    --pending-after ago is CANCELLED (the consumer applied it).
     #[command(verbatim_doc_comment)]
     Reconcile(ReconcileArgs),
 }

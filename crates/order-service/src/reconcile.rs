@@ -3,7 +3,8 @@
 //! the message that made it, and that message was recorded by the consumer;
 //! the stock of each SKU equals what it received minus what COMPLETED orders
 //! took; the outbox holds no dead or stuck event; every Idempotency-Key names
-//! its order, and the answer stored for its retries is that order's.
+//! its order, and the answer stored for its retries is that order's; every
+//! order whose cancel was accepted long enough ago is CANCELLED.
 //!
 //! All checks read one snapshot (a REPEATABLE READ, READ ONLY transaction), so
 //! they are exact while the system runs: a decision is either wholly visible
@@ -84,6 +85,13 @@ pub struct Report {
     pub keys_wrong_answer: i64,
     /// (key, the order it names, the id its stored answer gives)
     pub keys_wrong_answer_examples: Vec<(String, Uuid, Option<String>)>,
+
+    /// Cancels accepted (`order_cancellations`).
+    pub cancels: i64,
+    /// Of those, accepted longer than `pending_after` ago and not CANCELLED.
+    pub cancels_stuck: i64,
+    /// (order, its status)
+    pub cancels_stuck_examples: Vec<(Uuid, String)>,
 }
 
 /// A SKU whose stock does not match its books.
@@ -316,6 +324,43 @@ pub async fn check(conn: &mut PgConnection, args: &ReconcileArgs) -> anyhow::Res
     } else {
         Vec::new()
     };
+    // Check 7: a cancel accepted long enough ago has been applied: its order is
+    // CANCELLED (and, by check 4, holds no stock). A database from before
+    // cancels existed has no such table, and nothing to check.
+    let (cancels, cancels_stuck, cancels_stuck_examples) =
+        if sqlx::query_scalar::<_, bool>("SELECT to_regclass('order_cancellations') IS NOT NULL")
+            .fetch_one(&mut *tx)
+            .await
+            .context("cannot read the schema")?
+        {
+            let (cancels, stuck): (i64, i64) = sqlx::query_as(
+                "SELECT count(*), count(*) FILTER (WHERE o.status <> 'CANCELLED'
+                                                 AND c.requested_at < now() - $1)
+             FROM order_cancellations AS c JOIN orders AS o ON o.id = c.order_id",
+            )
+            .bind(pending_after)
+            .fetch_one(&mut *tx)
+            .await
+            .context("cannot count the cancels")?;
+            let examples = if stuck > 0 {
+                sqlx::query_as(
+                    "SELECT o.id, o.status FROM order_cancellations AS c
+                 JOIN orders AS o ON o.id = c.order_id
+                 WHERE o.status <> 'CANCELLED' AND c.requested_at < now() - $1
+                 ORDER BY c.requested_at LIMIT $2",
+                )
+                .bind(pending_after)
+                .bind(EXAMPLES)
+                .fetch_all(&mut *tx)
+                .await
+                .context("cannot list the cancels not applied")?
+            } else {
+                Vec::new()
+            };
+            (cancels, stuck, examples)
+        } else {
+            (0, 0, Vec::new())
+        };
     tx.rollback().await.context("cannot end the snapshot")?;
 
     Ok(Report {
@@ -346,6 +391,9 @@ pub async fn check(conn: &mut PgConnection, args: &ReconcileArgs) -> anyhow::Res
         keys_without_order_examples,
         keys_wrong_answer,
         keys_wrong_answer_examples,
+        cancels,
+        cancels_stuck,
+        cancels_stuck_examples,
     })
 }
 
@@ -399,7 +447,7 @@ impl Report {
     pub fn checks(&self) -> Vec<Check> {
         let pending_after = human(self.pending_after);
         let window = human(self.dedup_window);
-        let mut checks = Vec::with_capacity(6);
+        let mut checks = Vec::with_capacity(7);
 
         checks.push(Check {
             name: "pending orders",
@@ -510,6 +558,20 @@ impl Report {
                 .chain(wrong_answers)
                 .collect(),
         });
+
+        checks.push(Check {
+            name: "cancels",
+            ok: self.cancels_stuck == 0,
+            summary: format!(
+                "{} accepted, {} not CANCELLED after {pending_after}",
+                self.cancels, self.cancels_stuck
+            ),
+            details: self
+                .cancels_stuck_examples
+                .iter()
+                .map(|(order, status)| format!("order {order} is {status}, its cancel not applied"))
+                .collect(),
+        });
         checks
     }
 
@@ -587,6 +649,8 @@ impl Report {
             "keys": self.keys,
             "keys_without_order": self.keys_without_order,
             "keys_wrong_answer": self.keys_wrong_answer,
+            "cancels": self.cancels,
+            "cancels_stuck": self.cancels_stuck,
         })
     }
 }

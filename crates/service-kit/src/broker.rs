@@ -33,8 +33,9 @@ pub struct BrokerConfig {
     #[arg(long, env = "INVENTORY_QUEUE", default_value = "inventory.order-placed")]
     pub inventory_queue: String,
 
-    /// Binding key of the inventory queue (routing keys are `<aggregate>.<event>`).
-    #[arg(long, env = "INVENTORY_BINDING", default_value = "order.OrderPlaced")]
+    /// Binding key of the inventory queue (routing keys are `<aggregate>.<event>`):
+    /// by default every order event (`OrderPlaced`, `OrderCancelled`).
+    #[arg(long, env = "INVENTORY_BINDING", default_value = "order.*")]
     pub inventory_binding: String,
 
     /// Exchange that messages rejected by the inventory consumer are dead-lettered to.
@@ -89,7 +90,7 @@ impl BrokerConfig {
                 .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned()),
             exchange: format!("test.orders.{suffix}"),
             inventory_queue: format!("test.inventory.{suffix}"),
-            inventory_binding: "order.OrderPlaced".to_owned(),
+            inventory_binding: "order.*".to_owned(),
             dead_letter_exchange: format!("test.orders.dlx.{suffix}"),
             dead_letter_queue: format!("test.inventory.dead.{suffix}"),
             queue_type: QueueType::Quorum,

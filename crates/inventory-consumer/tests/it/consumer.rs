@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use inventory_consumer::apply::{Outcome, apply_batch};
+use inventory_consumer::message::OrderEvent;
 use order_events::OrderPlaced;
 use outbox::Event as _;
 use sqlx::PgPool;
@@ -28,7 +29,7 @@ async fn a_new_event_reserves_stock_and_completes_the_order(db: PgPool) {
     broker.publish(&message).await;
     consumer.wait_settled(1, WITHIN).await;
 
-    assert_eq!(order_status(&db, message.event.order_id).await, "COMPLETED");
+    assert_eq!(order_status(&db, message.event.order_id()).await, "COMPLETED");
     assert_eq!(available(&db, "SKU-001").await, before.0 - 2);
     assert_eq!(available(&db, "SKU-002").await, before.1 - 5);
     assert_eq!(consumer.metrics.count("completed"), 1);
@@ -61,7 +62,7 @@ async fn a_message_delivered_twice_has_one_effect(db: PgPool) {
     assert_eq!(consumer.metrics.count("completed"), 1);
     assert_eq!(consumer.metrics.count("duplicate"), 1);
     assert_eq!(available(&db, "SKU-003").await, before - 4);
-    assert_eq!(order_status(&db, message.event.order_id).await, "COMPLETED");
+    assert_eq!(order_status(&db, message.event.order_id()).await, "COMPLETED");
     assert_eq!(processed_count(&db).await, 1);
     consumer.stop().await;
     broker.delete().await;
@@ -187,13 +188,13 @@ async fn each_kind_of_poison_is_dead_lettered_and_the_next_message_is_processed(
         .expect("two orders");
     // The second order is deleted, so its (well-formed) event names no order.
     sqlx::query("DELETE FROM orders WHERE id = $1")
-        .bind(unknown_order.event.order_id)
+        .bind(unknown_order.event.order_id())
         .execute(&db)
         .await
         .expect("delete");
     let kind = Some(OrderPlaced::EVENT_TYPE);
     let valid_body = serde_json::to_vec(&good.event).expect("json");
-    let mut zero_quantity = good.event.clone();
+    let OrderEvent::Placed(mut zero_quantity) = good.event.clone() else { unreachable!() };
     zero_quantity.lines[0].quantity = 0;
     let poison: Vec<(&str, Option<&str>, Vec<u8>)> = vec![
         ("not json", kind, b"{not json".to_vec()),
@@ -223,7 +224,7 @@ async fn each_kind_of_poison_is_dead_lettered_and_the_next_message_is_processed(
     expected.sort();
     assert_eq!(dead_bodies, expected, "every poison message, and only those, is dead-lettered");
     assert_eq!(consumer.metrics.count("poison"), poison.len() as u64 + 1);
-    assert_eq!(order_status(&db, good.event.order_id).await, "COMPLETED");
+    assert_eq!(order_status(&db, good.event.order_id()).await, "COMPLETED");
     // Poison is not recorded as processed: a fixed replay can still apply.
     assert_eq!(processed_count(&db).await, 1);
     consumer.stop().await;
@@ -248,14 +249,14 @@ async fn a_database_failure_is_retried_not_acked_or_dead_lettered(db: PgPool) {
     assert!(retried, "the failing batch is retried");
     assert_eq!(consumer.settled(), 0);
     assert!(broker.dead_letters(1, Duration::from_millis(200)).await.is_empty());
-    assert_eq!(order_status(&db, message.event.order_id).await, "PENDING");
+    assert_eq!(order_status(&db, message.event.order_id()).await, "PENDING");
 
     sqlx::query("ALTER TABLE processed_messages_away RENAME TO processed_messages")
         .execute(&db)
         .await
         .expect("rename back");
     consumer.wait_settled(1, Duration::from_secs(20)).await;
-    assert_eq!(order_status(&db, message.event.order_id).await, "COMPLETED");
+    assert_eq!(order_status(&db, message.event.order_id()).await, "COMPLETED");
     consumer.stop().await;
     broker.delete().await;
 }
@@ -290,7 +291,7 @@ async fn the_consumer_reconnects_after_losing_the_broker(db: PgPool) {
 async fn a_message_whose_data_the_database_refuses_is_dead_lettered_alone(db: PgPool) {
     let broker = TestBroker::new().await;
     let messages = insert_orders(&db, &vec![vec![("SKU-012", 1)]; 5]).await;
-    let refused = messages[2].event.order_id;
+    let refused = messages[2].event.order_id();
     // The database refuses one order's update with a data exception (class 22),
     // as it would text it cannot store: no retry of the batch could succeed.
     sqlx::raw_sql(&format!(
@@ -334,7 +335,7 @@ async fn a_message_whose_data_the_database_refuses_is_dead_lettered_alone(db: Pg
     );
     for (index, message) in messages.iter().enumerate() {
         let expected = if index == 2 { "PENDING" } else { "COMPLETED" };
-        assert_eq!(order_status(&db, message.event.order_id).await, expected, "order {index}");
+        assert_eq!(order_status(&db, message.event.order_id()).await, expected, "order {index}");
     }
     consumer.stop().await;
     broker.delete().await;

@@ -7,12 +7,12 @@
 
 use std::time::Duration;
 
+use inventory_consumer::dead_letter::{REASON_HEADER, Replayed, Selection};
 use inventory_consumer::message::Message;
 use inventory_consumer::{Command, Config, dlq};
 use lapin::options::{BasicGetOptions, BasicRejectOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use order_events::{OrderPlaced, OrderPlacedLine};
-use inventory_consumer::dead_letter::{REASON_HEADER, Replayed, Selection};
 use serde_json::Value;
 use sqlx::PgPool;
 use test_support::eventually;
@@ -32,7 +32,8 @@ fn messages_for_missing_orders(count: usize) -> Vec<Message> {
                 customer_id: "test".to_owned(),
                 lines: vec![OrderPlacedLine { sku: "SKU-011".to_owned(), quantity: 1 }],
                 total_cents: 0,
-            },
+            }
+            .into(),
         })
         .collect()
 }
@@ -42,16 +43,16 @@ async fn create_orders(db: &PgPool, messages: &[Message]) {
     for message in messages {
         let event = &message.event;
         sqlx::query("INSERT INTO orders (id, customer_id, total_cents) VALUES ($1, 'test', 0)")
-            .bind(event.order_id)
+            .bind(event.order_id())
             .execute(db)
             .await
             .expect("insert order");
-        for line in &event.lines {
+        for line in event.lines() {
             sqlx::query(
                 "INSERT INTO order_lines (order_id, sku, quantity, unit_price_cents)
                  VALUES ($1, $2, $3, 0)",
             )
-            .bind(event.order_id)
+            .bind(event.order_id())
             .bind(&line.sku)
             .bind(line.quantity)
             .execute(db)
@@ -106,11 +107,11 @@ async fn a_poison_message_is_dead_lettered_with_its_reason_and_its_batch_applied
     assert_eq!(consumer.metrics.count("poison"), 2);
     assert_eq!(processed_count(&db).await, 2, "each good message applied once");
     for message in &good {
-        assert_eq!(order_status(&db, message.event.order_id).await, "COMPLETED");
+        assert_eq!(order_status(&db, message.event.order_id()).await, "COMPLETED");
     }
     assert_eq!(broker.ready_messages().await, 0, "nothing is left unsettled");
 
-    let missing_reason = format!("order {} does not exist", missing.event.order_id);
+    let missing_reason = format!("order {} does not exist", missing.event.order_id());
     let dead = broker.dead_letters(2, WITHIN).await;
     assert_eq!(dead.len(), 2);
     let (decoded, applied) = (&dead[0], &dead[1]);
@@ -171,7 +172,7 @@ async fn poison_the_dead_letter_exchange_does_not_confirm_goes_back_to_the_queue
     assert_eq!(dead.len(), 1, "one copy in the dead-letter queue");
     assert_eq!(
         header_text(&dead[0], REASON_HEADER),
-        Some(format!("order {} does not exist", missing.event.order_id))
+        Some(format!("order {} does not exist", missing.event.order_id()))
     );
     assert_eq!(broker.ready_messages().await, 0);
     consumer.stop().await;
@@ -213,7 +214,7 @@ async fn listing_shows_both_kinds_of_dead_letter_and_leaves_the_queue_as_it_was(
     assert_eq!(ids(&listed), expected_ids, "oldest first");
     let reasons: Vec<&str> = listed.iter().map(|letter| letter.reason.as_str()).collect();
     let missing =
-        |index: usize| format!("order {} does not exist", by_consumer[index].event.order_id);
+        |index: usize| format!("order {} does not exist", by_consumer[index].event.order_id());
     assert_eq!(reasons, [missing(0).as_str(), missing(1).as_str(), "rejected", "delivery_limit"]);
     for letter in &listed {
         assert_eq!(letter.deaths, 1, "{letter:?}");
@@ -251,9 +252,9 @@ async fn replaying_one_message_moves_exactly_it_back_and_the_consumer_applies_it
     assert_eq!(done, Replayed { replayed: 1, failed: 0 });
     consumer.wait_settled(4, WITHIN).await;
     assert_eq!(consumer.metrics.count("completed"), 1);
-    assert_eq!(order_status(&db, chosen.event.order_id).await, "COMPLETED");
+    assert_eq!(order_status(&db, chosen.event.order_id()).await, "COMPLETED");
     for other in [&messages[0], &messages[2]] {
-        assert_eq!(order_status(&db, other.event.order_id).await, "PENDING");
+        assert_eq!(order_status(&db, other.event.order_id()).await, "PENDING");
     }
     assert_eq!(broker.dead_letter_depth().await, 2);
     let left = dlq::list(&broker.config, 100).await.expect("list");
@@ -378,7 +379,10 @@ async fn the_dlq_command_lists_text_or_json_lines_and_checks_its_arguments(db: P
         .collect();
     assert_eq!(lines.len(), 2);
     assert_eq!(lines[0]["message_id"], messages[0].id.to_string());
-    assert_eq!(lines[0]["reason"], format!("order {} does not exist", messages[0].event.order_id));
+    assert_eq!(
+        lines[0]["reason"],
+        format!("order {} does not exist", messages[0].event.order_id())
+    );
     assert_eq!(lines[0]["deaths"], 1);
     assert!(lines[0]["first_death_at"].is_string());
 
@@ -393,7 +397,10 @@ async fn the_dlq_command_lists_text_or_json_lines_and_checks_its_arguments(db: P
         "{first}"
     );
     assert!(
-        first.ends_with(&format!("reason=\"order {} does not exist\"", messages[0].event.order_id))
+        first.ends_with(&format!(
+            "reason=\"order {} does not exist\"",
+            messages[0].event.order_id()
+        ))
     );
     assert_eq!(broker.dead_letter_depth().await, 3);
 

@@ -138,7 +138,7 @@ async fn generated_messages_are_dead_lettered_or_applied_and_the_consumer_carrie
 
     let channel = broker.channel();
     for _ in 0..MESSAGES {
-        let order_id = orders[rng.random_range(0..orders.len())].event.order_id;
+        let order_id = orders[rng.random_range(0..orders.len())].event.order_id();
         let body = mutated_body(&mut rng, order_id);
         let confirm = channel
             .basic_publish(
@@ -169,7 +169,7 @@ async fn generated_messages_are_dead_lettered_or_applied_and_the_consumer_carrie
     let [valid] = insert_orders(&db, &[vec![("SKU-004", 1)]]).await.try_into().expect("one");
     broker.publish(&valid).await;
     consumer.wait_settled(MESSAGES as u64 + 1, Duration::from_secs(10)).await;
-    assert_eq!(order_status(&db, valid.event.order_id).await, "COMPLETED", "seed {seed}");
+    assert_eq!(order_status(&db, valid.event.order_id()).await, "COMPLETED", "seed {seed}");
     let ready = reqwest::get(format!("{}/readyz", consumer.address)).await.expect("readyz");
     assert_eq!(ready.status(), 200, "seed {seed}");
     consumer.stop().await;

@@ -155,7 +155,9 @@ impl TestBroker {
     }
 
     async fn depth(&self, queue: &str) -> u32 {
-        inventory_consumer::dead_letter::queue_depth(&self.channel, queue).await.expect("queue exists")
+        inventory_consumer::dead_letter::queue_depth(&self.channel, queue)
+            .await
+            .expect("queue exists")
     }
 
     pub async fn delete(self) {
@@ -262,7 +264,7 @@ impl TestConsumer {
 
     /// Messages settled so far, whatever their outcome.
     pub fn settled(&self) -> u64 {
-        ["completed", "rejected", "duplicate", "already_decided", "poison"]
+        ["completed", "rejected", "cancelled", "duplicate", "already_decided", "poison"]
             .into_iter()
             .map(|outcome| self.metrics.count(outcome))
             .sum()
@@ -324,7 +326,7 @@ pub async fn insert_orders(db: &PgPool, orders: &[Vec<(&str, i32)>]) -> Vec<Mess
                 .collect(),
             total_cents: 0,
         };
-        messages.push(Message { id: Uuid::now_v7(), event });
+        messages.push(Message { id: Uuid::now_v7(), event: event.into() });
     }
     tx.commit().await.expect("commit");
     messages

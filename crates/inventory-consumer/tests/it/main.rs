@@ -2,6 +2,7 @@
 //! RabbitMQ. Each test has its own database (`#[sqlx::test]`) and its own
 //! exchanges and queues.
 
+mod cancel;
 mod consumer;
 mod crash;
 mod dashboard;

@@ -37,7 +37,7 @@ async fn an_event_from_a_newer_producer_with_extra_fields_is_applied(db: PgPool)
     broker.publish_versioned(message.id, Some("1.4"), &body).await;
     consumer.wait_settled(1, WITHIN).await;
 
-    assert_eq!(order_status(&db, message.event.order_id).await, "COMPLETED");
+    assert_eq!(order_status(&db, message.event.order_id()).await, "COMPLETED");
     assert_eq!(available(&db, "SKU-004").await, before - 3);
     assert_eq!(consumer.metrics.count("poison"), 0);
     consumer.stop().await;
@@ -65,12 +65,12 @@ async fn an_event_missing_a_field_or_of_an_unknown_major_version_is_dead_lettere
     assert_eq!(dead.len(), 3, "all three are in the dead-letter queue");
     assert_eq!(consumer.metrics.count("poison"), 3);
     for message in &messages {
-        assert_eq!(order_status(&db, message.event.order_id).await, "PENDING");
+        assert_eq!(order_status(&db, message.event.order_id()).await, "PENDING");
     }
     // And the consumer goes on: a valid event after them is applied.
     broker.publish_versioned(messages[1].id, None, &event_json(&messages[1])).await;
     consumer.wait_settled(4, WITHIN).await;
-    assert_eq!(order_status(&db, messages[1].event.order_id).await, "COMPLETED");
+    assert_eq!(order_status(&db, messages[1].event.order_id()).await, "COMPLETED");
     consumer.stop().await;
     broker.delete().await;
 }
@@ -98,7 +98,7 @@ async fn a_redelivery_older_than_the_dedup_window_has_no_second_effect(db: PgPoo
     // A late redelivery is new to the inbox, but its order is no longer PENDING.
     assert_eq!(apply(db.clone(), message.clone()).await, [Outcome::AlreadyDecided]);
     assert_eq!(available(&db, "SKU-006").await, before - 7, "stock taken once");
-    assert_eq!(order_status(&db, message.event.order_id).await, "COMPLETED");
+    assert_eq!(order_status(&db, message.event.order_id()).await, "COMPLETED");
 }
 
 #[sqlx::test(migrator = "service_kit::MIGRATOR")]

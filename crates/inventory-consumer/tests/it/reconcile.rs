@@ -45,7 +45,7 @@ async fn applying_a_batch_names_the_deciding_message_on_each_order(db: PgPool) {
     tx.commit().await.expect("commit");
     assert_eq!(outcomes, [Outcome::Completed, Outcome::Completed, Outcome::Rejected]);
     for message in &messages {
-        assert_eq!(decided_by(&db, message.event.order_id).await, Some(message.id));
+        assert_eq!(decided_by(&db, message.event.order_id()).await, Some(message.id));
     }
 
     // A redelivery, and another message for a decided order, leave it as it was.
@@ -55,7 +55,7 @@ async fn applying_a_batch_names_the_deciding_message_on_each_order(db: PgPool) {
         apply_batch(&mut tx, "inventory", &[messages[0].clone(), again]).await.expect("apply");
     tx.commit().await.expect("commit");
     assert_eq!(outcomes, [Outcome::Duplicate, Outcome::AlreadyDecided]);
-    assert_eq!(decided_by(&db, messages[0].event.order_id).await, Some(messages[0].id));
+    assert_eq!(decided_by(&db, messages[0].event.order_id()).await, Some(messages[0].id));
 
     let report = reconcile(&db).await;
     assert!(report.ok(), "{}", report.text());

@@ -46,7 +46,7 @@ async fn the_lag_of_each_applied_message_and_the_queue_depths_are_exposed(db: Pg
     ];
     let messages = insert_orders(&db, &orders).await;
     sqlx::query("DELETE FROM orders WHERE id = $1")
-        .bind(messages[4].event.order_id)
+        .bind(messages[4].event.order_id())
         .execute(&db)
         .await
         .expect("delete");
@@ -69,7 +69,7 @@ async fn the_lag_of_each_applied_message_and_the_queue_depths_are_exposed(db: Pg
     let applied = consumer.metrics.count("completed") + consumer.metrics.count("rejected");
     assert_eq!((consumer.metrics.count("completed"), consumer.metrics.count("rejected")), (3, 1));
     assert_eq!(consumer.metrics.count("duplicate"), 1);
-    assert_eq!(order_status(&db, messages[3].event.order_id).await, "REJECTED");
+    assert_eq!(order_status(&db, messages[3].event.order_id()).await, "REJECTED");
     let metrics = scrape(&consumer).await;
     assert!(metrics.contains("# TYPE inventory_e2e_lag_seconds histogram"), "{metrics}");
     assert_eq!(

@@ -168,12 +168,12 @@ async fn a_healthy_database_passes_every_check(db: PgPool) {
     assert_eq!(report.outbox_dead, 0, "{text}");
     assert_eq!(report.keys, 2, "{text}");
     let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines.len(), 7, "one line per check and the verdict: {text}");
+    assert_eq!(lines.len(), 8, "one line per check and the verdict: {text}");
     assert!(
-        lines[..6].iter().all(|line| line.split_whitespace().any(|word| word == "ok")),
+        lines[..7].iter().all(|line| line.split_whitespace().any(|word| word == "ok")),
         "{text}"
     );
-    assert_eq!(lines[6], "reconcile: ok");
+    assert_eq!(lines[7], "reconcile: ok");
 
     let json = report.json();
     assert_eq!(json["ok"], true, "{json}");
@@ -484,6 +484,36 @@ async fn a_batch_of_the_writer_stores_each_key_with_its_own_orders_answer(db: Pg
         .expect("key");
         assert_eq!(answered, (*id, format!("customer-{n}")));
     }
+}
+
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
+async fn a_cancel_accepted_long_ago_and_not_applied_fails(db: PgPool) {
+    let state = healthy(db).await;
+    let db = &state.app.db;
+    let response = state
+        .app
+        .client
+        .post(format!("{}/orders/{}/cancel", state.app.address, state.completed))
+        .send()
+        .await
+        .expect("cancel");
+    assert_eq!(response.status(), 202);
+    assert!(check(db).await.ok(), "a young cancel is not a failure");
+    execute(
+        db,
+        "UPDATE order_cancellations SET requested_at = now() - interval '5 minutes'
+         WHERE order_id = $1",
+        state.completed,
+    )
+    .await;
+
+    let report = check(db).await;
+
+    // Its event was never applied: the order is still COMPLETED, holding stock.
+    assert_eq!(failed(&report), ["cancels"], "{}", report.text());
+    assert_eq!((report.cancels, report.cancels_stuck), (1, 1));
+    assert_eq!(report.cancels_stuck_examples, [(state.completed, "COMPLETED".to_owned())]);
+    assert!(check_with(db, &["--pending-after", "10m"]).await.ok());
 }
 
 async fn execute_in(tx: &mut sqlx::PgConnection, sql: &str, id: Uuid) {
