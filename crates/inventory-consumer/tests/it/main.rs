@@ -11,6 +11,7 @@ mod end_to_end;
 mod fuzz;
 mod helpers;
 mod months;
+mod ordering;
 mod queues;
 mod reconcile;
 mod slo;
