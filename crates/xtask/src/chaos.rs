@@ -62,22 +62,7 @@ pub async fn run(args: Args) -> anyhow::Result<bool> {
     let bin_dir = bin_dir("release");
     if !args.no_build {
         println!("== building (release)");
-        command(
-            "cargo",
-            &[
-                "build",
-                "--release",
-                "--locked",
-                "-q",
-                "-p",
-                "order-service",
-                "-p",
-                "inventory-consumer",
-                "-p",
-                "stress-test",
-            ],
-        )
-        .await?;
+        crate::process::build_release(true).await?;
     }
 
     println!("== fresh database outbox_chaos and queues chaos.*");

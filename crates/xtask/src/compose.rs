@@ -820,23 +820,8 @@ async fn build_standins(docker: &str) -> anyhow::Result<()> {
 /// Dockerfile's `BINARIES` argument skips its Rust stage).
 async fn build_service_image(docker: &str, root: &Path) -> anyhow::Result<()> {
     say("building the service image from binaries compiled here (cargo build --release)");
-    const BINARIES: [&str; 3] = ["order-service", "inventory-consumer", "stress-test"];
-    let built = tokio::process::Command::new("cargo")
-        .args([
-            "build",
-            "--release",
-            "--locked",
-            "-q",
-            "-p",
-            "order-service",
-            "-p",
-            "inventory-consumer",
-            "-p",
-            "stress-test",
-        ])
-        .status()
-        .await?;
-    ensure!(built.success(), "cargo build --release failed");
+    const BINARIES: [&str; 3] = crate::process::SERVICE_BINARIES;
+    crate::process::build_release(true).await?;
     let context = root.join(".run/compose/prebuilt");
     let _ = std::fs::remove_dir_all(&context);
     std::fs::create_dir_all(&context)?;

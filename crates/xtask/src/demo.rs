@@ -172,15 +172,7 @@ async fn steps(demo: &Demo, started: &mut Vec<Service>) -> anyhow::Result<()> {
     println!("   Postgres on {}, RabbitMQ on {}", demo.local.pg, demo.local.amqp);
 
     println!("== cargo build --release");
-    let cargo = std::env::var("CARGO").unwrap_or("cargo".into());
-    let built = tokio::process::Command::new(cargo)
-        .args(["build", "--release", "--locked"])
-        .args(["-p", "order-service", "-p", "inventory-consumer", "-p", "stress-test"])
-        .status()
-        .await?;
-    if !built.success() {
-        bail!("cargo build failed ({built})");
-    }
+    crate::process::build_release(false).await?;
 
     println!("== fresh database");
     let mut admin = demo.database.clone().database("postgres").connect().await?;
@@ -203,13 +195,7 @@ async fn steps(demo: &Demo, started: &mut Vec<Service>) -> anyhow::Result<()> {
         [("order-service", demo.api_port), ("inventory-consumer", demo.consumer_port)]
     {
         let mut service = demo.service(name, port);
-        service.start()?;
-        println!(
-            "   {name}: pid {}, {}, log {}",
-            service.pid().unwrap_or_default(),
-            service.url,
-            service.log().display()
-        );
+        service.start_announced()?;
         let ready = service.wait_ready(Duration::from_secs(60)).await;
         started.push(service);
         if let Err(error) = ready {

@@ -165,6 +165,19 @@ impl Service {
         Ok(())
     }
 
+    /// Starts it and prints `   <name>: pid <pid>, <url>, log <file>`.
+    pub fn start_announced(&mut self) -> anyhow::Result<()> {
+        self.start()?;
+        println!(
+            "   {}: pid {}, {}, log {}",
+            self.name,
+            self.pid().unwrap_or_default(),
+            self.url,
+            self.log.display()
+        );
+        Ok(())
+    }
+
     /// SIGKILL, and waits until it is gone.
     pub async fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -194,6 +207,29 @@ impl Service {
         }
         bail!("{} was not ready within {within:?}; see {}", self.name, self.log.display())
     }
+}
+
+/// The binaries every run of the whole system uses.
+pub const SERVICE_BINARIES: [&str; 3] = ["order-service", "inventory-consumer", "stress-test"];
+
+/// `cargo build --release --locked` of [`SERVICE_BINARIES`] (with `-q` when
+/// `quiet`), failing unless it succeeds. Uses `$CARGO`, the cargo running the
+/// xtask, when set.
+pub async fn build_release(quiet: bool) -> anyhow::Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let mut build = Command::new(cargo);
+    build.args(["build", "--release", "--locked"]);
+    if quiet {
+        build.arg("-q");
+    }
+    for binary in SERVICE_BINARIES {
+        build.args(["-p", binary]);
+    }
+    let status = build.status().await.context("cannot run cargo")?;
+    if !status.success() {
+        bail!("cargo build failed ({status})");
+    }
+    Ok(())
 }
 
 /// Runs `program args`, failing with its output unless it succeeds.

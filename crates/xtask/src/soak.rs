@@ -174,15 +174,7 @@ async fn soak(args: &Args, started: &mut Started) -> anyhow::Result<bool> {
     println!("   Postgres on {}, RabbitMQ on {}", local.pg, local.amqp);
 
     println!("== cargo build --release");
-    let build = tokio::process::Command::new("cargo")
-        .args(["build", "--release", "--locked"])
-        .args(["-p", "order-service", "-p", "inventory-consumer", "-p", "stress-test"])
-        .status()
-        .await
-        .context("cannot run cargo")?;
-    if !build.success() {
-        bail!("cargo build failed ({build})");
-    }
+    crate::process::build_release(false).await?;
 
     println!("== fresh database");
     let Some((server, database)) = database_of(&database_url) else {
@@ -242,13 +234,7 @@ async fn soak(args: &Args, started: &mut Started) -> anyhow::Result<bool> {
     // The consumer starts second, so the two do not race to create the database.
     for (name, port) in [("order-service", api_port), ("inventory-consumer", consumer_port)] {
         let mut service = Service::new(name, &bin_dir, port, env.clone(), &run_dir);
-        service.start()?;
-        println!(
-            "   {name}: pid {}, {}, log {}",
-            service.pid().unwrap_or(0),
-            service.url,
-            service.log().display()
-        );
+        service.start_announced()?;
         let ready = service.wait_ready(Duration::from_secs(60)).await;
         if ready.is_err() {
             show_log(&service);

@@ -17,7 +17,9 @@ use serde_json::{Value, json};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::helpers::{TestApi, TestBroker, TestConsumer, available, insert_orders, order_status};
+use crate::helpers::{
+    TestApi, TestBroker, TestConsumer, available, count_with_status, insert_orders, order_status,
+};
 
 fn cancel_of(placed: &Message) -> Message {
     let OrderEvent::Placed(event) = &placed.event else { panic!("an OrderPlaced") };
@@ -110,14 +112,7 @@ async fn orders_placed_and_cancelled_over_http_end_cancelled_with_their_stock_ba
     }
 
     let all_cancelled = test_support::eventually(Duration::from_secs(30), || async {
-        let cancelled: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM orders WHERE id = ANY($1) AND status = 'CANCELLED'",
-        )
-        .bind(&ids)
-        .fetch_one(&db)
-        .await
-        .expect("count");
-        cancelled == 30
+        count_with_status(&db, &ids, "CANCELLED").await == 30
     })
     .await;
     assert!(all_cancelled, "every cancelled order ends CANCELLED");

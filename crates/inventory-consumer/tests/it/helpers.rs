@@ -332,6 +332,16 @@ pub async fn insert_orders(db: &PgPool, orders: &[Vec<(&str, i32)>]) -> Vec<Mess
     messages
 }
 
+/// How many of `ids` have `status`.
+pub async fn count_with_status(db: &PgPool, ids: &[Uuid], status: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM orders WHERE id = ANY($1) AND status = $2")
+        .bind(ids)
+        .bind(status)
+        .fetch_one(db)
+        .await
+        .expect("count")
+}
+
 pub async fn order_status(db: &PgPool, order_id: Uuid) -> String {
     sqlx::query_scalar("SELECT status FROM orders WHERE id = $1")
         .bind(order_id)

@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::helpers::{TestApi, TestBroker, TestConsumer, processed_count};
+use crate::helpers::{TestApi, TestBroker, TestConsumer, count_with_status, processed_count};
 
 const ORDERS: usize = 300;
 
@@ -94,14 +94,7 @@ async fn placed_and_cancelled_at_once_through_replicas_arrive_and_apply_in_order
         TestApi::spawn(&db, config, &relay_args).await,
     ];
     let all_cancelled = test_support::eventually(Duration::from_secs(60), || async {
-        let cancelled: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM orders WHERE id = ANY($1) AND status = 'CANCELLED'",
-        )
-        .bind(&ids)
-        .fetch_one(&db)
-        .await
-        .expect("count");
-        cancelled == ORDERS as i64
+        count_with_status(&db, &ids, "CANCELLED").await == ORDERS as i64
     })
     .await;
     assert!(all_cancelled, "every order CANCELLED within 60 s");

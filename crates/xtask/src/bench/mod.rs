@@ -192,14 +192,7 @@ async fn bench(args: &Args, services: &mut Vec<Service>) -> anyhow::Result<bool>
 
     if !args.no_build {
         println!("== cargo build --release");
-        let built = tokio::process::Command::new("cargo")
-            .args(["build", "--release", "--locked"])
-            .args(["-p", "order-service", "-p", "inventory-consumer", "-p", "stress-test"])
-            .status()
-            .await?;
-        if !built.success() {
-            bail!("cargo build failed ({built})");
-        }
+        crate::process::build_release(false).await?;
     }
     for name in ["order-service", "inventory-consumer", "stress-test"] {
         if !bin_dir.join(name).is_file() {
@@ -304,13 +297,7 @@ async fn bench(args: &Args, services: &mut Vec<Service>) -> anyhow::Result<bool>
     // The consumer starts second, so the two do not race to create the database.
     for (name, port) in [("order-service", api_port), ("inventory-consumer", consumer_port)] {
         let mut service = Service::new(name, &bin_dir, port, env.clone(), &log_dir);
-        service.start()?;
-        println!(
-            "   {name}: pid {}, {}, log {}",
-            service.pid().unwrap_or(0),
-            service.url,
-            service.log().display()
-        );
+        service.start_announced()?;
         services.push(service);
         let service = services.last_mut().expect("just pushed");
         if let Err(error) = service.wait_ready(Duration::from_secs(60)).await {
