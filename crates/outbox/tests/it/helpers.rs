@@ -208,6 +208,27 @@ pub async fn enqueue_events(
     ids
 }
 
+/// Writes one event of `aggregate_id` in a transaction of its own.
+pub async fn enqueue_one(
+    db: &PgPool,
+    aggregate_id: &str,
+    event_type: &str,
+    payload: serde_json::Value,
+    headers: serde_json::Value,
+) -> Uuid {
+    let mut tx = db.begin().await.expect("begin");
+    let event = outbox::NewEvent {
+        aggregate_type: "test".to_owned(),
+        aggregate_id: aggregate_id.to_owned(),
+        event_type: event_type.to_owned(),
+        payload,
+        headers: headers.as_object().cloned().unwrap_or_default(),
+    };
+    let id = outbox::enqueue_untyped(&mut tx, &event).await.expect("enqueue");
+    tx.commit().await.expect("commit");
+    id
+}
+
 pub async fn outbox_rows(db: &PgPool) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(db).await.expect("count")
 }

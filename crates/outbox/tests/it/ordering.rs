@@ -14,21 +14,12 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::helpers::{TestBroker, message_id, outbox_rows};
+use crate::helpers::{TestBroker, enqueue_one, message_id, outbox_rows};
 
 /// Writes one event of `aggregate` of `event_type`, in a transaction of its own.
 async fn write(db: &PgPool, aggregate: &str, event_type: &str, n: usize) -> Uuid {
-    let mut tx = db.begin().await.expect("begin");
-    let event = outbox::NewEvent {
-        aggregate_type: "test".to_owned(),
-        aggregate_id: aggregate.to_owned(),
-        event_type: event_type.to_owned(),
-        payload: serde_json::json!({ "n": n }),
-        headers: serde_json::Map::new(),
-    };
-    let id = outbox::enqueue_untyped(&mut tx, &event).await.expect("enqueue");
-    tx.commit().await.expect("commit");
-    id
+    let payload = serde_json::json!({ "n": n });
+    enqueue_one(db, aggregate, event_type, payload, serde_json::json!({})).await
 }
 
 fn aggregate_of(delivery: &Delivery) -> String {

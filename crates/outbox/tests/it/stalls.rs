@@ -15,20 +15,12 @@ use uuid::Uuid;
 
 use crate::helpers::{TestBroker, delivery_counts, enqueue_events, outbox_rows};
 
-/// Writes one event of `event_type` with `headers`, as a library user's bug might.
+/// Writes one event of `event_type` with `headers`, as a library user's bug
+/// might, of an aggregate of its own (none waits for another).
 async fn enqueue_one(db: &PgPool, event_type: &str, headers: serde_json::Value) -> Uuid {
-    let mut tx = db.begin().await.expect("begin");
-    let event = outbox::NewEvent {
-        aggregate_type: "test".to_owned(),
-        // An aggregate of its own: none waits for another (per-aggregate order).
-        aggregate_id: format!("poison-{}", Uuid::new_v4().simple()),
-        event_type: event_type.to_owned(),
-        payload: serde_json::json!({"n": "poison"}),
-        headers: headers.as_object().cloned().unwrap_or_default(),
-    };
-    let id = outbox::enqueue_untyped(&mut tx, &event).await.expect("enqueue");
-    tx.commit().await.expect("commit");
-    id
+    let aggregate = format!("poison-{}", Uuid::new_v4().simple());
+    let payload = serde_json::json!({"n": "poison"});
+    crate::helpers::enqueue_one(db, &aggregate, event_type, payload, headers).await
 }
 
 async fn state_of(db: &PgPool, id: Uuid) -> (String, i32, Option<String>) {

@@ -43,21 +43,13 @@ async fn cargo(args: &[&str], pass: &[String]) -> anyhow::Result<bool> {
 /// broker's own pipelined-publish rate in the same run, and the idle
 /// commit-to-delivery latency of single events (outbox's example relay_bench).
 pub async fn relay(args: PassThrough) -> anyhow::Result<bool> {
-    cargo(
-        &[
-            "run",
-            "--release",
-            "--locked",
-            "--quiet",
-            "-p",
-            "outbox",
-            "--example",
-            "relay_bench",
-            "--",
-        ],
-        &args.args,
-    )
-    .await
+    example("outbox", "relay_bench", &args.args).await
+}
+
+/// `cargo run --release` of `package`'s example `name`, passing `pass` on.
+async fn example(package: &str, name: &str, pass: &[String]) -> anyhow::Result<bool> {
+    let run = ["run", "--release", "--locked", "--quiet", "-p", package, "--example", name, "--"];
+    cargo(&run, pass).await
 }
 
 /// The rate at which the inventory consumer applies a backlog of OrderPlaced
@@ -72,21 +64,7 @@ pub async fn consumer(args: PassThrough) -> anyhow::Result<bool> {
     let consumer_bin = bin_dir("release").join("inventory-consumer");
     let mut pass = vec!["--consumer-bin".to_owned(), consumer_bin.display().to_string()];
     pass.extend(args.args);
-    cargo(
-        &[
-            "run",
-            "--release",
-            "--locked",
-            "--quiet",
-            "-p",
-            "inventory-consumer",
-            "--example",
-            "consumer_bench",
-            "--",
-        ],
-        &pass,
-    )
-    .await
+    example("inventory-consumer", "consumer_bench", &pass).await
 }
 
 /// The settings of `cargo xtask bench-queue-types`.
