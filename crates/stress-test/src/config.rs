@@ -76,6 +76,12 @@ pub struct Config {
     #[arg(long, env = "STRESS_SCARCE_RATIO", default_value_t = 0.02, value_parser = parse_ratio)]
     pub scarce_ratio: f64,
 
+    /// Fraction of placed orders (0 to 1) cancelled right after their 201
+    /// (`POST /orders/{id}/cancel`, retried like an order with --retries); the
+    /// wait then also waits for each of them to be CANCELLED.
+    #[arg(long, env = "STRESS_CANCEL_RATIO", default_value_t = 0.0, value_parser = parse_ratio)]
+    pub cancel_ratio: f64,
+
     /// Send an `Idempotency-Key` header with every order, a fresh unique key
     /// each (`stress-<uuid>`), so that the service stores one key per order, as
     /// it does for clients that retry safely. Off: no header, no key stored.

@@ -18,7 +18,7 @@ use crate::load::micros_histogram;
 /// How often the orders table is read while waiting.
 const POLL_INTERVAL: Duration = Duration::from_millis(200);
 /// The statuses an order can have; each is reported, even when none has it.
-const STATUSES: [&str; 3] = ["PENDING", "COMPLETED", "REJECTED"];
+const STATUSES: [&str; 4] = ["PENDING", "COMPLETED", "REJECTED", "CANCELLED"];
 
 /// A small pool: the stress test reads, it must not compete with the services
 /// for connections.
@@ -56,11 +56,12 @@ pub struct Convergence {
     pub e2e_lag: Histogram<u64>,
 }
 
-/// Polls until no order of `ids` is PENDING or missing, `timeout` passes or
-/// `shutdown` is cancelled.
+/// Polls until no order of `ids` is PENDING or missing and each of `cancelled`
+/// is CANCELLED, `timeout` passes or `shutdown` is cancelled.
 pub async fn wait(
     db: &PgPool,
     ids: &[Uuid],
+    cancelled: &[Uuid],
     timeout: Duration,
     progress: &ProgressBar,
     shutdown: &CancellationToken,
@@ -68,7 +69,9 @@ pub async fn wait(
     let start = Instant::now();
     let deadline = start + timeout;
     // Only orders not yet decided are read again: a decided order never goes
-    // back to PENDING, so each poll is smaller than the last.
+    // back to PENDING, so each poll is smaller than the last. An order whose
+    // cancel was accepted is decided once CANCELLED.
+    let cancelled: HashSet<Uuid> = cancelled.iter().copied().collect();
     let mut undecided: Vec<Uuid> = ids.to_vec();
     let mut decided: BTreeMap<String, u64> = BTreeMap::new();
     let mut pending = 0;
@@ -81,7 +84,7 @@ pub async fn wait(
                 let found = rows.len();
                 let mut now_decided = HashSet::new();
                 for (id, status) in rows {
-                    if status != "PENDING" {
+                    if status != "PENDING" && (status == "CANCELLED" || !cancelled.contains(&id)) {
                         now_decided.insert(id);
                         *decided.entry(status).or_default() += 1;
                     }

@@ -38,6 +38,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         concurrency: config.concurrency,
         request_timeout: config.request_timeout,
         scarce_ratio: config.scarce_ratio,
+        cancel_ratio: config.cancel_ratio,
         idempotency_keys: config.idempotency_keys,
         retries: config.retries,
     };
@@ -58,6 +59,8 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         server_errors: tally.server_errors,
         transport_errors: tally.transport_errors,
         retries: tally.retries,
+        cancels: tally.cancels,
+        cancels_accepted: tally.cancelled.len() as u64,
         unreadable_bodies: tally.unreadable_bodies,
         status_codes: tally.status_codes.iter().map(|(code, n)| (code.to_string(), *n)).collect(),
         elapsed_seconds,
@@ -82,7 +85,8 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         let progress =
             bar(config, total, "{elapsed_precise} {wide_bar} {pos}/{len} orders decided");
         let convergence =
-            converge::wait(&db, &tally.ids, config.timeout, &progress, &shutdown).await;
+            converge::wait(&db, &tally.ids, &tally.cancelled, config.timeout, &progress, &shutdown)
+                .await;
         progress.finish_and_clear();
         db.close().await;
         report.waited = true;

@@ -38,6 +38,8 @@ pub struct Plan {
     pub concurrency: u64,
     pub request_timeout: Duration,
     pub scarce_ratio: f64,
+    /// Fraction of placed orders cancelled right after their 201.
+    pub cancel_ratio: f64,
     /// Send a fresh `Idempotency-Key` with each order.
     pub idempotency_keys: bool,
     /// Attempts after the first for an order that got no answer or a 5xx.
@@ -61,6 +63,9 @@ pub struct Tally {
     pub latency: Histogram<u64>,
     /// The orders the service said it created.
     pub ids: Vec<Uuid>,
+    /// Cancels sent (`Plan::cancel_ratio`), and the orders whose cancel was accepted.
+    pub cancels: u64,
+    pub cancelled: Vec<Uuid>,
     pub error_samples: Vec<String>,
     /// From the start of the load to its last answer.
     pub elapsed: Duration,
@@ -79,6 +84,8 @@ impl Tally {
             status_codes: BTreeMap::new(),
             latency: micros_histogram(),
             ids: Vec::new(),
+            cancels: 0,
+            cancelled: Vec::new(),
             error_samples: Vec::new(),
             elapsed: Duration::ZERO,
         }
@@ -133,6 +140,8 @@ impl Tally {
         }
         self.latency.add(&other.latency).expect("histograms of the same bounds add up");
         self.ids.extend(other.ids);
+        self.cancels += other.cancels;
+        self.cancelled.extend(other.cancelled);
         for sample in other.error_samples {
             self.sample(|| sample);
         }
@@ -173,6 +182,7 @@ struct Shared {
     limit: Option<u64>,
     rate: Option<f64>,
     scarce_ratio: f64,
+    cancel_ratio: f64,
     idempotency_keys: bool,
     retries: u32,
     start: Instant,
@@ -204,6 +214,7 @@ pub async fn run(
         limit: plan.limit,
         rate: plan.rate,
         scarce_ratio: plan.scarce_ratio,
+        cancel_ratio: plan.cancel_ratio,
         idempotency_keys: plan.idempotency_keys,
         retries: plan.retries,
         start,
@@ -259,10 +270,45 @@ async fn worker(shared: Arc<Shared>) -> Tally {
         if !matches!(outcome, Outcome::Created { .. }) {
             shared.progress.set_message("(errors: see the report)");
         }
+        let placed = match outcome {
+            Outcome::Created { id: Some(id), .. } => Some(id),
+            _ => None,
+        };
         tally.record(outcome, due.elapsed());
+        if let Some(id) = placed
+            && shared.cancel_ratio > 0.0
+            && rand::rng().random_bool(shared.cancel_ratio)
+        {
+            tally.cancels += 1;
+            if cancel(&shared, id).await {
+                tally.cancelled.push(id);
+            } else {
+                shared.progress.set_message("(a cancel failed: see the report)");
+                tally.sample(|| format!("the cancel of order {id} was not accepted"));
+            }
+        }
         shared.progress.inc(1);
     }
     tally
+}
+
+/// Cancels order `id`, retrying no answer or a 5xx as an order is (a cancel is
+/// idempotent); whether it was accepted (2xx).
+async fn cancel(shared: &Shared, id: Uuid) -> bool {
+    let url = format!("{}/{id}/cancel", shared.orders_url);
+    let mut pause = Duration::from_millis(100);
+    for attempt in 0..=shared.retries {
+        if attempt > 0 {
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(2));
+        }
+        match shared.client.post(&url).send().await {
+            Ok(response) if response.status().is_success() => return true,
+            Ok(response) if response.status().is_client_error() => return false,
+            _ => {}
+        }
+    }
+    false
 }
 
 async fn place(

@@ -24,6 +24,11 @@ pub struct Report {
     /// counts once above, by its last answer.
     #[serde(default)]
     pub retries: u64,
+    /// Cancels sent after a 201 (`--cancel-ratio`), and of those accepted (2xx).
+    #[serde(default)]
+    pub cancels: u64,
+    #[serde(default)]
+    pub cancels_accepted: u64,
     /// 2xx answers whose body held no order id; their orders cannot be followed.
     pub unreadable_bodies: u64,
     /// Answers by HTTP status code.
@@ -37,7 +42,8 @@ pub struct Report {
     pub latency_ms: Latency,
     /// Whether convergence was waited for (false with `--no-wait`).
     pub waited: bool,
-    /// Every order answered 2xx is COMPLETED or REJECTED. False when not waited for.
+    /// Every order answered 2xx is COMPLETED or REJECTED, or CANCELLED when its
+    /// cancel was accepted. False when not waited for.
     pub converged: bool,
     /// Time spent waiting after the load: the time to converge when `converged`,
     /// the timeout otherwise; `null` when not waited for.
@@ -112,6 +118,7 @@ impl Report {
             && !self.interrupted
             && self.ok == self.sent
             && self.unreadable_bodies == 0
+            && self.cancels_accepted == self.cancels
             && (!self.waited || self.converged)
     }
 }
@@ -136,6 +143,10 @@ impl fmt::Display for Report {
         }
         if self.unreadable_bodies > 0 {
             row(f, "2xx without an id", &self.unreadable_bodies, "")?;
+        }
+        if self.cancels > 0 {
+            row(f, "cancels", &self.cancels, "")?;
+            row(f, "cancels accepted", &self.cancels_accepted, "")?;
         }
         row(f, "elapsed", &format_args!("{:.2}", self.elapsed_seconds), "s")?;
         row(f, "throughput", &format_args!("{:.1}", self.throughput_rps), "req/s")?;
@@ -204,6 +215,8 @@ mod tests {
             server_errors: 0,
             transport_errors: 0,
             retries: 0,
+            cancels: 0,
+            cancels_accepted: 0,
             unreadable_bodies: 0,
             status_codes: BTreeMap::from([("201".to_owned(), 10)]),
             elapsed_seconds: 1.0,
@@ -228,6 +241,8 @@ mod tests {
         assert!(!Report { ok: 9, server_errors: 1, ..report() }.passed());
         assert!(!Report { ok: 9, transport_errors: 1, ..report() }.passed());
         assert!(!Report { unreadable_bodies: 1, ..report() }.passed());
+        assert!(Report { cancels: 3, cancels_accepted: 3, ..report() }.passed());
+        assert!(!Report { cancels: 3, cancels_accepted: 2, ..report() }.passed());
         assert!(!Report { interrupted: true, ..report() }.passed());
         assert!(!Report { sent: 0, ok: 0, ..report() }.passed());
     }

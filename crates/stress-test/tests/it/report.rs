@@ -133,3 +133,68 @@ async fn an_unreachable_service_gives_transport_errors() {
     assert_eq!(run.u64("ok"), 0, "{report}");
     assert_eq!(run.exit_code(), Some(1));
 }
+
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
+async fn cancelled_orders_are_waited_for_until_cancelled(db: PgPool) {
+    let app = spawn_app(db).await;
+    // Stands in for the inventory consumer: decides every pending order, and
+    // applies each cancel (a cancel request not yet applied keeps it waiting).
+    let decider = tokio::spawn({
+        let db = app.db.clone();
+        async move {
+            loop {
+                sqlx::query(
+                    "UPDATE orders SET status = 'COMPLETED', updated_at = now()
+                     WHERE status = 'PENDING'",
+                )
+                .execute(&db)
+                .await
+                .expect("orders decided");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                // A cancel is applied a second after it was asked for, long
+                // after its order was decided.
+                sqlx::query(
+                    "UPDATE orders AS o SET status = 'CANCELLED', updated_at = now()
+                     FROM order_cancellations AS c
+                     WHERE c.order_id = o.id AND o.status <> 'CANCELLED'
+                       AND c.requested_at < now() - interval '1 second'",
+                )
+                .execute(&db)
+                .await
+                .expect("cancels applied");
+            }
+        }
+    });
+
+    let run = stress_test(&[
+        "--url",
+        &app.address,
+        "--database-url",
+        &app.database_url,
+        "--orders",
+        "40",
+        "--concurrency",
+        "4",
+        "--cancel-ratio",
+        "0.5",
+        "--timeout",
+        "30",
+    ])
+    .await;
+    decider.abort();
+
+    let report = &run.report;
+    assert_report_shape(report);
+    let cancels = run.u64("cancels");
+    assert!((5..=35).contains(&cancels), "about half of 40 cancelled: {report}");
+    assert_eq!(run.u64("cancels_accepted"), cancels, "{report}");
+    assert_eq!(report["converged"], true, "{report}");
+    assert_eq!(report["status_counts"]["CANCELLED"], cancels, "waited for each: {report}");
+    assert_eq!(report["status_counts"]["COMPLETED"], 40 - cancels, "{report}");
+    let requested: i64 = sqlx::query_scalar("SELECT count(*) FROM order_cancellations")
+        .fetch_one(&app.db)
+        .await
+        .expect("count");
+    assert_eq!(u64::try_from(requested).expect("count"), cancels, "{report}");
+    assert_eq!(run.exit_code(), Some(0), "stderr: {}", String::from_utf8_lossy(&run.output.stderr));
+}
