@@ -76,6 +76,26 @@ impl TestBroker {
             .expect("bind");
     }
 
+    /// A relay pool on this test's exchange with `config`; stop it by
+    /// cancelling the token, then `join`.
+    pub fn spawn_relay(
+        &self,
+        db: &PgPool,
+        config: RelayConfig,
+    ) -> (outbox::relay::Relay, tokio_util::sync::CancellationToken) {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let metrics = outbox::metrics::RelayMetrics::default();
+        let relay = outbox::relay::Relay::spawn(
+            db.clone(),
+            self.transport(),
+            config,
+            metrics,
+            shutdown.clone(),
+        )
+        .expect("valid settings");
+        (relay, shutdown)
+    }
+
     pub fn relay_config(&self) -> RelayConfig {
         RelayConfig { poll_interval: Duration::from_millis(100), ..RelayConfig::default() }
     }

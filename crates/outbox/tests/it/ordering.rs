@@ -8,10 +8,9 @@ use std::time::Duration;
 
 use lapin::message::Delivery;
 use outbox::metrics::RelayMetrics;
-use outbox::relay::{Relay, RelayConfig, relay_batch};
+use outbox::relay::{RelayConfig, relay_batch};
 use outbox::{Publisher, Transport};
 use sqlx::PgPool;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::helpers::{TestBroker, enqueue_one, message_id, outbox_rows};
@@ -43,15 +42,7 @@ async fn one_aggregates_events_are_published_in_order_by_many_workers(db: PgPool
         }
     }
     let config = RelayConfig { workers: 4, batch_size: 3, ..broker.relay_config() };
-    let shutdown = CancellationToken::new();
-    let relay = Relay::spawn(
-        db.clone(),
-        broker.transport(),
-        config,
-        RelayMetrics::default(),
-        shutdown.clone(),
-    )
-    .expect("valid settings");
+    let (relay, shutdown) = broker.spawn_relay(&db, config);
 
     let deliveries = broker.receive(200, Duration::from_secs(60)).await;
     shutdown.cancel();

@@ -171,15 +171,7 @@ async fn late_commits_drain_at_once_not_one_batch_per_full_scan(db: PgPool) {
         claim_lookback: Duration::from_secs(10),
         ..broker.relay_config()
     };
-    let shutdown = CancellationToken::new();
-    let relay = Relay::spawn(
-        db.clone(),
-        broker.transport(),
-        config,
-        RelayMetrics::default(),
-        shutdown.clone(),
-    )
-    .expect("valid settings");
+    let (relay, shutdown) = broker.spawn_relay(&db, config);
     // The worker's floor moves up to now.
     enqueue_events(&db, "Happened", 10, 10).await;
     assert_eq!(broker.receive(10, Duration::from_secs(10)).await.len(), 10);

@@ -46,22 +46,7 @@ async fn orders_left_pending_are_reported_and_fail_the_run(db: PgPool) {
 #[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn a_run_whose_orders_are_all_decided_converges_and_passes(db: PgPool) {
     let app = spawn_app(db).await;
-    // Stands in for the inventory consumer: decides every pending order.
-    let decider = tokio::spawn({
-        let db = app.db.clone();
-        async move {
-            loop {
-                sqlx::query(
-                    "UPDATE orders SET status = 'COMPLETED', updated_at = now()
-                     WHERE status = 'PENDING'",
-                )
-                .execute(&db)
-                .await
-                .expect("orders decided");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    });
+    let decider = decider(&app.db);
 
     let run = stress_test(&[
         "--url",
@@ -137,35 +122,7 @@ async fn an_unreachable_service_gives_transport_errors() {
 #[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn cancelled_orders_are_waited_for_until_cancelled(db: PgPool) {
     let app = spawn_app(db).await;
-    // Stands in for the inventory consumer: decides every pending order, and
-    // applies each cancel (a cancel request not yet applied keeps it waiting).
-    let decider = tokio::spawn({
-        let db = app.db.clone();
-        async move {
-            loop {
-                sqlx::query(
-                    "UPDATE orders SET status = 'COMPLETED', updated_at = now()
-                     WHERE status = 'PENDING'",
-                )
-                .execute(&db)
-                .await
-                .expect("orders decided");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                // A cancel is applied a second after it was asked for, long
-                // after its order was decided.
-                sqlx::query(
-                    "UPDATE orders AS o SET status = 'CANCELLED', updated_at = now()
-                     FROM order_cancellations AS c
-                     WHERE c.order_id = o.id AND o.status <> 'CANCELLED'
-                       AND c.requested_at < now() - interval '1 second'",
-                )
-                .execute(&db)
-                .await
-                .expect("cancels applied");
-            }
-        }
-    });
-
+    let decider = decider(&app.db);
     let run = stress_test(&[
         "--url",
         &app.address,
@@ -197,4 +154,32 @@ async fn cancelled_orders_are_waited_for_until_cancelled(db: PgPool) {
         .expect("count");
     assert_eq!(u64::try_from(requested).expect("count"), cancels, "{report}");
     assert_eq!(run.exit_code(), Some(0), "stderr: {}", String::from_utf8_lossy(&run.output.stderr));
+}
+
+/// Stands in for the inventory consumer: decides every pending order and, a
+/// second after it was asked for (long after its order was decided), applies
+/// each cancel.
+fn decider(db: &PgPool) -> tokio::task::JoinHandle<()> {
+    let db = db.clone();
+    tokio::spawn(async move {
+        loop {
+            sqlx::query(
+                "UPDATE orders SET status = 'COMPLETED', updated_at = now()
+                 WHERE status = 'PENDING'",
+            )
+            .execute(&db)
+            .await
+            .expect("orders decided");
+            sqlx::query(
+                "UPDATE orders AS o SET status = 'CANCELLED', updated_at = now()
+                 FROM order_cancellations AS c
+                 WHERE c.order_id = o.id AND o.status <> 'CANCELLED'
+                   AND c.requested_at < now() - interval '1 second'",
+            )
+            .execute(&db)
+            .await
+            .expect("cancels applied");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
 }
