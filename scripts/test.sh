@@ -23,7 +23,9 @@ echo "== docker-compose config"
 if command -v docker-compose >/dev/null 2>&1; then
     docker-compose -f docker-compose.yml config -q
     docker-compose -f docker-compose.yml -f docker-compose.cluster.yml config -q
-    echo "docker-compose.yml and docker-compose.cluster.yml are valid"
+    docker-compose -f docker-compose.yml -f docker-compose.smoke.yml config -q
+    docker-compose -f docker-compose.yml -f docker-compose.smoke-cluster.yml config -q
+    echo "docker-compose.yml, its cluster and the smoke test's overrides are valid"
 else
     echo "!! SKIPPED: docker-compose is not installed (apt-get install docker-compose);" \
         "the Compose files were NOT validated" >&2
