@@ -279,13 +279,14 @@ pub async fn check(conn: &mut PgConnection, args: &ReconcileArgs) -> anyhow::Res
     .context("cannot count the outbox")?;
 
     // Check 6: every key names its order, and the answer stored for its
-    // retries is that order's. A writer that stored one order's answer against
+    // retries is that order's (a 201, or the 202 of a cancel). A writer that stored one order's answer against
     // another's key (a batch's arrays out of step) would tell a retrying client
     // of an order that is not theirs; the foreign key cannot see that. A key
     // without its order cannot arise while the foreign key is enforced, but can
     // from a restore or a replica that skipped triggers.
     const WRONG_ANSWER: &str = "o.id IS NOT NULL AND (
-             k.response_status IS DISTINCT FROM 201
+             k.response_status IS DISTINCT FROM
+                 CASE WHEN k.request ? 'cancel' THEN 202 ELSE 201 END
           OR k.response_body->>'id' IS DISTINCT FROM o.id::text
           OR k.response_body->>'customer_id' IS DISTINCT FROM o.customer_id
           OR k.response_body->'total_cents' IS DISTINCT FROM to_jsonb(o.total_cents))";

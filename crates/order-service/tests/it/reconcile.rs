@@ -494,11 +494,14 @@ async fn a_cancel_accepted_long_ago_and_not_applied_fails(db: PgPool) {
         .app
         .client
         .post(format!("{}/orders/{}/cancel", state.app.address, state.completed))
+        .header("idempotency-key", "cancel-key")
         .send()
         .await
         .expect("cancel");
     assert_eq!(response.status(), 202);
-    assert!(check(db).await.ok(), "a young cancel is not a failure");
+    let young = check(db).await;
+    assert!(young.ok(), "a young cancel, and its key's 202, are no failure: {}", young.text());
+    assert_eq!(young.keys, 3, "the cancel's key is checked too");
     execute(
         db,
         "UPDATE order_cancellations SET requested_at = now() - interval '5 minutes'
