@@ -541,7 +541,10 @@ impl Report {
 
         let wrong_answers = self.keys_wrong_answer_examples.iter().map(|(key, order, answered)| {
             let answered = answered.as_deref().unwrap_or("no id");
-            format!("key {key:?} names order {order} but its stored answer is order {answered}'s")
+            format!(
+                "key {key:?} names order {order}; its stored answer (order {answered}) \
+                 differs from that order in status, id, customer or total"
+            )
         });
         checks.push(Check {
             name: "idempotency keys",
