@@ -4,11 +4,18 @@
 //! (if it took anything) and marks it CANCELLED; an event seen before has no
 //! effect.
 //!
-//! A cancel may be applied before its order's `OrderPlaced` (two consumers,
-//! each with a prefetch, can receive one aggregate's events at once): the order
-//! is then CANCELLED with nothing to give back, and its `OrderPlaced`, applied
-//! later, finds it decided and has no effect. Either way a CANCELLED order holds
-//! no stock, and the stock of a COMPLETED order is taken once.
+//! One order's events are applied in the order they were written. The relay
+//! publishes them in that order, but two workers (or two replicas), each with a
+//! prefetch, can receive one order's `OrderPlaced` and `OrderCancelled` at once,
+//! and the cancel's batch can commit first. So a cancel whose order is still
+//! PENDING (its `OrderPlaced` not applied yet) is [`Outcome::Deferred`]: not
+//! recorded, no effect, held by its worker and tried again. Only a cancel whose
+//! wait is over (the caller says which: `OUT_OF_ORDER_WAIT`) is applied without
+//! its `OrderPlaced` ([`Outcome::CancelledBeforePlaced`]): the order is then
+//! CANCELLED with nothing to give back, its `OrderPlaced` has no effect when it
+//! comes, and `orders.cancelled_from = 'PENDING'` records it for reconcile.
+//! Either way a CANCELLED order holds no stock, and the stock of a COMPLETED
+//! order is taken once.
 //!
 //! Set-based on purpose: a batch costs a fixed handful of statements whatever its
 //! size, which is where the consumer's throughput comes from. Rows are locked in a
@@ -29,6 +36,12 @@ pub enum Outcome {
     Completed,
     /// A cancel: the stock the order took (if any) given back; it is CANCELLED.
     Cancelled,
+    /// A cancel whose order's `OrderPlaced` has not been applied: not recorded,
+    /// no effect; the worker holds it and tries again.
+    Deferred,
+    /// A cancel applied without its order's `OrderPlaced`, its wait being over:
+    /// CANCELLED with nothing to give back; applied out of order.
+    CancelledBeforePlaced,
     /// Some line's stock was short; nothing reserved, the order is REJECTED.
     Rejected,
     /// This message id was applied before: no effect.
@@ -50,6 +63,8 @@ impl Outcome {
         match self {
             Self::Completed => "completed",
             Self::Cancelled => "cancelled",
+            Self::Deferred => "deferred",
+            Self::CancelledBeforePlaced => "cancelled_before_placed",
             Self::Rejected => "rejected",
             Self::Duplicate => "duplicate",
             Self::AlreadyDecided => "already_decided",
@@ -61,11 +76,23 @@ impl Outcome {
 
 /// Applies `messages` in `tx` as `consumer` and returns each one's outcome, in
 /// order. Messages are decided in the order given, so within a batch the earlier
-/// of two orders competing for the last units of stock gets them.
+/// of two orders competing for the last units of stock gets them. A cancel that
+/// comes before its order's `OrderPlaced` is deferred.
 pub async fn apply_batch(
     tx: &mut Transaction<'_, Postgres>,
     consumer: &str,
     messages: &[Message],
+) -> sqlx::Result<Vec<Outcome>> {
+    apply_batch_waited(tx, consumer, messages, &HashSet::new()).await
+}
+
+/// [`apply_batch`], except that a cancel whose message id is in `waited_out`
+/// (its wait for its order's `OrderPlaced` is over) is applied without it.
+pub async fn apply_batch_waited(
+    tx: &mut Transaction<'_, Postgres>,
+    consumer: &str,
+    messages: &[Message],
+    waited_out: &HashSet<Uuid>,
 ) -> sqlx::Result<Vec<Outcome>> {
     // Row locks are `FOR NO KEY UPDATE`, the lock an UPDATE that leaves the key
     // alone takes. `FOR UPDATE` would also conflict with the `FOR KEY SHARE` locks
@@ -117,9 +144,12 @@ pub async fn apply_batch(
     let mut outcomes = Vec::with_capacity(messages.len());
     // Stock taken (positive) or given back (negative), per sku.
     let mut reserved: BTreeMap<&str, i64> = BTreeMap::new();
-    // Each order's last decision in the batch: its new status and the message
-    // that decided it (an order placed and cancelled in one batch is written once).
-    let mut decided: BTreeMap<Uuid, (&'static str, Uuid)> = BTreeMap::new();
+    // Each order's last decision in the batch: its new status, the message that
+    // decided it and, for a cancel, the status it found (an order placed and
+    // cancelled in one batch is written once).
+    let mut decided: BTreeMap<Uuid, Decision> = BTreeMap::new();
+    // Deferred cancels, whose ids step 2 recorded and step 5 forgets.
+    let mut deferred = Vec::new();
     for message in messages {
         let order_id = message.event.order_id();
         let Some(order_status) = status.get_mut(&order_id) else {
@@ -149,9 +179,16 @@ pub async fn apply_batch(
                 }
             }
             OrderEvent::Cancelled(_) if order_status == "CANCELLED" => Outcome::AlreadyDecided,
+            OrderEvent::Cancelled(_)
+                if order_status == "PENDING" && !waited_out.contains(&message.id) =>
+            {
+                deferred.push(message.id);
+                Outcome::Deferred
+            }
+            OrderEvent::Cancelled(_) if order_status == "PENDING" => Outcome::CancelledBeforePlaced,
             OrderEvent::Cancelled(_) => {
-                // Only a COMPLETED order took stock; a PENDING or REJECTED one
-                // has nothing to give back.
+                // Only a COMPLETED order took stock; a REJECTED one has
+                // nothing to give back.
                 if order_status == "COMPLETED" {
                     for (sku, quantity) in quantities(message) {
                         *available.entry(sku.to_owned()).or_default() += quantity;
@@ -161,23 +198,29 @@ pub async fn apply_batch(
                 Outcome::Cancelled
             }
         };
-        let new_status = match outcome {
+        let status = match outcome {
             Outcome::Completed => "COMPLETED",
             Outcome::Rejected => "REJECTED",
-            Outcome::Cancelled => "CANCELLED",
+            Outcome::Cancelled | Outcome::CancelledBeforePlaced => "CANCELLED",
             _ => {
                 outcomes.push(outcome);
                 continue;
             }
         };
-        new_status.clone_into(order_status);
-        decided.insert(order_id, (new_status, message.id));
+        let cancelled_from = (status == "CANCELLED").then(|| order_status.clone());
+        status.clone_into(order_status);
+        decided.insert(order_id, Decision { status, message_id: message.id, cancelled_from });
         outcomes.push(outcome);
     }
 
     // 5. Write the decisions: one statement for the stock, one for the orders.
     //    Each decided order names its message (`decided_by`), whose id step 2
     //    recorded in this transaction: `order-service reconcile` checks the pair.
+    //    A deferred cancel's id is forgotten, so that it takes effect when it
+    //    comes again.
+    if !deferred.is_empty() {
+        outbox::inbox::forget(tx, consumer, &deferred).await?;
+    }
     reserved.retain(|_, quantity| *quantity != 0);
     if !reserved.is_empty() {
         let (skus, quantities): (Vec<&str>, Vec<i64>) = reserved.into_iter().unzip();
@@ -195,23 +238,36 @@ pub async fn apply_batch(
         let mut ids = Vec::with_capacity(decided.len());
         let mut statuses = Vec::with_capacity(decided.len());
         let mut deciders = Vec::with_capacity(decided.len());
-        for (id, (status, message_id)) in decided {
+        let mut cancelled_from = Vec::with_capacity(decided.len());
+        for (id, decision) in decided {
             ids.push(id);
-            statuses.push(status);
-            deciders.push(message_id);
+            statuses.push(decision.status);
+            deciders.push(decision.message_id);
+            cancelled_from.push(decision.cancelled_from);
         }
         sqlx::query(
-            "UPDATE orders SET status = d.status, decided_by = d.message_id, updated_at = now()
-             FROM unnest($1::uuid[], $2::text[], $3::uuid[]) AS d(id, status, message_id)
+            "UPDATE orders SET status = d.status, decided_by = d.message_id,
+                               cancelled_from = d.cancelled_from, updated_at = now()
+             FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::text[])
+                  AS d(id, status, message_id, cancelled_from)
              WHERE orders.id = d.id",
         )
         .bind(&ids)
         .bind(&statuses)
         .bind(&deciders)
+        .bind(&cancelled_from)
         .execute(&mut **tx)
         .await?;
     }
     Ok(outcomes)
+}
+
+/// An order's new status, the message that decided it and, for a cancel, the
+/// status it found (`orders.cancelled_from`).
+struct Decision {
+    status: &'static str,
+    message_id: Uuid,
+    cancelled_from: Option<String>,
 }
 
 /// The quantity the message asks of each sku (an sku on two lines counts once).

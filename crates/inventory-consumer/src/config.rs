@@ -45,6 +45,16 @@ pub struct Config {
     #[arg(long, env = "BATCH_SIZE", default_value_t = 128)]
     pub batch_size: usize,
 
+    /// How long an OrderCancelled whose order's OrderPlaced has not been applied
+    /// yet (another worker or replica holds it) is held back for it, tried
+    /// again every 50 ms, before it is applied anyway (`30s`, `500ms`): the
+    /// order is then cancelled with nothing to give back, and reconcile reports
+    /// it as applied out of order. Only a lost OrderPlaced (dead-lettered, say)
+    /// should ever take this long.
+    #[arg(long, env = "OUT_OF_ORDER_WAIT", default_value = "30s",
+          value_parser = humantime::parse_duration)]
+    pub out_of_order_wait: Duration,
+
     /// How long a processed message id is remembered (`7d`, `12h`, `4s`). A
     /// redelivery older than this counts as new; for OrderPlaced that is harmless,
     /// as its order is no longer PENDING. Keep it well above the longest time a

@@ -98,6 +98,7 @@ impl Application {
             consumer_name: config.consumer_name.clone(),
             prefetch: config.prefetch.max(1),
             batch_size: config.batch_size.max(1),
+            out_of_order_wait: config.out_of_order_wait,
             crash_switch: self.crash_switch.clone(),
         });
         let connected = Arc::new(AtomicUsize::new(0));

@@ -9,6 +9,7 @@
 //! A crash anywhere before the ack leaves the messages unacked, so the broker
 //! redelivers them, and `processed_messages` turns the redelivery into a no-op.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
@@ -29,14 +30,33 @@ use outbox::backoff::Backoff;
 use outbox::supervisor::{CountGuard, CrashSwitch};
 use service_kit::trace_context;
 use sqlx::PgPool;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
-use crate::apply::{Outcome, apply_batch};
+use crate::apply::{Outcome, apply_batch_waited};
 use crate::message::{Message, created_at, decode, trace_parent};
 use crate::metrics::ConsumerMetrics;
 
 /// How long the broker has to confirm the dead-lettered copies of a batch's poison.
 const DEAD_LETTER_CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a worker holding deferred cancels waits for a new batch before it
+/// tries them alone.
+const HELD_RETRY_PAUSE: Duration = Duration::from_millis(50);
+
+/// A delivery taken from the channel and not settled yet; `deferred_since` when
+/// it is a cancel held for its order's `OrderPlaced`.
+struct Held {
+    delivery: Delivery,
+    deferred_since: Option<Instant>,
+}
+
+impl Held {
+    fn new(delivery: Delivery) -> Self {
+        Self { delivery, deferred_since: None }
+    }
+}
 
 /// What every worker needs to know.
 #[derive(Debug, Clone)]
@@ -46,6 +66,9 @@ pub struct WorkerConfig {
     pub consumer_name: String,
     pub prefetch: u16,
     pub batch_size: usize,
+    /// How long a cancel waits for its order's `OrderPlaced` to be applied
+    /// before it is applied without it (`OUT_OF_ORDER_WAIT`).
+    pub out_of_order_wait: Duration,
     /// Test hook: armed, it makes a worker panic with a batch in hand.
     pub crash_switch: CrashSwitch,
 }
@@ -155,32 +178,53 @@ impl Worker {
         // `ready_chunks` yields what has already arrived, up to a batch: a lone
         // message is applied at once, a backlog in full batches.
         let mut batches = session.consumer.clone().ready_chunks(self.config.batch_size);
+        // Deferred cancels, held unacked (a requeue would count against a quorum
+        // queue's delivery limit) and tried again after the next batch's
+        // messages, or alone after a pause: their `OrderPlaced` may be in it.
+        let mut held: Vec<Held> = Vec::new();
         loop {
             let batch = tokio::select! {
                 biased;
                 () = self.shutdown.cancelled() => return Ok(()),
-                batch = batches.next() => batch,
+                batch = batches.next() => Some(batch),
+                () = tokio::time::sleep(HELD_RETRY_PAUSE), if !held.is_empty() => None,
             };
-            let batch = batch.context("the broker cancelled the consumer")?;
-            let deliveries: Vec<Delivery> =
-                batch.into_iter().collect::<Result<_, _>>().context("the channel failed")?;
+            let mut deliveries: Vec<Held> = match batch {
+                Some(batch) => batch
+                    .context("the broker cancelled the consumer")?
+                    .into_iter()
+                    .map(|delivery| delivery.map(Held::new))
+                    .collect::<Result<_, _>>()
+                    .context("the channel failed")?,
+                None => Vec::new(),
+            };
+            deliveries.append(&mut held);
             // Once a batch is taken it is finished, even during shutdown.
-            if !self.handle(session, deliveries).await? {
-                return Ok(());
+            match self.handle(session, deliveries).await? {
+                Some(deferred) => held = deferred,
+                None => return Ok(()),
             }
         }
     }
 
-    /// Applies and settles one batch. `Ok(false)`: shutdown came while the
-    /// database was down; the batch stays unacked and will be redelivered. An
+    /// Applies and settles one batch, and returns its deferred cancels, unsettled,
+    /// to hold. `Ok(None)`: shutdown came while the database was down; the batch
+    /// stays unacked and will be redelivered. An
     /// error when poison could not be dead-lettered: it went back to the queue
     /// (the rest of the batch was acked), and the worker reconnects after a pause,
     /// declaring its topology afresh (a deleted dead-letter exchange comes back).
-    async fn handle(&self, session: &Session, deliveries: Vec<Delivery>) -> anyhow::Result<bool> {
+    async fn handle(
+        &self,
+        session: &Session,
+        batch: Vec<Held>,
+    ) -> anyhow::Result<Option<Vec<Held>>> {
         // A panic here drops the session, whose connection closes: the broker
         // redelivers the batch to the restarted worker or another one.
         self.config.crash_switch.check(&self.name);
         let channel = &session.channel;
+        let now = Instant::now();
+        let (deliveries, deferred_since): (Vec<Delivery>, Vec<Option<Instant>>) =
+            batch.into_iter().map(|held| (held.delivery, held.deferred_since)).unzip();
         // One span per message, a child of the producer's span whose context the
         // message carries; ended once the message is settled.
         let spans: Vec<opentelemetry::Context> = deliveries
@@ -192,6 +236,8 @@ impl Worker {
             })
             .collect();
         let mut messages = Vec::with_capacity(deliveries.len());
+        // Deferred cancels that have waited long enough for their OrderPlaced.
+        let mut waited_out = HashSet::new();
         // The delivery (its index) of each message.
         let mut delivered_as = Vec::with_capacity(deliveries.len());
         // Poison: the delivery's index and the reason.
@@ -199,6 +245,11 @@ impl Worker {
         for (index, delivery) in deliveries.iter().enumerate() {
             match decode(delivery) {
                 Ok(message) => {
+                    if deferred_since[index].is_some_and(|since| {
+                        now.duration_since(since) >= self.config.out_of_order_wait
+                    }) {
+                        waited_out.insert(message.id);
+                    }
                     messages.push(message);
                     delivered_as.push(index);
                 }
@@ -206,33 +257,60 @@ impl Worker {
             }
         }
 
-        let Some(outcomes) = self.apply_until_done(&messages).await else {
-            return Ok(false);
+        let Some(outcomes) = self.apply_until_done(&messages, &waited_out).await else {
+            return Ok(None);
         };
         let committed_at = chrono::Utc::now();
         self.metrics.batch_size.observe(messages.len() as f64);
 
-        // The highest tag to ack with `multiple`: an ack settles every earlier
-        // delivery on the channel, so poison that is not dead-lettered must be
-        // settled (handed back) before it.
-        let mut ack_up_to = None;
+        // The tags to ack. One `multiple` ack of the highest settles every
+        // earlier delivery on the channel, so poison that is not dead-lettered
+        // must be settled (handed back) before it; while cancels are held, each
+        // tag is acked alone.
+        let mut acks = Vec::new();
+        // Deferred cancels: the delivery (its index) and since when.
+        let mut deferred: Vec<(usize, Instant)> = Vec::new();
         for ((message, &index), outcome) in messages.iter().zip(&delivered_as).zip(&outcomes) {
-            if *outcome == Outcome::UnknownOrder {
-                poison.push((index, format!("order {} does not exist", message.event.order_id())));
-            } else if let Outcome::Refused(reason) = outcome {
-                poison.push((index, reason.clone()));
-            } else {
-                self.metrics.record(outcome.label());
-                let delivery = &deliveries[index];
-                if matches!(outcome, Outcome::Completed | Outcome::Rejected)
-                    && let Some(created_at) = created_at(delivery)
-                {
-                    // Clocks of different hosts may disagree a little: never negative.
-                    let lag = (committed_at - created_at).as_seconds_f64().max(0.0);
-                    self.metrics.e2e_lag_seconds.observe(lag);
+            match outcome {
+                Outcome::UnknownOrder => {
+                    let reason = format!("order {} does not exist", message.event.order_id());
+                    poison.push((index, reason));
+                    continue;
                 }
-                ack_up_to = ack_up_to.max(Some(delivery.delivery_tag));
+                Outcome::Refused(reason) => {
+                    poison.push((index, reason.clone()));
+                    continue;
+                }
+                Outcome::Deferred => {
+                    if deferred_since[index].is_none() {
+                        tracing::debug!(worker = %self.name, message_id = %message.id,
+                            order_id = %message.event.order_id(),
+                            "a cancel came before its order's OrderPlaced; holding it");
+                    }
+                    self.metrics.record(outcome.label());
+                    deferred.push((index, deferred_since[index].unwrap_or(now)));
+                    continue;
+                }
+                Outcome::CancelledBeforePlaced => {
+                    tracing::warn!(worker = %self.name, message_id = %message.id,
+                        order_id = %message.event.order_id(),
+                        waited = ?self.config.out_of_order_wait,
+                        "a cancel's OrderPlaced did not come within OUT_OF_ORDER_WAIT: the \
+                         order is cancelled with nothing to give back (applied out of order; \
+                         reconcile reports it)");
+                }
+                _ => {}
             }
+            self.metrics.record(outcome.label());
+            let delivery = &deliveries[index];
+            if matches!(outcome, Outcome::Completed | Outcome::Rejected)
+                && let Some(created_at) = created_at(delivery)
+            {
+                // Clocks of different hosts may disagree a little: never negative.
+                let lag = (committed_at - created_at).as_seconds_f64().max(0.0);
+                self.metrics.e2e_lag_seconds.observe(lag);
+            }
+            acks.push(delivery.delivery_tag);
         }
 
         // After the commit of the good messages, before any ack.
@@ -260,7 +338,7 @@ impl Worker {
                 tracing::warn!(worker = %self.name, message_id, reason, trace_id,
                     "poison message moved to the dead-letter queue");
                 self.metrics.record("poison");
-                ack_up_to = ack_up_to.max(Some(delivery.delivery_tag));
+                acks.push(delivery.delivery_tag);
             } else {
                 tracing::warn!(worker = %self.name, message_id, reason, trace_id,
                     "the dead-letter exchange did not confirm a poison message; handing it back");
@@ -275,16 +353,26 @@ impl Worker {
                 handed_back += 1;
             }
         }
-        if let Some(tag) = ack_up_to {
-            channel
-                .basic_ack(tag, BasicAckOptions { multiple: true })
-                .await
-                .context("cannot ack the batch")?;
+        if deferred.is_empty() {
+            if let Some(&tag) = acks.iter().max() {
+                channel
+                    .basic_ack(tag, BasicAckOptions { multiple: true })
+                    .await
+                    .context("cannot ack the batch")?;
+            }
+        } else {
+            for tag in acks {
+                channel
+                    .basic_ack(tag, BasicAckOptions { multiple: false })
+                    .await
+                    .context("cannot ack the batch")?;
+            }
         }
         for span in &spans {
             trace_context::end(span, None); // a poison message's span has ended already
         }
-        tracing::debug!(worker = %self.name, batch = deliveries.len(), "batch settled");
+        tracing::debug!(worker = %self.name, batch = deliveries.len(), held = deferred.len(),
+            "batch settled");
         if handed_back > 0 {
             anyhow::bail!(
                 "the broker did not confirm {handed_back} poison message(s) on the dead-letter \
@@ -292,7 +380,15 @@ impl Worker {
                 self.config.topology.dead_letter_exchange
             );
         }
-        Ok(true)
+        let since: HashMap<usize, Instant> = deferred.into_iter().collect();
+        let held = deliveries
+            .into_iter()
+            .enumerate()
+            .filter_map(|(index, delivery)| {
+                since.get(&index).map(|&since| Held { delivery, deferred_since: Some(since) })
+            })
+            .collect();
+        Ok(Some(held))
     }
 
     /// Applies `messages`, retrying database failures with a growing pause: an
@@ -300,31 +396,41 @@ impl Worker {
     /// the database refuses the batch's data (not transient), the messages are
     /// applied one by one so that only the refused one is poison
     /// ([`Outcome::Refused`]). `None` when shutdown interrupts the retries.
-    async fn apply_until_done(&self, messages: &[Message]) -> Option<Vec<Outcome>> {
+    async fn apply_until_done(
+        &self,
+        messages: &[Message],
+        waited_out: &HashSet<Uuid>,
+    ) -> Option<Vec<Outcome>> {
         if messages.is_empty() {
             return Some(Vec::new());
         }
-        match self.apply_retrying(messages).await? {
+        match self.apply_retrying(messages, waited_out).await? {
             Ok(outcomes) => return Some(outcomes),
             Err(reason) => tracing::warn!(worker = %self.name, reason,
                 "the database refused a batch's data; applying its messages one by one"),
         }
         let mut outcomes = Vec::with_capacity(messages.len());
         for message in messages {
-            outcomes.push(match self.apply_retrying(std::slice::from_ref(message)).await? {
-                Ok(mut one) => one.remove(0),
-                Err(reason) => Outcome::Refused(reason),
-            });
+            outcomes.push(
+                match self.apply_retrying(std::slice::from_ref(message), waited_out).await? {
+                    Ok(mut one) => one.remove(0),
+                    Err(reason) => Outcome::Refused(reason),
+                },
+            );
         }
         Some(outcomes)
     }
 
     /// Applies `messages` in one transaction until it commits or the database
     /// refuses their data (`Err` with its reason); other failures are retried.
-    async fn apply_retrying(&self, messages: &[Message]) -> Option<Result<Vec<Outcome>, String>> {
+    async fn apply_retrying(
+        &self,
+        messages: &[Message],
+        waited_out: &HashSet<Uuid>,
+    ) -> Option<Result<Vec<Outcome>, String>> {
         let mut trouble = Backoff::new();
         loop {
-            let error = match self.apply(messages).await {
+            let error = match self.apply(messages, waited_out).await {
                 Ok(outcomes) => return Some(Ok(outcomes)),
                 Err(error) => error,
             };
@@ -342,11 +448,16 @@ impl Worker {
         }
     }
 
-    async fn apply(&self, messages: &[Message]) -> anyhow::Result<Vec<Outcome>> {
+    async fn apply(
+        &self,
+        messages: &[Message],
+        waited_out: &HashSet<Uuid>,
+    ) -> anyhow::Result<Vec<Outcome>> {
         let mut tx = self.db.begin().await.context("cannot begin a transaction")?;
-        let outcomes = apply_batch(&mut tx, &self.config.consumer_name, messages)
-            .await
-            .context("cannot apply the batch")?;
+        let outcomes =
+            apply_batch_waited(&mut tx, &self.config.consumer_name, messages, waited_out)
+                .await
+                .context("cannot apply the batch")?;
         tx.commit().await.context("cannot commit the batch")?;
         Ok(outcomes)
     }

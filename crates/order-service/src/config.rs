@@ -98,6 +98,10 @@ pub enum Command {
     ///
     /// 7. cancels: every order whose cancel was accepted longer than
     ///    --pending-after ago is CANCELLED (the consumer applied it).
+    ///
+    /// 8. event order: no cancel was applied before its order's OrderPlaced
+    ///    (orders.cancelled_from, the status each cancel found, is never
+    ///    PENDING): each order's events were applied in the order written.
     #[command(verbatim_doc_comment)]
     Reconcile(ReconcileArgs),
 }

@@ -4,7 +4,8 @@
 //! the stock of each SKU equals what it received minus what COMPLETED orders
 //! took; the outbox holds no dead or stuck event; every Idempotency-Key names
 //! its order, and the answer stored for its retries is that order's; every
-//! order whose cancel was accepted long enough ago is CANCELLED.
+//! order whose cancel was accepted long enough ago is CANCELLED, and no cancel
+//! was applied before its order's OrderPlaced.
 //!
 //! All checks read one snapshot (a REPEATABLE READ, READ ONLY transaction), so
 //! they are exact while the system runs: a decision is either wholly visible
@@ -92,6 +93,12 @@ pub struct Report {
     pub cancels_stuck: i64,
     /// (order, its status)
     pub cancels_stuck_examples: Vec<(Uuid, String)>,
+    /// Cancels applied (`orders.cancelled_from` set).
+    pub cancels_applied: i64,
+    /// Of those, applied before their order's `OrderPlaced` (`cancelled_from =
+    /// 'PENDING'`): one order's events applied out of their order.
+    pub cancels_out_of_order: i64,
+    pub cancels_out_of_order_examples: Vec<Uuid>,
 }
 
 /// A SKU whose stock does not match its books.
@@ -362,6 +369,41 @@ pub async fn check(conn: &mut PgConnection, args: &ReconcileArgs) -> anyhow::Res
         } else {
             (0, 0, Vec::new())
         };
+    // Check 8: each order's events were applied in the order they were written:
+    // no cancel was applied before its order's OrderPlaced. The consumer records
+    // the status each cancel found; a database from before that has no column.
+    let (cancels_applied, cancels_out_of_order, cancels_out_of_order_examples) =
+        if sqlx::query_scalar::<_, bool>(
+            "SELECT EXISTS (SELECT FROM pg_attribute WHERE attrelid = to_regclass('orders')
+                            AND attname = 'cancelled_from' AND NOT attisdropped)",
+        )
+        .fetch_one(&mut *tx)
+        .await
+        .context("cannot read the schema")?
+        {
+            let (applied, out_of_order): (i64, i64) = sqlx::query_as(
+                "SELECT count(*), count(*) FILTER (WHERE cancelled_from = 'PENDING')
+                 FROM orders WHERE cancelled_from IS NOT NULL",
+            )
+            .fetch_one(&mut *tx)
+            .await
+            .context("cannot count the cancels applied")?;
+            let examples = if out_of_order > 0 {
+                sqlx::query_scalar(
+                    "SELECT id FROM orders WHERE cancelled_from = 'PENDING'
+                     ORDER BY updated_at LIMIT $1",
+                )
+                .bind(EXAMPLES)
+                .fetch_all(&mut *tx)
+                .await
+                .context("cannot list the cancels applied out of order")?
+            } else {
+                Vec::new()
+            };
+            (applied, out_of_order, examples)
+        } else {
+            (0, 0, Vec::new())
+        };
     tx.rollback().await.context("cannot end the snapshot")?;
 
     Ok(Report {
@@ -395,6 +437,9 @@ pub async fn check(conn: &mut PgConnection, args: &ReconcileArgs) -> anyhow::Res
         cancels,
         cancels_stuck,
         cancels_stuck_examples,
+        cancels_applied,
+        cancels_out_of_order,
+        cancels_out_of_order_examples,
     })
 }
 
@@ -576,6 +621,25 @@ impl Report {
                 .map(|(order, status)| format!("order {order} is {status}, its cancel not applied"))
                 .collect(),
         });
+
+        checks.push(Check {
+            name: "event order",
+            ok: self.cancels_out_of_order == 0,
+            summary: format!(
+                "{} cancels applied, {} before their order's OrderPlaced",
+                self.cancels_applied, self.cancels_out_of_order
+            ),
+            details: self
+                .cancels_out_of_order_examples
+                .iter()
+                .map(|order| {
+                    format!(
+                        "order {order} was cancelled while PENDING: its OrderPlaced did not \
+                         come within the consumer's OUT_OF_ORDER_WAIT (dead-lettered?)"
+                    )
+                })
+                .collect(),
+        });
         checks
     }
 
@@ -655,6 +719,8 @@ impl Report {
             "keys_wrong_answer": self.keys_wrong_answer,
             "cancels": self.cancels,
             "cancels_stuck": self.cancels_stuck,
+            "cancels_applied": self.cancels_applied,
+            "cancels_out_of_order": self.cancels_out_of_order,
         })
     }
 }

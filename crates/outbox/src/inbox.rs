@@ -27,3 +27,19 @@ pub async fn claim_new(
     .await
     .map_err(Into::into)
 }
+
+/// Forgets, in `tx`, that `consumer` applies the messages `ids`, which
+/// [`claim_new`] recorded in this transaction: a message whose effect has to
+/// wait (its predecessor not applied yet) takes effect when it comes again.
+pub async fn forget(
+    tx: &mut Transaction<'_, Postgres>,
+    consumer: &str,
+    ids: &[Uuid],
+) -> crate::Result<()> {
+    sqlx::query("DELETE FROM processed_messages WHERE consumer = $1 AND message_id = ANY($2)")
+        .bind(consumer)
+        .bind(ids)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}

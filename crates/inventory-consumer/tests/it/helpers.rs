@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use clap::Parser;
-use inventory_consumer::message::Message;
+use inventory_consumer::message::{Message, OrderEvent};
 use inventory_consumer::metrics::ConsumerMetrics;
 use inventory_consumer::{Application, Config};
 use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
@@ -53,7 +53,11 @@ impl TestBroker {
     pub async fn publish(&self, message: &Message) {
         let body = serde_json::to_vec(&message.event).expect("json");
         let id = message.id.to_string();
-        self.publish_raw(Some(&id), Some(OrderPlaced::EVENT_TYPE), &body).await;
+        let kind = match message.event {
+            OrderEvent::Placed(_) => OrderPlaced::EVENT_TYPE,
+            OrderEvent::Cancelled(_) => order_events::OrderCancelled::EVENT_TYPE,
+        };
+        self.publish_raw(Some(&id), Some(kind), &body).await;
     }
 
     /// Publishes `message` as the relay does, with `properties` (message id and
@@ -264,10 +268,18 @@ impl TestConsumer {
 
     /// Messages settled so far, whatever their outcome.
     pub fn settled(&self) -> u64 {
-        ["completed", "rejected", "cancelled", "duplicate", "already_decided", "poison"]
-            .into_iter()
-            .map(|outcome| self.metrics.count(outcome))
-            .sum()
+        [
+            "completed",
+            "rejected",
+            "cancelled",
+            "cancelled_before_placed",
+            "duplicate",
+            "already_decided",
+            "poison",
+        ]
+        .into_iter()
+        .map(|outcome| self.metrics.count(outcome))
+        .sum()
     }
 
     /// Waits until `count` messages are settled; panics after `within`.

@@ -99,6 +99,12 @@ async fn placed_and_cancelled_at_once_through_replicas_arrive_and_apply_in_order
     .await;
     assert!(all_cancelled, "every order CANCELLED within 60 s");
     assert_eq!(stock(&db).await, before, "every SKU's stock back where it started");
+    let applied_out_of_order: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM orders WHERE cancelled_from = 'PENDING'")
+            .fetch_one(&db)
+            .await
+            .expect("count");
+    assert_eq!(applied_out_of_order, 0, "no cancel applied before its OrderPlaced");
     let processed = test_support::eventually(Duration::from_secs(10), || async {
         processed_count(&db).await == 2 * ORDERS as i64
     })

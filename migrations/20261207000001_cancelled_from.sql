@@ -1,0 +1,13 @@
+-- What `order-service reconcile` needs to prove that each order's events were
+-- applied in order: the status a cancel found.
+--
+-- The status the order had when the consumer applied its OrderCancelled,
+-- written in the same statement as CANCELLED: COMPLETED (its stock was given
+-- back) or REJECTED (nothing to give back). PENDING means the cancel was
+-- applied before the order's OrderPlaced: the consumer holds such a cancel
+-- back until its OrderPlaced is applied, and applies it anyway only once
+-- OUT_OF_ORDER_WAIT has passed (an OrderPlaced dead-lettered, say); reconcile
+-- reports each one. NULL for orders not cancelled, and for orders cancelled
+-- before this column existed. Nullable without a default and without an index:
+-- adding it rewrites nothing, and the consumer's UPDATE keeps the HOT path.
+ALTER TABLE orders ADD COLUMN cancelled_from TEXT;
