@@ -82,6 +82,17 @@ pub struct Config {
     #[arg(long, env = "STRESS_CANCEL_RATIO", default_value_t = 0.0, value_parser = parse_ratio)]
     pub cancel_ratio: f64,
 
+    /// Fraction of the other placed orders (0 to 1) cancelled later, once
+    /// --late-cancel-after has passed (usually after they were decided, so a
+    /// COMPLETED order gives its stock back; a REJECTED one answers 409
+    /// order_not_cancellable, counted apart). Waited for like --cancel-ratio.
+    #[arg(long, env = "STRESS_LATE_CANCEL_RATIO", default_value_t = 0.0, value_parser = parse_ratio)]
+    pub late_cancel_ratio: f64,
+
+    /// How long after its 201 a late cancel is sent (`2s`, `500ms`).
+    #[arg(long, env = "STRESS_LATE_CANCEL_AFTER", default_value = "2s", value_parser = parse_duration)]
+    pub late_cancel_after: Duration,
+
     /// Send an `Idempotency-Key` header with every order, a fresh unique key
     /// each (`stress-<uuid>`), so that the service stores one key per order, as
     /// it does for clients that retry safely. Off: no header, no key stored.

@@ -39,6 +39,8 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         request_timeout: config.request_timeout,
         scarce_ratio: config.scarce_ratio,
         cancel_ratio: config.cancel_ratio,
+        late_cancel_ratio: config.late_cancel_ratio,
+        late_cancel_after: config.late_cancel_after,
         idempotency_keys: config.idempotency_keys,
         retries: config.retries,
     };
@@ -61,6 +63,7 @@ pub async fn run(config: &Config, shutdown: CancellationToken) -> anyhow::Result
         retries: tally.retries,
         cancels: tally.cancels,
         cancels_accepted: tally.cancelled.len() as u64,
+        cancels_not_cancellable: tally.cancels_not_cancellable,
         unreadable_bodies: tally.unreadable_bodies,
         status_codes: tally.status_codes.iter().map(|(code, n)| (code.to_string(), *n)).collect(),
         elapsed_seconds,

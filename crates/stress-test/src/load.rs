@@ -16,6 +16,7 @@ use hdrhistogram::Histogram;
 use indicatif::ProgressBar;
 use rand::RngExt;
 use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -40,6 +41,9 @@ pub struct Plan {
     pub scarce_ratio: f64,
     /// Fraction of placed orders cancelled right after their 201.
     pub cancel_ratio: f64,
+    /// Fraction of the others cancelled `late_cancel_after` after their 201.
+    pub late_cancel_ratio: f64,
+    pub late_cancel_after: Duration,
     /// Send a fresh `Idempotency-Key` with each order.
     pub idempotency_keys: bool,
     /// Attempts after the first for an order that got no answer or a 5xx.
@@ -63,9 +67,11 @@ pub struct Tally {
     pub latency: Histogram<u64>,
     /// The orders the service said it created.
     pub ids: Vec<Uuid>,
-    /// Cancels sent (`Plan::cancel_ratio`), and the orders whose cancel was accepted.
+    /// Cancels sent (`Plan::cancel_ratio`, `Plan::late_cancel_ratio`), the
+    /// orders whose cancel was accepted, and the cancels refused with 409.
     pub cancels: u64,
     pub cancelled: Vec<Uuid>,
+    pub cancels_not_cancellable: u64,
     pub error_samples: Vec<String>,
     /// From the start of the load to its last answer.
     pub elapsed: Duration,
@@ -86,6 +92,7 @@ impl Tally {
             ids: Vec::new(),
             cancels: 0,
             cancelled: Vec::new(),
+            cancels_not_cancellable: 0,
             error_samples: Vec::new(),
             elapsed: Duration::ZERO,
         }
@@ -121,6 +128,17 @@ impl Tally {
         self.latency.saturating_record(u64::try_from(latency.as_micros()).unwrap_or(MAX_MICROS));
     }
 
+    fn record_cancel(&mut self, id: Uuid, answer: CancelAnswer) {
+        self.cancels += 1;
+        match answer {
+            CancelAnswer::Accepted => self.cancelled.push(id),
+            CancelAnswer::NotCancellable => self.cancels_not_cancellable += 1,
+            CancelAnswer::Failed => {
+                self.sample(|| format!("the cancel of order {id} was not accepted"));
+            }
+        }
+    }
+
     fn sample(&mut self, describe: impl FnOnce() -> String) {
         if self.error_samples.len() < ERROR_SAMPLES {
             self.error_samples.push(describe());
@@ -142,6 +160,7 @@ impl Tally {
         self.ids.extend(other.ids);
         self.cancels += other.cancels;
         self.cancelled.extend(other.cancelled);
+        self.cancels_not_cancellable += other.cancels_not_cancellable;
         for sample in other.error_samples {
             self.sample(|| sample);
         }
@@ -183,6 +202,8 @@ struct Shared {
     rate: Option<f64>,
     scarce_ratio: f64,
     cancel_ratio: f64,
+    late_cancel_ratio: f64,
+    late_cancel_after: Duration,
     idempotency_keys: bool,
     retries: u32,
     start: Instant,
@@ -215,6 +236,8 @@ pub async fn run(
         rate: plan.rate,
         scarce_ratio: plan.scarce_ratio,
         cancel_ratio: plan.cancel_ratio,
+        late_cancel_ratio: plan.late_cancel_ratio,
+        late_cancel_after: plan.late_cancel_after,
         idempotency_keys: plan.idempotency_keys,
         retries: plan.retries,
         start,
@@ -223,17 +246,49 @@ pub async fn run(
         progress,
         shutdown,
     });
-    let workers: Vec<_> =
-        (0..plan.concurrency).map(|_| tokio::spawn(worker(Arc::clone(&shared)))).collect();
+    let (late_cancels, mut late) = mpsc::unbounded_channel();
+    let workers: Vec<_> = (0..plan.concurrency)
+        .map(|_| tokio::spawn(worker(Arc::clone(&shared), late_cancels.clone())))
+        .collect();
+    drop(late_cancels);
+    // Late cancels run beside the workers, each when it is due.
+    let late_cancelling = tokio::spawn({
+        let shared = Arc::clone(&shared);
+        async move {
+            let mut cancels = tokio::task::JoinSet::new();
+            while let Some((id, due)) = late.recv().await {
+                let shared = Arc::clone(&shared);
+                cancels.spawn(async move {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(due) => Some((id, cancel(&shared, id).await)),
+                        () = shared.shutdown.cancelled() => None,
+                    }
+                });
+            }
+            let mut tally = Tally::new();
+            while let Some(done) = cancels.join_next().await {
+                if let Some((id, answer)) = done.expect("a late cancel does not panic") {
+                    tally.record_cancel(id, answer);
+                }
+            }
+            tally
+        }
+    });
     let mut tally = Tally::new();
     for worker in workers {
         tally.merge(worker.await?);
     }
     tally.elapsed = start.elapsed();
+    let elapsed = tally.elapsed;
+    tally.merge(late_cancelling.await?);
+    tally.elapsed = elapsed;
     Ok(tally)
 }
 
-async fn worker(shared: Arc<Shared>) -> Tally {
+async fn worker(
+    shared: Arc<Shared>,
+    late_cancels: mpsc::UnboundedSender<(Uuid, Instant)>,
+) -> Tally {
     let mut tally = Tally::new();
     while !shared.shutdown.is_cancelled() {
         let index = shared.next.fetch_add(1, Ordering::Relaxed);
@@ -275,16 +330,18 @@ async fn worker(shared: Arc<Shared>) -> Tally {
             _ => None,
         };
         tally.record(outcome, due.elapsed());
-        if let Some(id) = placed
-            && shared.cancel_ratio > 0.0
-            && rand::rng().random_bool(shared.cancel_ratio)
-        {
-            tally.cancels += 1;
-            if cancel(&shared, id).await {
-                tally.cancelled.push(id);
-            } else {
-                shared.progress.set_message("(a cancel failed: see the report)");
-                tally.sample(|| format!("the cancel of order {id} was not accepted"));
+        if let Some(id) = placed {
+            if shared.cancel_ratio > 0.0 && rand::rng().random_bool(shared.cancel_ratio) {
+                let answer = cancel(&shared, id).await;
+                if answer == CancelAnswer::Failed {
+                    shared.progress.set_message("(a cancel failed: see the report)");
+                }
+                tally.record_cancel(id, answer);
+            } else if shared.late_cancel_ratio > 0.0
+                && rand::rng().random_bool(shared.late_cancel_ratio)
+            {
+                // Cannot fail: the receiver lives until every worker is done.
+                let _ = late_cancels.send((id, Instant::now() + shared.late_cancel_after));
             }
         }
         shared.progress.inc(1);
@@ -292,9 +349,20 @@ async fn worker(shared: Arc<Shared>) -> Tally {
     tally
 }
 
+/// What a cancel was answered, after its retries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CancelAnswer {
+    /// 2xx.
+    Accepted,
+    /// 409: the order was REJECTED, there is nothing to cancel.
+    NotCancellable,
+    /// Any other 4xx, or no 2xx after every retry.
+    Failed,
+}
+
 /// Cancels order `id`, retrying no answer or a 5xx as an order is (a cancel is
-/// idempotent); whether it was accepted (2xx).
-async fn cancel(shared: &Shared, id: Uuid) -> bool {
+/// idempotent).
+async fn cancel(shared: &Shared, id: Uuid) -> CancelAnswer {
     let url = format!("{}/{id}/cancel", shared.orders_url);
     let mut pause = Duration::from_millis(100);
     for attempt in 0..=shared.retries {
@@ -303,12 +371,15 @@ async fn cancel(shared: &Shared, id: Uuid) -> bool {
             pause = (pause * 2).min(Duration::from_secs(2));
         }
         match shared.client.post(&url).send().await {
-            Ok(response) if response.status().is_success() => return true,
-            Ok(response) if response.status().is_client_error() => return false,
+            Ok(response) if response.status().is_success() => return CancelAnswer::Accepted,
+            Ok(response) if response.status() == reqwest::StatusCode::CONFLICT => {
+                return CancelAnswer::NotCancellable;
+            }
+            Ok(response) if response.status().is_client_error() => return CancelAnswer::Failed,
             _ => {}
         }
     }
-    false
+    CancelAnswer::Failed
 }
 
 async fn place(

@@ -24,11 +24,15 @@ pub struct Report {
     /// counts once above, by its last answer.
     #[serde(default)]
     pub retries: u64,
-    /// Cancels sent after a 201 (`--cancel-ratio`), and of those accepted (2xx).
+    /// Cancels sent after a 201 (`--cancel-ratio`, `--late-cancel-ratio`), of
+    /// those accepted (2xx), and refused because the order was REJECTED (409
+    /// `order_not_cancellable`, a true answer for a late cancel).
     #[serde(default)]
     pub cancels: u64,
     #[serde(default)]
     pub cancels_accepted: u64,
+    #[serde(default)]
+    pub cancels_not_cancellable: u64,
     /// 2xx answers whose body held no order id; their orders cannot be followed.
     pub unreadable_bodies: u64,
     /// Answers by HTTP status code.
@@ -118,7 +122,7 @@ impl Report {
             && !self.interrupted
             && self.ok == self.sent
             && self.unreadable_bodies == 0
-            && self.cancels_accepted == self.cancels
+            && self.cancels_accepted + self.cancels_not_cancellable == self.cancels
             && (!self.waited || self.converged)
     }
 }
@@ -147,6 +151,9 @@ impl fmt::Display for Report {
         if self.cancels > 0 {
             row(f, "cancels", &self.cancels, "")?;
             row(f, "cancels accepted", &self.cancels_accepted, "")?;
+            if self.cancels_not_cancellable > 0 {
+                row(f, "cancels of REJECTED", &self.cancels_not_cancellable, "(409)")?;
+            }
         }
         row(f, "elapsed", &format_args!("{:.2}", self.elapsed_seconds), "s")?;
         row(f, "throughput", &format_args!("{:.1}", self.throughput_rps), "req/s")?;
@@ -217,6 +224,7 @@ mod tests {
             retries: 0,
             cancels: 0,
             cancels_accepted: 0,
+            cancels_not_cancellable: 0,
             unreadable_bodies: 0,
             status_codes: BTreeMap::from([("201".to_owned(), 10)]),
             elapsed_seconds: 1.0,
@@ -243,6 +251,9 @@ mod tests {
         assert!(!Report { unreadable_bodies: 1, ..report() }.passed());
         assert!(Report { cancels: 3, cancels_accepted: 3, ..report() }.passed());
         assert!(!Report { cancels: 3, cancels_accepted: 2, ..report() }.passed());
+        let late =
+            Report { cancels: 3, cancels_accepted: 2, cancels_not_cancellable: 1, ..report() };
+        assert!(late.passed(), "a late cancel of a REJECTED order is answered 409, truly");
         assert!(!Report { interrupted: true, ..report() }.passed());
         assert!(!Report { sent: 0, ok: 0, ..report() }.passed());
     }

@@ -156,15 +156,63 @@ async fn cancelled_orders_are_waited_for_until_cancelled(db: PgPool) {
     assert_eq!(run.exit_code(), Some(0), "stderr: {}", String::from_utf8_lossy(&run.output.stderr));
 }
 
-/// Stands in for the inventory consumer: decides every pending order and, a
-/// second after it was asked for (long after its order was decided), applies
-/// each cancel.
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
+async fn late_cancels_come_after_the_delay_and_a_rejected_orders_409_is_no_failure(db: PgPool) {
+    let app = spawn_app(db).await;
+    let decider = decider(&app.db);
+    let run = stress_test(&[
+        "--url",
+        &app.address,
+        "--database-url",
+        &app.database_url,
+        "--orders",
+        "30",
+        "--concurrency",
+        "4",
+        "--scarce-ratio",
+        "0.4",
+        "--late-cancel-ratio",
+        "1",
+        "--late-cancel-after",
+        "300ms",
+        "--timeout",
+        "30",
+    ])
+    .await;
+    decider.abort();
+
+    let report = &run.report;
+    assert_report_shape(report);
+    assert_eq!(run.u64("cancels"), 30, "every order cancelled late: {report}");
+    let rejected = run.u64("cancels_not_cancellable");
+    assert!(rejected > 0, "some orders were REJECTED before their cancel: {report}");
+    assert_eq!(run.u64("cancels_accepted") + rejected, 30, "{report}");
+    assert_eq!(report["status_counts"]["REJECTED"], rejected, "{report}");
+    assert_eq!(report["status_counts"]["CANCELLED"], 30 - rejected, "{report}");
+    // Each sent only after its delay.
+    let early: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM order_cancellations AS c JOIN orders AS o ON o.id = c.order_id
+         WHERE c.requested_at < o.created_at + interval '300 milliseconds'",
+    )
+    .fetch_one(&app.db)
+    .await
+    .expect("count");
+    assert_eq!(early, 0, "{report}");
+    assert_eq!(run.exit_code(), Some(0), "stderr: {}", String::from_utf8_lossy(&run.output.stderr));
+}
+
+/// Stands in for the inventory consumer: decides every pending order (REJECTED
+/// when it asks for a scarce SKU) and, a second after it was asked for (long
+/// after its order was decided), applies each cancel.
 fn decider(db: &PgPool) -> tokio::task::JoinHandle<()> {
     let db = db.clone();
     tokio::spawn(async move {
         loop {
             sqlx::query(
-                "UPDATE orders SET status = 'COMPLETED', updated_at = now()
+                "UPDATE orders AS o SET updated_at = now(), status = CASE
+                     WHEN EXISTS (SELECT FROM order_lines AS l WHERE l.order_id = o.id
+                                  AND l.sku >= 'SKU-021') THEN 'REJECTED'
+                     ELSE 'COMPLETED' END
                  WHERE status = 'PENDING'",
             )
             .execute(&db)
