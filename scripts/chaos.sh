@@ -4,10 +4,11 @@
 # open-loop load whose client retries with its Idempotency-Key: order-service
 # and inventory-consumer SIGKILLed three times each, RabbitMQ restarted twice
 # and Postgres once, Postgres, RabbitMQ and both partitioned away (a TCP proxy
-# holds every byte), a RabbitMQ memory alarm, two COMMITs whose answer is lost;
+# holds every byte), a RabbitMQ memory alarm, two COMMITs whose answer is lost,
+# with a fifth of the orders cancelled at once and a fifth two seconds later;
 # then every order decided, `order-service reconcile`, and one line:
 #
-#   chaos: accepted=N lost=N doubled=N stock_off=N stuck=N dead=N
+#   chaos: accepted=N lost=N doubled=N out_of_order=N stock_off=N stuck=N dead=N
 #
 #   scripts/chaos.sh                          # 60 s at 100 orders/s
 #   scripts/chaos.sh --duration 40s --rate 150 [--stall 5s] [--no-build]

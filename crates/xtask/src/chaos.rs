@@ -4,8 +4,10 @@
 //! inventory-consumer SIGKILLed, RabbitMQ and Postgres restarted, Postgres,
 //! RabbitMQ and both partitioned away (every byte held by a TCP proxy between
 //! the services and them, nothing closed), a RabbitMQ memory alarm, and
-//! COMMITs whose answer is lost. Then it waits until every order is decided,
-//! runs `order-service reconcile`, and judges the run ([`Verdict`]).
+//! COMMITs whose answer is lost. A fifth of the orders are cancelled at once
+//! and a fifth two seconds later. Then it waits until every order is decided,
+//! runs `order-service reconcile`, and judges the run ([`Verdict`]), counting
+//! the events applied out of their order too.
 //!
 //! It RESTARTS THE MACHINE'S RabbitMQ AND Postgres and raises a memory alarm on
 //! that RabbitMQ: run it on a development machine. The services use a database
@@ -28,6 +30,13 @@ const EXCHANGE: &str = "chaos.orders";
 const QUEUE: &str = "chaos.inventory.order-placed";
 const DEAD_LETTER_EXCHANGE: &str = "chaos.orders.dlx";
 const DEAD_LETTER_QUEUE: &str = "chaos.inventory.order-placed.dead";
+
+/// Orders not decided yet: PENDING, or with an accepted cancel and not CANCELLED.
+const STUCK_ORDERS: &str = "
+    SELECT count(*) FROM orders AS o
+    WHERE status = 'PENDING'
+       OR (status <> 'CANCELLED'
+           AND EXISTS (SELECT FROM order_cancellations AS c WHERE c.order_id = o.id))";
 
 /// The settings of `cargo xtask chaos`.
 #[derive(Debug, clap::Args)]
@@ -119,6 +128,10 @@ pub async fn run(args: Args) -> anyhow::Result<bool> {
         .args(["--url", &api.url, "--rate", &args.rate.to_string()])
         .args(["--duration", &format!("{}s", args.duration.as_secs())])
         .args(["--concurrency", "256", "--idempotency-keys", "--retries", "60"])
+        // A share of the orders cancelled at once (its OrderCancelled right
+        // behind its OrderPlaced), a share two seconds later (mostly after it
+        // was decided, giving its stock back).
+        .args(["--cancel-ratio", "0.2", "--late-cancel-ratio", "0.2", "--late-cancel-after", "2s"])
         .args(["--timeout", "180s", "--json"])
         // Follows the orders in the database directly, past the proxy.
         .env("DATABASE_URL", local.database_url("outbox_chaos"))
@@ -177,7 +190,7 @@ pub async fn run(args: Args) -> anyhow::Result<bool> {
     let converge_until = Instant::now() + Duration::from_secs(120);
     while Instant::now() < converge_until {
         let pending = count(&mut db, "SELECT count(*) FROM outbox WHERE state = 'pending'").await?
-            + count(&mut db, "SELECT count(*) FROM orders WHERE status = 'PENDING'").await?;
+            + count(&mut db, STUCK_ORDERS).await?;
         if pending == 0 {
             break;
         }
@@ -210,20 +223,21 @@ pub async fn run(args: Args) -> anyhow::Result<bool> {
         )
         .await?,
         stock_off: reconciled["skus_off"].as_array().map_or(0, |skus| skus.len() as u64),
-        stuck: count(
-            &mut db,
-            "SELECT count(*) FROM orders WHERE status NOT IN ('COMPLETED', 'REJECTED')",
-        )
-        .await?,
+        out_of_order: reconciled["cancels_out_of_order"].as_u64().unwrap_or(0),
+        stuck: count(&mut db, STUCK_ORDERS).await?,
         dead: count(&mut db, "SELECT count(*) FROM outbox WHERE state = 'dead'").await?
             + dead_letters(&local).await?,
         reconciled: reconcile.success(),
     };
     println!(
-        "load: {} sent, {} accepted, {} retries, stress-test {load_status}; reconcile {reconcile}",
+        "load: {} sent, {} accepted, {} retries, {} cancels ({} accepted, {} of REJECTED \
+         orders), stress-test {load_status}; reconcile {reconcile}",
         field("sent"),
         verdict.accepted,
-        field("retries")
+        field("retries"),
+        field("cancels"),
+        field("cancels_accepted"),
+        field("cancels_not_cancellable")
     );
     println!("{verdict}");
     drop((api, consumer));

@@ -402,6 +402,8 @@ impl Figures {
             accepted: self.accepted,
             lost: self.not_found,
             doubled: self.processed.abs_diff(self.orders),
+            // Places no cancels: one event per order, nothing to reorder.
+            out_of_order: 0,
             stock_off: self.stock_mismatches,
             stuck: self.pending,
             dead: self.dead_events + self.dead_letters.unwrap_or(1),

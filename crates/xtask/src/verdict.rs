@@ -13,10 +13,14 @@ pub struct Verdict {
     /// and the key is written in the order's transaction, so such an order is a
     /// second one for some key.
     pub doubled: u64,
+    /// Events applied out of their aggregate's order: cancels the consumer
+    /// applied before their order's OrderPlaced (reconcile's count of
+    /// `orders.cancelled_from = 'PENDING'`).
+    pub out_of_order: u64,
     /// SKUs whose stock is not what their received stock minus the COMPLETED
     /// lines says (reconcile's check; an effect applied twice shows here).
     pub stock_off: u64,
-    /// Orders neither COMPLETED nor REJECTED.
+    /// Orders not decided: PENDING, or with an accepted cancel and not CANCELLED.
     pub stuck: u64,
     /// Dead outbox events plus messages in the dead-letter queue.
     pub dead: u64,
@@ -30,6 +34,7 @@ impl Verdict {
         self.accepted > 0
             && self.lost == 0
             && self.doubled == 0
+            && self.out_of_order == 0
             && self.stock_off == 0
             && self.stuck == 0
             && self.dead == 0
@@ -42,8 +47,14 @@ impl std::fmt::Display for Verdict {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "chaos: accepted={} lost={} doubled={} stock_off={} stuck={} dead={}",
-            self.accepted, self.lost, self.doubled, self.stock_off, self.stuck, self.dead
+            "chaos: accepted={} lost={} doubled={} out_of_order={} stock_off={} stuck={} dead={}",
+            self.accepted,
+            self.lost,
+            self.doubled,
+            self.out_of_order,
+            self.stock_off,
+            self.stuck,
+            self.dead
         )
     }
 }
@@ -61,7 +72,7 @@ mod tests {
         assert!(clean().holds());
         assert_eq!(
             clean().to_string(),
-            "chaos: accepted=4000 lost=0 doubled=0 stock_off=0 stuck=0 dead=0"
+            "chaos: accepted=4000 lost=0 doubled=0 out_of_order=0 stock_off=0 stuck=0 dead=0"
         );
     }
 
@@ -70,6 +81,7 @@ mod tests {
         for broken in [
             Verdict { lost: 1, ..clean() },
             Verdict { doubled: 1, ..clean() },
+            Verdict { out_of_order: 1, ..clean() },
             Verdict { stock_off: 1, ..clean() },
             Verdict { stuck: 1, ..clean() },
             Verdict { dead: 1, ..clean() },
