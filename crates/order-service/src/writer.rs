@@ -423,7 +423,14 @@ async fn write_transaction(
     drop(conn.detach());
     tracing::warn!(orders = written, %error, xact = %xact,
         "the answer to COMMIT was lost; asking the database what became of it");
-    match commit::resolve(db, &xact, options.commit_deadline).await {
+    let placed: Vec<Uuid> = results
+        .iter()
+        .filter_map(|result| match result {
+            Ok(Written::Placed(order)) => Some(order.id),
+            _ => None,
+        })
+        .collect();
+    match commit::resolve(db, &xact, &placed, options.commit_deadline).await {
         CommitOutcome::Committed => {
             tracing::info!(orders = written, xact = %xact,
                 "the batch whose COMMIT answer was lost had committed");

@@ -165,3 +165,45 @@ async fn a_commit_whose_outcome_cannot_be_learnt_says_so_not_timeout(db: PgPool)
     assert_eq!(retried.headers()["idempotent-replayed"], "true");
     assert_eq!(orders(&db).await, 1, "placed once");
 }
+
+/// The id of a transaction of its own that committed, as `pg_current_xact_id()`
+/// gives it.
+async fn a_committed_xid(db: &PgPool) -> String {
+    let mut tx = db.begin().await.expect("begin");
+    let xid: String = sqlx::query_scalar("SELECT pg_current_xact_id()::text")
+        .fetch_one(&mut *tx)
+        .await
+        .expect("xid");
+    tx.commit().await.expect("commit");
+    xid
+}
+
+/// After a crash of the database, the id of a transaction whose COMMIT never
+/// reached durable WAL is given again, and `pg_xact_status` then says
+/// `committed` of another transaction. The orders decide: a transaction that
+/// has ended (its backend gone) committed exactly when its orders are there.
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
+async fn a_lost_commit_whose_id_was_given_again_is_judged_by_its_orders(db: PgPool) {
+    use order_service::commit::{CommitOutcome, XactId, resolve};
+
+    // The id committed, for someone else: this batch's backend is gone (no pid
+    // runs it) and its order is not in the database.
+    let reused = XactId { xid: a_committed_xid(&db).await, backend: i32::MAX };
+    let missing = [uuid::Uuid::now_v7()];
+    let outcome = resolve(&db, &reused, &missing, Duration::from_secs(5)).await;
+    assert_eq!(outcome, CommitOutcome::Aborted, "its order does not exist");
+
+    // Its orders there: it committed.
+    let placed: uuid::Uuid = sqlx::query_scalar(
+        "INSERT INTO orders (id, customer_id, total_cents) VALUES ($1, 'c', 0) RETURNING id",
+    )
+    .bind(uuid::Uuid::now_v7())
+    .fetch_one(&db)
+    .await
+    .expect("order");
+    let outcome = resolve(&db, &reused, &[placed], Duration::from_secs(5)).await;
+    assert_eq!(outcome, CommitOutcome::Committed);
+    // Some of them: no answer can be true.
+    let outcome = resolve(&db, &reused, &[placed, missing[0]], Duration::from_secs(5)).await;
+    assert!(matches!(outcome, CommitOutcome::Unknown(_)), "{outcome:?}");
+}
