@@ -122,3 +122,49 @@ async fn a_dead_event_no_longer_holds_its_aggregate_back(db: PgPool) {
     publisher.close().await;
     broker.delete().await;
 }
+
+#[sqlx::test(migrator = "outbox::MIGRATOR")]
+async fn a_late_commit_below_the_claim_floor_goes_out_before_its_aggregates_next_event(db: PgPool) {
+    let mut broker = TestBroker::new(&["test.#"]).await;
+    // Claims start 200 ms below the newest event claimed; a full scan, which
+    // finds what lies below, comes every 3 s.
+    let config = RelayConfig {
+        workers: 1,
+        claim_lookback: Duration::from_millis(200),
+        full_scan_interval: Duration::from_secs(3),
+        ..broker.relay_config()
+    };
+    let (relay, shutdown) = broker.spawn_relay(&db, config);
+
+    // A transaction writes aggregate a's first event and stays open while
+    // others are written and published: its event's time (its transaction's
+    // start) falls below the relay's floor.
+    let mut slow = db.begin().await.expect("begin");
+    let event = |aggregate: &str, n: usize| outbox::NewEvent {
+        aggregate_type: "test".to_owned(),
+        aggregate_id: aggregate.to_owned(),
+        event_type: "Happened".to_owned(),
+        payload: serde_json::json!({ "n": n }),
+        headers: serde_json::Map::new(),
+    };
+    let first = outbox::enqueue_untyped(&mut slow, &event("a", 0)).await.expect("enqueue");
+    for n in 0..3 {
+        write(&db, "b", "Happened", n).await;
+    }
+    assert_eq!(broker.receive(3, Duration::from_secs(10)).await.len(), 3);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    write(&db, "b", "Happened", 3).await;
+    assert_eq!(broker.receive(1, Duration::from_secs(10)).await.len(), 1);
+
+    // It commits late; a's next event follows it, as a writer that locks the
+    // aggregate would write it. Claims above the floor see only the second.
+    slow.commit().await.expect("commit");
+    let second = write(&db, "a", "Happened", 1).await;
+
+    let order: Vec<Uuid> =
+        broker.receive(2, Duration::from_secs(10)).await.iter().map(message_id).collect();
+    assert_eq!(order, [first, second], "the late one first, found by the full scan");
+    shutdown.cancel();
+    relay.join().await;
+    broker.delete().await;
+}
