@@ -107,6 +107,7 @@ macro_rules! conformance {
             a_broker_that_holds_every_byte_costs_no_attempt_and_no_wait_past_the_deadline,
             a_duplicate_publish_carries_the_same_message_id,
             one_aggregates_events_arrive_in_the_order_written,
+            one_aggregates_events_arrive_in_order_from_four_workers,
             headers_and_the_event_type_are_on_the_wire,
         );
     };
@@ -383,6 +384,41 @@ pub async fn one_aggregates_events_arrive_in_the_order_written<H: Harness>(db: P
         assert_eq!(ns, &(0..6).collect::<Vec<u64>>(), "aggregate {aggregate}");
     }
     publisher.close().await;
+    harness.finish().await;
+}
+
+/// Four workers, each with its own publisher, claiming two events a pass: an
+/// aggregate's next event is claimed only once its previous one was confirmed,
+/// whichever worker holds it.
+pub async fn one_aggregates_events_arrive_in_order_from_four_workers<H: Harness>(db: PgPool) {
+    let mut harness = H::new().await;
+    enqueue(&db, &interleaved(4, 8)).await;
+    let mut publishers = Vec::new();
+    for _ in 0..4 {
+        publishers.push(connect(&harness).await);
+    }
+    let config = RelayConfig { batch_size: 2, ..config() };
+
+    futures_util::future::join_all(
+        publishers.iter().map(|publisher| drain(&db, publisher, &config)),
+    )
+    .await;
+
+    let received = harness.received(32, Duration::from_secs(20)).await;
+    assert_eq!(received.len(), 32);
+    let mut order: HashMap<String, Vec<u64>> = HashMap::new();
+    for message in &received {
+        order
+            .entry(message.aggregate_id.clone())
+            .or_default()
+            .push(message.payload["n"].as_u64().expect("n"));
+    }
+    for (aggregate, ns) in &order {
+        assert_eq!(ns, &(0..8).collect::<Vec<u64>>(), "aggregate {aggregate}");
+    }
+    for publisher in publishers {
+        publisher.close().await;
+    }
     harness.finish().await;
 }
 
