@@ -27,7 +27,8 @@ pub struct OutboxEvent {
     pub payload: String,
     /// Extra message headers, such as a W3C `traceparent`.
     pub headers: Json<Map<String, Value>>,
-    /// When its transaction began (consumers measure their lag from it).
+    /// When it was inserted, on the database's clock (consumers measure their
+    /// lag from it; one aggregate's events are published in its order).
     pub created_at: DateTime<Utc>,
     /// Failed publish attempts so far.
     pub attempts: i32,

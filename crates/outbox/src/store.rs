@@ -32,14 +32,17 @@ pub async fn claim_due(
 /// the tests that look at its plan.
 ///
 /// Only the head of each aggregate is claimed: an event with an earlier pending
-/// event of its aggregate (earlier by `created_at`, its transaction's start on
-/// the database's clock, then by id) waits until that one has left the outbox,
+/// event of its aggregate (earlier by `created_at`, when it was inserted on the
+/// database's clock, then by id) waits until that one has left the outbox,
 /// confirmed. So one aggregate's events are published in the order they were
 /// written, whatever the number of workers and replicas, and across retries: a
 /// later event waits for an earlier one that is backing off (a dead one no
 /// longer holds the rest back). A batch holds at most one event per aggregate.
-/// Writers of one aggregate must serialise (lock its row, as order-service
-/// does), or two of its transactions could commit in the other order.
+/// Writers of one aggregate must serialise (lock its row before they enqueue, as
+/// order-service does), or two of its transactions could commit in the other
+/// order. A writer that waited for the lock inserts after the one before it
+/// committed, so its `created_at` is later, even when its transaction began
+/// first: that is why `created_at` is the insert's clock, not the transaction's.
 pub const CLAIM_DUE_SQL: &str = "
     SELECT id, aggregate_type, aggregate_id, event_type, payload::text AS payload,
            headers, created_at, attempts, next_attempt_at

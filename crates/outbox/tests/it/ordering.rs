@@ -168,3 +168,49 @@ async fn a_late_commit_below_the_claim_floor_goes_out_before_its_aggregates_next
     relay.join().await;
     broker.delete().await;
 }
+
+#[sqlx::test(migrator = "outbox::MIGRATOR")]
+async fn a_writer_that_began_first_but_took_the_aggregates_lock_second_is_published_second(
+    db: PgPool,
+) {
+    let mut broker = TestBroker::new(&["test.#"]).await;
+    sqlx::raw_sql(
+        "CREATE TABLE aggregates (id TEXT PRIMARY KEY); INSERT INTO aggregates VALUES ('a')",
+    )
+    .execute(&db)
+    .await
+    .expect("table");
+    let event = |n: usize| outbox::NewEvent {
+        aggregate_type: "test".to_owned(),
+        aggregate_id: "a".to_owned(),
+        event_type: "Happened".to_owned(),
+        payload: serde_json::json!({ "n": n }),
+        headers: serde_json::Map::new(),
+    };
+    let lock = "SELECT id FROM aggregates WHERE id = 'a' FOR UPDATE";
+    // The later writer's transaction begins first ...
+    let mut later = db.begin().await.expect("begin");
+    sqlx::query("SELECT 1").execute(&mut *later).await.expect("began");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    // ... the earlier one takes the aggregate's lock, writes and commits ...
+    let mut earlier = db.begin().await.expect("begin");
+    sqlx::query(lock).execute(&mut *earlier).await.expect("lock");
+    let first = outbox::enqueue_untyped(&mut earlier, &event(0)).await.expect("enqueue");
+    earlier.commit().await.expect("commit");
+    // ... and only then does the later one take it and write.
+    sqlx::query(lock).execute(&mut *later).await.expect("lock");
+    let second = outbox::enqueue_untyped(&mut later, &event(1)).await.expect("enqueue");
+    later.commit().await.expect("commit");
+
+    let publisher = broker.transport().connect("ordering").await.expect("publisher");
+    for _ in 0..2 {
+        relay_batch(&db, &publisher, &broker.relay_config(), &RelayMetrics::default())
+            .await
+            .expect("pass");
+    }
+    let order: Vec<Uuid> =
+        broker.receive(2, Duration::from_secs(10)).await.iter().map(message_id).collect();
+    assert_eq!(order, [first, second], "in the order they were written");
+    publisher.close().await;
+    broker.delete().await;
+}
