@@ -1,6 +1,7 @@
 //! `cargo xtask demo`: the whole system in one command. Builds the release
 //! binaries, starts order-service and inventory-consumer on a database and
 //! broker names of their own, places one order and follows it to COMPLETED,
+//! cancels it and follows it to CANCELLED with its stock back,
 //! runs the stress test, and shows the orders by status, the outbox backlog
 //! and the services' peak memory. Fails (exit status 1) when any step does;
 //! the services are stopped in every case, also on Ctrl-C.
@@ -227,28 +228,40 @@ async fn steps(demo: &Demo, started: &mut Vec<Service>) -> anyhow::Result<()> {
     let Some(order_id) = order["id"].as_str() else { bail!("no order id in the response") };
 
     println!("== following GET /orders/{order_id} until the consumer has applied it");
-    let (mut polls, mut status, mut body) = (0, String::new(), String::new());
-    while polls < 50 {
-        body = client
-            .get(format!("{api_url}/orders/{order_id}"))
-            .send()
-            .await?
-            .error_for_status()?
-            .text()
-            .await?;
-        let order: Value = serde_json::from_str(&body).unwrap_or_default();
-        status = order["status"].as_str().unwrap_or_default().to_owned();
-        if status != "PENDING" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        polls += 1;
-    }
+    let (polls, status, body) = follow(&client, &api_url, order_id, "PENDING").await?;
     println!("   status {status} after {} s", fifths(polls));
     println!("{}", pretty(&body));
     if status != "COMPLETED" {
         show_log(&started[1]);
         bail!("the order is {status}, expected COMPLETED within 10 s");
+    }
+
+    let mut db = demo.connect().await?;
+    let stock = async |db: &mut PgConnection| -> anyhow::Result<i32> {
+        let available = sqlx::query_scalar("SELECT available FROM inventory WHERE sku = 'SKU-001'")
+            .fetch_one(db)
+            .await?;
+        Ok(available)
+    };
+    let taken = stock(&mut db).await?;
+    println!("== cancelling it: POST {api_url}/orders/{order_id}/cancel");
+    let response = client.post(format!("{api_url}/orders/{order_id}/cancel")).send().await?;
+    let code = response.status().as_u16();
+    println!("   HTTP {code}");
+    if code != 202 {
+        bail!("POST /orders/{{id}}/cancel answered {code}, expected 202");
+    }
+    let (polls, status, body) = follow(&client, &api_url, order_id, "COMPLETED").await?;
+    println!("   status {status} after {} s", fifths(polls));
+    println!("{}", pretty(&body));
+    if status != "CANCELLED" {
+        show_log(&started[1]);
+        bail!("the order is {status}, expected CANCELLED within 10 s");
+    }
+    let back = stock(&mut db).await?;
+    println!("   SKU-001 available: {taken} while the order held 2, {back} after its cancel");
+    if back != taken + 2 {
+        bail!("the cancel gave back {} units of SKU-001, expected 2", back - taken);
     }
 
     println!("== stress test: {} orders, {} in flight", demo.orders, demo.concurrency);
@@ -264,7 +277,6 @@ async fn steps(demo: &Demo, started: &mut Vec<Service>) -> anyhow::Result<()> {
         .context("cannot run stress-test")?;
 
     println!("== waiting for the outbox to drain and every order to be decided");
-    let mut db = demo.connect().await?;
     let mut remaining = 0;
     for _ in 0..120 {
         remaining = sqlx::query_scalar::<_, i64>(
@@ -321,6 +333,34 @@ async fn steps(demo: &Demo, started: &mut Vec<Service>) -> anyhow::Result<()> {
     }
     println!("== demo passed");
     Ok(())
+}
+
+/// Polls `GET /orders/{id}` (every 200 ms, for up to 10 s) while the order's
+/// status is `while_status`; the polls made, the last status and body.
+async fn follow(
+    client: &reqwest::Client,
+    api_url: &str,
+    order_id: &str,
+    while_status: &str,
+) -> anyhow::Result<(u32, String, String)> {
+    let (mut polls, mut status, mut body) = (0, String::new(), String::new());
+    while polls < 50 {
+        body = client
+            .get(format!("{api_url}/orders/{order_id}"))
+            .send()
+            .await?
+            .error_for_status()?
+            .text()
+            .await?;
+        let order: Value = serde_json::from_str(&body).unwrap_or_default();
+        status = order["status"].as_str().unwrap_or_default().to_owned();
+        if status != while_status {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        polls += 1;
+    }
+    Ok((polls, status, body))
 }
 
 async fn drop_connection(connection: PgConnection) {
