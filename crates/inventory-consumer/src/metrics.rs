@@ -29,7 +29,9 @@ use tokio::sync::Mutex;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
-    /// completed, rejected, duplicate, already_decided, unknown_order or poison.
+    /// completed, rejected, cancelled, cancelled_before_placed, deferred (a
+    /// cancel held for its OrderPlaced, counted at each try), duplicate,
+    /// already_decided, unknown_order or poison.
     pub outcome: &'static str,
 }
 
