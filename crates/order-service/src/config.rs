@@ -35,6 +35,13 @@ pub struct Config {
     #[command(flatten)]
     pub write: WriteArgs,
 
+    /// Turns the admin API on (`/admin/*`: the outbox's dead events and their
+    /// replay): every admin call must carry `Authorization: Bearer <token>`.
+    /// Unset (the default), the admin routes answer 404. Use a long random
+    /// value (`openssl rand -hex 32`).
+    #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
     /// Largest request body accepted, in bytes (larger bodies get 413).
     #[arg(long, env = "BODY_LIMIT_BYTES", default_value_t = 64 * 1024)]
     pub body_limit_bytes: usize,

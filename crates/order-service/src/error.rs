@@ -31,6 +31,10 @@ pub enum ApiError {
     #[error("{0} not found")]
     NotFound(&'static str),
 
+    /// No dead outbox event has the id an admin replay names.
+    #[error("no dead event has this id")]
+    DeadEventNotFound,
+
     /// The order a cancel names does not exist.
     #[error("no order has this id")]
     OrderNotFound,
@@ -94,6 +98,7 @@ impl ApiError {
             }
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             Self::OrderNotFound => (StatusCode::NOT_FOUND, "order_not_found"),
+            Self::DeadEventNotFound => (StatusCode::NOT_FOUND, "dead_event_not_found"),
             Self::NotCancellable => (StatusCode::CONFLICT, "order_not_cancellable"),
             Self::CancelNotKnown(_) => (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable"),
             Self::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),

@@ -11,6 +11,7 @@
 //! relay of connections, nor a slow broker hold the connections the API needs.
 //! Background tasks run under a supervisor that restarts one that panics.
 
+pub mod admin;
 pub mod cancel;
 pub mod commit;
 pub mod config;
@@ -47,6 +48,7 @@ pub struct Application {
     retention_metrics: RetentionMetrics,
     writer_metrics: WriterMetrics,
     registry: Registry,
+    admin_metrics: admin::AdminMetrics,
     crash_switch: CrashSwitch,
 }
 
@@ -91,6 +93,7 @@ impl Application {
         let relay_metrics = RelayMetrics::register(&mut registry);
         let retention_metrics = RetentionMetrics::register(&mut registry);
         let writer_metrics = WriterMetrics::register(&mut registry);
+        let admin_metrics = admin::AdminMetrics::register(&mut registry);
         Ok(Self {
             listener,
             db,
@@ -99,6 +102,7 @@ impl Application {
             relay_metrics,
             retention_metrics,
             writer_metrics,
+            admin_metrics,
             registry,
             crash_switch: CrashSwitch::default(),
         })
@@ -158,6 +162,9 @@ impl Application {
             relay_metrics: self.relay_metrics,
             registry: Arc::new(self.registry),
             request_timeout: Duration::from_millis(self.config.request_timeout_ms),
+            admin_token: admin::AdminToken::new(self.config.admin_token.as_deref()),
+            admin_metrics: self.admin_metrics,
+            relay_workers: self.config.relay.relay_workers,
         };
         let router = routes::router(state, self.config.body_limit_bytes);
 

@@ -45,6 +45,11 @@ pub struct AppState {
     pub registry: Arc<Registry>,
     /// How long a request may take before it is answered 408 (see [`time_limit`]).
     pub request_timeout: Duration,
+    /// `ADMIN_TOKEN`: `None` turns the admin API off (its routes answer 404).
+    pub admin_token: Option<crate::admin::AdminToken>,
+    pub admin_metrics: crate::admin::AdminMetrics,
+    /// Relay workers of this replica (`RELAY_WORKERS`).
+    pub relay_workers: usize,
 }
 
 #[derive(OpenApi)]
@@ -58,10 +63,28 @@ Every error answers with the JSON body `ErrorBody`, whose `error` is a stable co
     ),
     tags(
         (name = "orders", description = "Placing and reading orders"),
-        (name = "operations", description = "Health, readiness, metrics and this document")
-    )
+        (name = "operations", description = "Health, readiness, metrics and this document"),
+        (name = "admin", description = "The outbox's backlog and dead events, and their replay. \
+Only when ADMIN_TOKEN is set (else 404); every call needs `Authorization: Bearer <ADMIN_TOKEN>` \
+(else 401 `unauthorized`).")
+    ),
+    modifiers(&AdminSecurity)
 )]
 struct ApiDoc;
+
+/// The admin routes' security scheme: a bearer token, ADMIN_TOKEN.
+struct AdminSecurity;
+
+impl utoipa::Modify for AdminSecurity {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "admin_token",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
 
 /// The routes with their OpenAPI descriptions, registered together so the
 /// document cannot drift from what is served.
@@ -74,6 +97,10 @@ fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(readyz))
         .routes(routes!(metrics))
         .routes(routes!(openapi_json))
+        .routes(routes!(crate::admin::summary))
+        .routes(routes!(crate::admin::dead_events))
+        .routes(routes!(crate::admin::replay_one))
+        .routes(routes!(crate::admin::replay_many))
 }
 
 /// The OpenAPI document of this API, as `GET /openapi.json` serves it.

@@ -148,7 +148,7 @@ pub struct DeadEvent {
     pub attempts: i32,
     /// Why its last attempt failed.
     pub last_error: Option<String>,
-    /// When its transaction began.
+    /// When it was written.
     pub created_at: DateTime<Utc>,
 }
 
@@ -167,13 +167,34 @@ pub async fn dead_events(db: &PgPool, limit: i64) -> crate::Result<Vec<DeadEvent
 /// Makes dead events pending again with a fresh attempt budget, due now, and wakes
 /// the relay. `None` replays every dead event. Returns how many were revived.
 pub async fn replay_dead(db: &PgPool, id: Option<Uuid>) -> crate::Result<u64> {
+    replay_dead_matching(db, &DeadFilter { id, ..DeadFilter::default() }).await
+}
+
+/// Which dead events [`replay_dead_matching`] takes: those matching every field
+/// given (none given: all of them).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeadFilter {
+    /// This one event.
+    pub id: Option<Uuid>,
+    /// Events of this aggregate type.
+    pub aggregate_type: Option<String>,
+    /// Events of this type.
+    pub event_type: Option<String>,
+}
+
+/// [`replay_dead`] for the dead events `filter` takes.
+pub async fn replay_dead_matching(db: &PgPool, filter: &DeadFilter) -> crate::Result<u64> {
     let mut tx = db.begin().await?;
     let revived = sqlx::query(
         "UPDATE outbox
          SET state = 'pending', attempts = 0, next_attempt_at = now(), last_error = NULL
-         WHERE state = 'dead' AND ($1::uuid IS NULL OR id = $1)",
+         WHERE state = 'dead' AND ($1::uuid IS NULL OR id = $1)
+           AND ($2::text IS NULL OR aggregate_type = $2)
+           AND ($3::text IS NULL OR event_type = $3)",
     )
-    .bind(id)
+    .bind(filter.id)
+    .bind(&filter.aggregate_type)
+    .bind(&filter.event_type)
     .execute(&mut *tx)
     .await?
     .rows_affected();

@@ -75,7 +75,11 @@ fn rows(markdown: &str) -> Vec<Row> {
         rows.push(Row {
             line: index + 1,
             names: split(cells[0]),
-            defaults: split(cells[1]),
+            // "unset": a setting with no default.
+            defaults: split(cells[1])
+                .into_iter()
+                .map(|default| if default == "unset" { String::new() } else { default })
+                .collect(),
             used_by: split(cells[2]),
         });
     }
@@ -161,7 +165,8 @@ mod tests {
         | `DATABASE_URL` | `postgres://db` | both | Postgres |\n\
         | `LISTEN_ADDR` | `0.0.0.0:8080` / `0.0.0.0:8081` | a / b | HTTP |\n\
         | `BASE_MS` / `MAX_MS` | `1000` / `300000` | a | backoff |\n\
-        | `RUST_LOG` | `info` | all | levels |\n\n## Metrics\n\n| `NOT_A_SETTING` | x | a | y |\n";
+        | `RUST_LOG` | `info` | all | levels |\n\
+        | `TOKEN` | unset | a | no default |\n\n## Metrics\n\n| `NOT_A_SETTING` | x | a | y |\n";
 
     fn services(extra: Option<(&str, &str)>) -> Vec<(&'static str, Settings)> {
         let mut a = Settings::from([
@@ -169,6 +174,7 @@ mod tests {
             ("LISTEN_ADDR".to_owned(), "0.0.0.0:8080".to_owned()),
             ("BASE_MS".to_owned(), "1000".to_owned()),
             ("MAX_MS".to_owned(), "300000".to_owned()),
+            ("TOKEN".to_owned(), String::new()),
         ]);
         if let Some((name, default)) = extra {
             a.insert(name.to_owned(), default.to_owned());

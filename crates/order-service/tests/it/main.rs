@@ -1,6 +1,7 @@
 //! Integration tests of order-service against the real Postgres (and, for the
 //! relay, RabbitMQ). One test binary; each test gets a fresh database.
 
+mod admin;
 mod batch;
 mod cancel;
 mod commit;

@@ -26,9 +26,18 @@ async fn the_served_document_is_the_committed_one(db: PgPool) {
         "/readyz",
         "/metrics",
         "/openapi.json",
+        "/admin/summary",
+        "/admin/outbox/dead",
+        "/admin/outbox/dead/{id}/replay",
+        "/admin/outbox/dead/replay",
     ] {
         assert!(document["paths"][path].is_object(), "{path} is described");
     }
+    let scheme = &document["components"]["securitySchemes"]["admin_token"];
+    assert_eq!(
+        (scheme["type"].as_str(), scheme["scheme"].as_str()),
+        (Some("http"), Some("bearer"))
+    );
 
     if std::env::var_os("UPDATE_OPENAPI").is_some() {
         std::fs::write(COMMITTED, &served).expect("write docs/openapi.json");

@@ -1,0 +1,171 @@
+//! The admin API: off (404) without ADMIN_TOKEN; with it, every call needs the
+//! bearer token (401 otherwise); dead events are listed newest first, a page
+//! at a time, and replayed one by one or by a filter.
+
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::helpers::{TestApp, spawn_app, spawn_with_args};
+
+const TOKEN: &str = "admin-token-for-the-test-0123456789";
+
+async fn admin_app(db: PgPool) -> TestApp {
+    spawn_with_args(db, &["--relay-workers", "0", "--admin-token", TOKEN]).await
+}
+
+/// Places `count` orders and parks their OrderPlaced events dead, as the relay
+/// would after the broker refused them; their ids, oldest first.
+async fn dead_events(app: &TestApp, count: usize) -> Vec<Uuid> {
+    let mut ids = Vec::new();
+    for n in 0..count {
+        let order = json!({"customer_id": format!("c-{n}"),
+                           "items": [{"sku": "SKU-001", "quantity": 1}]});
+        assert_eq!(app.post_order(&order).await.status(), 201);
+    }
+    let rows: Vec<Uuid> = sqlx::query_scalar(
+        "UPDATE outbox SET state = 'dead', attempts = 10, last_error = 'refused by the broker'
+         WHERE state = 'pending' RETURNING id",
+    )
+    .fetch_all(&app.db)
+    .await
+    .expect("parked");
+    ids.extend(rows);
+    ids.sort_unstable(); // UUIDv7: in the order written
+    ids
+}
+
+async fn call(
+    app: &TestApp,
+    method: reqwest::Method,
+    path: &str,
+    token: Option<&str>,
+) -> (u16, Value, reqwest::header::HeaderMap) {
+    let mut request = app.client.request(method, format!("{}{path}", app.address));
+    if let Some(token) = token {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    let response = request.send().await.expect("an answer");
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response.json().await.unwrap_or(Value::Null);
+    (status, body, headers)
+}
+
+async fn state_of(db: &PgPool, id: Uuid) -> String {
+    sqlx::query_scalar("SELECT state FROM outbox WHERE id = $1")
+        .bind(id)
+        .fetch_one(db)
+        .await
+        .expect("row")
+}
+
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
+async fn without_admin_token_the_admin_routes_and_the_console_are_not_there(db: PgPool) {
+    let app = spawn_app(db).await;
+    let ids = dead_events(&app, 1).await;
+    for (method, path) in [
+        (reqwest::Method::GET, "/admin/summary".to_owned()),
+        (reqwest::Method::GET, "/admin/outbox/dead".to_owned()),
+        (reqwest::Method::POST, format!("/admin/outbox/dead/{}/replay", ids[0])),
+        (reqwest::Method::GET, "/console".to_owned()),
+    ] {
+        let (status, body, _) = call(&app, method, &path, Some(TOKEN)).await;
+        assert_eq!(status, 404, "{path}: {body}");
+        assert_eq!(body["error"], "not_found", "{path}");
+    }
+    assert_eq!(state_of(&app.db, ids[0]).await, "dead", "nothing replayed");
+}
+
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
+async fn a_missing_or_wrong_token_is_refused_and_the_right_one_lists_and_replays(db: PgPool) {
+    let app = admin_app(db).await;
+    let ids = dead_events(&app, 1).await;
+    let dead = ids[0];
+
+    for token in [None, Some("wrong"), Some(&TOKEN[..TOKEN.len() - 1])] {
+        let (status, body, headers) =
+            call(&app, reqwest::Method::GET, "/admin/outbox/dead", token).await;
+        assert_eq!(status, 401, "{token:?}: {body}");
+        assert_eq!(body["error"], "unauthorized");
+        assert_eq!(headers["www-authenticate"], "Bearer");
+        let path = format!("/admin/outbox/dead/{dead}/replay");
+        let (status, _, _) = call(&app, reqwest::Method::POST, &path, token).await;
+        assert_eq!(status, 401);
+    }
+    // A token sent another way than as a bearer token is no token.
+    let basic = app
+        .client
+        .get(format!("{}/admin/outbox/dead", app.address))
+        .header("authorization", format!("Basic {TOKEN}"))
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(basic.status(), 401);
+    assert_eq!(state_of(&app.db, dead).await, "dead", "nothing replayed");
+
+    let (status, page, _) =
+        call(&app, reqwest::Method::GET, "/admin/outbox/dead", Some(TOKEN)).await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["events"][0]["id"], dead.to_string());
+    assert_eq!(page["events"][0]["event_type"], "OrderPlaced");
+    assert_eq!(page["events"][0]["last_error"], "refused by the broker");
+    assert_eq!(page["next"], Value::Null);
+    let (status, summary, _) =
+        call(&app, reqwest::Method::GET, "/admin/summary", Some(TOKEN)).await;
+    assert_eq!(status, 200, "{summary}");
+    assert_eq!(
+        (summary["outbox_dead"].as_i64(), summary["outbox_pending"].as_i64()),
+        (Some(1), Some(0))
+    );
+    assert_eq!(summary["transport"], "off", "no relay here");
+
+    let path = format!("/admin/outbox/dead/{dead}/replay");
+    let (status, replayed, _) = call(&app, reqwest::Method::POST, &path, Some(TOKEN)).await;
+    assert_eq!(status, 200, "{replayed}");
+    assert_eq!(replayed["replayed"], 1);
+    assert_eq!(state_of(&app.db, dead).await, "pending", "pending again once answered");
+    let (status, again, _) = call(&app, reqwest::Method::POST, &path, Some(TOKEN)).await;
+    assert_eq!((status, again["error"].as_str()), (404, Some("dead_event_not_found")));
+    assert!(
+        app.metrics().await.contains("outbox_admin_replayed_events_total 1"),
+        "the replay is counted"
+    );
+}
+
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
+async fn dead_events_come_newest_first_a_page_at_a_time_and_replay_by_filter(db: PgPool) {
+    let app = admin_app(db).await;
+    let ids = dead_events(&app, 5).await;
+
+    let mut listed = Vec::new();
+    let mut path = "/admin/outbox/dead?limit=2".to_owned();
+    loop {
+        let (status, page, _) = call(&app, reqwest::Method::GET, &path, Some(TOKEN)).await;
+        assert_eq!(status, 200, "{page}");
+        let events = page["events"].as_array().expect("events");
+        assert!(events.len() <= 2);
+        listed.extend(events.iter().map(|event| event["id"].as_str().expect("id").to_owned()));
+        match page["next"].as_str() {
+            Some(next) => path = format!("/admin/outbox/dead?limit=2&before={next}"),
+            None => break,
+        }
+    }
+    let newest_first: Vec<String> = ids.iter().rev().map(Uuid::to_string).collect();
+    assert_eq!(listed, newest_first);
+    for bad in ["limit=0", "limit=501", "before=not-a-uuid"] {
+        let path = format!("/admin/outbox/dead?{bad}");
+        let (status, body, _) = call(&app, reqwest::Method::GET, &path, Some(TOKEN)).await;
+        assert_eq!((status, body["error"].as_str()), (422, Some("invalid_query")), "{bad}");
+    }
+
+    let path = "/admin/outbox/dead/replay?event_type=OrderCancelled";
+    let (status, none, _) = call(&app, reqwest::Method::POST, path, Some(TOKEN)).await;
+    assert_eq!((status, none["replayed"].as_u64()), (200, Some(0)), "no dead cancel");
+    let path = "/admin/outbox/dead/replay?aggregate_type=order&event_type=OrderPlaced";
+    let (status, all, _) = call(&app, reqwest::Method::POST, path, Some(TOKEN)).await;
+    assert_eq!((status, all["replayed"].as_u64()), (200, Some(5)));
+    for id in ids {
+        assert_eq!(state_of(&app.db, id).await, "pending");
+    }
+}
