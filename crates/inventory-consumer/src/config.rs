@@ -45,6 +45,12 @@ pub struct Config {
     #[arg(long, env = "BATCH_SIZE", default_value_t = 128)]
     pub batch_size: usize,
 
+    /// Turns the admin API on (`GET /admin/dlq`, `POST /admin/dlq/{id}/replay`,
+    /// `POST /admin/dlq/replay`): every call must carry `Authorization: Bearer
+    /// <token>`. Unset (the default), the admin routes answer 404.
+    #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
     /// How long an OrderCancelled whose order's OrderPlaced has not been applied
     /// yet (another worker or replica holds it) is held back for it, tried
     /// again every 50 ms, before it is applied anyway (`30s`, `500ms`): the

@@ -137,6 +137,9 @@ impl Application {
             health: supervisor.health(),
             registry: Arc::new(self.registry),
             queue_depth: queue_depth.clone(),
+            admin_token: service_kit::admin::AdminToken::new(self.config.admin_token.as_deref()),
+            broker: self.config.broker.clone(),
+            metrics: self.metrics.clone(),
         };
         let served =
             self.listener.serve("inventory-consumer", http::router(state), shutdown.clone()).await;

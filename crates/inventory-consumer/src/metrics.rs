@@ -61,6 +61,8 @@ pub struct ConsumerMetrics {
     pub dlq_depth: Gauge<f64, AtomicU64>,
     /// Scrapes that could not read a queue's depth from the broker.
     pub queue_depth_failures: Counter,
+    /// Dead letters moved back to the inventory queue through the admin API.
+    pub admin_replayed: Counter,
 }
 
 impl ConsumerMetrics {
@@ -73,6 +75,7 @@ impl ConsumerMetrics {
             e2e_lag_seconds: Histogram::new(LAG_BUCKETS),
             queue_depth: Gauge::default(),
             dlq_depth: Gauge::default(),
+            admin_replayed: Counter::default(),
             queue_depth_failures: Counter::default(),
         };
         registry.register(
@@ -112,6 +115,11 @@ impl ConsumerMetrics {
             "Messages in the dead-letter queue, read from the broker at scrape time (NaN when it \
              cannot be read)",
             metrics.dlq_depth.clone(),
+        );
+        registry.register(
+            "inventory_admin_replayed_messages",
+            "Dead letters moved back to the inventory queue through the admin API",
+            metrics.admin_replayed.clone(),
         );
         registry.register(
             "inventory_queue_depth_read_failures",

@@ -8,39 +8,18 @@
 use axum::Json;
 use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
-use subtle::ConstantTimeEq;
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
+pub use service_kit::admin::AdminToken;
+
 use crate::error::{ApiError, ErrorBody, Result};
 use crate::routes::AppState;
-
-/// The token every admin call must carry. Its `Debug` hides it.
-#[derive(Clone)]
-pub struct AdminToken(String);
-
-impl AdminToken {
-    /// `None` for an unset or empty `ADMIN_TOKEN`: the admin API is off.
-    pub fn new(token: Option<&str>) -> Option<Self> {
-        token.filter(|token| !token.is_empty()).map(|token| Self(token.to_owned()))
-    }
-
-    fn accepts(&self, presented: &[u8]) -> bool {
-        bool::from(self.0.as_bytes().ct_eq(presented))
-    }
-}
-
-impl std::fmt::Debug for AdminToken {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("AdminToken(<redacted>)")
-    }
-}
 
 /// The admin API's counters.
 #[derive(Clone, Debug, Default)]
@@ -69,29 +48,13 @@ impl FromRequestParts<AppState> for Admin {
     type Rejection = Response;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Response> {
-        let Some(token) = &state.admin_token else {
-            return Err(ApiError::NotFound("route").into_response());
-        };
-        let presented = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|value| value.as_bytes().strip_prefix(b"Bearer "));
-        match presented {
-            Some(presented) if token.accepts(presented) => Ok(Self),
-            Some(_) => Err(unauthorized("the admin token is wrong")),
-            None => Err(unauthorized(
-                "an admin call needs the header `Authorization: Bearer <ADMIN_TOKEN>`",
-            )),
+        match &state.admin_token {
+            None => Err(ApiError::NotFound("route").into_response()),
+            Some(token) => {
+                token.check(&parts.headers).map(|()| Self).map_err(IntoResponse::into_response)
+            }
         }
     }
-}
-
-fn unauthorized(message: &str) -> Response {
-    tracing::warn!(reason = message, "an admin call was refused");
-    let body = ErrorBody { error: "unauthorized".to_owned(), message: message.to_owned() };
-    let mut response = (StatusCode::UNAUTHORIZED, Json(body)).into_response();
-    response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-    response
 }
 
 /// What waits in the outbox, and whether the relay reaches its broker.

@@ -3,6 +3,7 @@
 //! health and metrics endpoints, telemetry and shutdown signals. The event
 //! contract between them is the crate `order-events`.
 
+pub mod admin;
 pub mod broker;
 pub mod db;
 pub mod http;

@@ -447,3 +447,81 @@ fn parse(broker: &TestBroker, args: &[&str]) -> (Config, inventory_consumer::Dlq
     let Some(Command::Dlq(command)) = parsed.command.clone() else { panic!("a dlq command") };
     (parsed, command)
 }
+
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
+async fn the_admin_api_lists_and_replays_dead_letters_only_with_the_token(db: PgPool) {
+    const TOKEN: &str = "consumer-admin-token-0123456789";
+    let broker = TestBroker::new().await;
+    let consumer = TestConsumer::spawn(db.clone(), &broker.config, &["--admin-token", TOKEN]).await;
+    let messages = messages_for_missing_orders(2);
+    dead_letter(&broker, &consumer, &messages).await;
+    let client = reqwest::Client::new();
+    let url = |path: &str| format!("{}{path}", consumer.address);
+
+    for token in [None, Some("wrong")] {
+        let mut request = client.get(url("/admin/dlq"));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.expect("answer");
+        assert_eq!(response.status(), 401, "{token:?}");
+        let body: Value = response.json().await.expect("json");
+        assert_eq!(body["error"], "unauthorized");
+    }
+    let listed: Value = client
+        .get(url("/admin/dlq"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("answer")
+        .json()
+        .await
+        .expect("json");
+    let listed: Vec<&str> = listed["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .map(|letter| letter["message_id"].as_str().expect("id"))
+        .collect();
+    let expected: Vec<String> = messages.iter().map(|m| m.id.to_string()).collect();
+    assert_eq!(listed, expected, "oldest first, left in place");
+    assert_eq!(broker.dead_letter_depth().await, 2);
+
+    // Its order written, one replayed message is applied.
+    create_orders(&db, &messages[..1]).await;
+    let path = format!("/admin/dlq/{}/replay", messages[0].id);
+    let response = client.post(url(&path)).bearer_auth(TOKEN).send().await.expect("answer");
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["replayed"], 1);
+    let applied = eventually(WITHIN, || async {
+        order_status(&db, messages[0].event.order_id()).await == "COMPLETED"
+    })
+    .await;
+    assert!(applied, "the replayed message was applied");
+    assert_eq!(broker.dead_letter_depth().await, 1, "the other stays");
+    let response = client.post(url(&path)).bearer_auth(TOKEN).send().await.expect("answer");
+    assert_eq!(response.status(), 404, "no longer there");
+    let metrics = reqwest::get(url("/metrics")).await.expect("metrics").text().await.expect("text");
+    assert!(metrics.contains("inventory_admin_replayed_messages_total 1"), "counted");
+
+    consumer.stop().await;
+    broker.delete().await;
+}
+
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
+async fn without_admin_token_the_consumers_admin_api_is_not_there(db: PgPool) {
+    let broker = TestBroker::new().await;
+    let consumer = TestConsumer::spawn(db, &broker.config, &[]).await;
+    let response = reqwest::Client::new()
+        .get(format!("{}/admin/dlq", consumer.address))
+        .bearer_auth("anything")
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(response.status(), 404);
+    let body: Value = response.json().await.expect("a JSON error");
+    assert_eq!(body["error"], "not_found");
+    consumer.stop().await;
+    broker.delete().await;
+}
