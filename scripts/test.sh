@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The one test command: checks that Postgres and RabbitMQ answer (starting the
 # local ones if they are installed but stopped), then validates the Compose
-# files and the Prometheus configuration (promtool), and runs the format check,
+# files and the Prometheus configuration and alert rules (promtool, from
+# Debian's prometheus package, installed when missing: its prometheus also
+# evaluates the dashboard and the rules in the test suite), and runs the format check,
 # clippy with warnings as errors, the whole test suite against them (with the
 # Kafka transport, against a local broker from scripts/kafka-broker.sh), the
 # docs check (cargo xtask check-docs), the API fuzzer (scripts/fuzz-api.sh),
@@ -35,18 +37,22 @@ echo "== promtool check config"
 # The Prometheus of the "observability" profile; Debian's prometheus package
 # ships promtool. Unlike a missing docker-compose above, a missing promtool is
 # installed, and one that cannot be installed fails the run.
-if ! command -v promtool >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "promtool is not installed; installing Debian's prometheus package for it" >&2
+if { ! command -v promtool || ! command -v prometheus; } >/dev/null 2>&1 &&
+    [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "promtool or prometheus is not installed; installing Debian's prometheus package" >&2
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null ||
         { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; } ||
         true
 fi
-if ! command -v promtool >/dev/null 2>&1; then
-    echo "!! FAILED: promtool is not installed and could not be installed" \
+if { ! command -v promtool || ! command -v prometheus; } >/dev/null 2>&1; then
+    echo "!! FAILED: promtool or prometheus is not installed and could not be installed" \
         "(apt-get install prometheus, as root); deploy/prometheus/prometheus.yml was NOT validated" >&2
     exit 1
 fi
-promtool check config deploy/prometheus/prometheus.yml
+promtool check config deploy/prometheus/prometheus.yml # its alert rules too
+# The same package's prometheus runs in the test suite: every dashboard panel
+# and alert rule evaluated against the services' metrics. Here it must run.
+export OUTBOX_REQUIRE_PROMETHEUS=1
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

@@ -19,11 +19,11 @@ use crate::helpers::{TestApi, TestBroker, TestConsumer, order_status};
 /// query (functions, keywords, label names, durations) is not a metric.
 const METRIC_PREFIXES: [&str; 5] = ["outbox_", "inventory_", "order_", "retention_", "task_"];
 
-fn repository_file(path: &str) -> PathBuf {
+pub fn repository_file(path: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..").join(path)
 }
 
-fn dashboard() -> Value {
+pub fn dashboard() -> Value {
     let path = std::env::var_os("OUTBOX_DASHBOARD")
         .map(PathBuf::from)
         .unwrap_or_else(|| repository_file("deploy/grafana/dashboards/outbox.json"));
@@ -33,7 +33,7 @@ fn dashboard() -> Value {
 }
 
 /// Every panel, those inside rows included, except the rows themselves.
-fn panels(dashboard: &Value) -> Vec<&Value> {
+pub fn panels(dashboard: &Value) -> Vec<&Value> {
     fn walk<'a>(panels: &'a Value, found: &mut Vec<&'a Value>) {
         for panel in panels.as_array().into_iter().flatten() {
             if panel["type"] != "row" {
@@ -50,7 +50,7 @@ fn panels(dashboard: &Value) -> Vec<&Value> {
 /// The project's metric names in a PromQL expression, parsed loosely: string
 /// literals (label values) are skipped, and of the identifiers left those with
 /// one of [`METRIC_PREFIXES`] are kept.
-fn metric_names(expr: &str) -> BTreeSet<String> {
+pub fn metric_names(expr: &str) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
     let mut chars = expr.chars().peekable();
     while let Some(c) = chars.next() {

@@ -12,6 +12,7 @@ mod fuzz;
 mod helpers;
 mod months;
 mod ordering;
+mod prometheus;
 mod queues;
 mod reconcile;
 mod slo;

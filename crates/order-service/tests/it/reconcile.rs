@@ -168,9 +168,9 @@ async fn a_healthy_database_passes_every_check(db: PgPool) {
     assert_eq!(report.outbox_dead, 0, "{text}");
     assert_eq!(report.keys, 2, "{text}");
     let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines.len(), 8, "one line per check and the verdict: {text}");
+    assert_eq!(lines.len(), 9, "one line per check and the verdict: {text}");
     assert!(
-        lines[..7].iter().all(|line| line.split_whitespace().any(|word| word == "ok")),
+        lines[..8].iter().all(|line| line.split_whitespace().any(|word| word == "ok")),
         "{text}"
     );
     assert_eq!(lines[7], "reconcile: ok");

@@ -134,6 +134,8 @@ async fn cancelled_orders_are_waited_for_until_cancelled(db: PgPool) {
         "4",
         "--cancel-ratio",
         "0.5",
+        "--scarce-ratio",
+        "0",
         "--timeout",
         "30",
     ])
