@@ -173,7 +173,7 @@ async fn a_healthy_database_passes_every_check(db: PgPool) {
         lines[..8].iter().all(|line| line.split_whitespace().any(|word| word == "ok")),
         "{text}"
     );
-    assert_eq!(lines[7], "reconcile: ok");
+    assert_eq!(lines[8], "reconcile: ok");
 
     let json = report.json();
     assert_eq!(json["ok"], true, "{json}");

@@ -46,7 +46,7 @@ async fn orders_left_pending_are_reported_and_fail_the_run(db: PgPool) {
 #[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn a_run_whose_orders_are_all_decided_converges_and_passes(db: PgPool) {
     let app = spawn_app(db).await;
-    let decider = decider(&app.db);
+    let decider = decider(&app.db, false);
 
     let run = stress_test(&[
         "--url",
@@ -122,7 +122,7 @@ async fn an_unreachable_service_gives_transport_errors() {
 #[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn cancelled_orders_are_waited_for_until_cancelled(db: PgPool) {
     let app = spawn_app(db).await;
-    let decider = decider(&app.db);
+    let decider = decider(&app.db, false);
     let run = stress_test(&[
         "--url",
         &app.address,
@@ -161,7 +161,7 @@ async fn cancelled_orders_are_waited_for_until_cancelled(db: PgPool) {
 #[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn late_cancels_come_after_the_delay_and_a_rejected_orders_409_is_no_failure(db: PgPool) {
     let app = spawn_app(db).await;
-    let decider = decider(&app.db);
+    let decider = decider(&app.db, true);
     let run = stress_test(&[
         "--url",
         &app.address,
@@ -203,20 +203,22 @@ async fn late_cancels_come_after_the_delay_and_a_rejected_orders_409_is_no_failu
     assert_eq!(run.exit_code(), Some(0), "stderr: {}", String::from_utf8_lossy(&run.output.stderr));
 }
 
-/// Stands in for the inventory consumer: decides every pending order (REJECTED
-/// when it asks for a scarce SKU) and, a second after it was asked for (long
-/// after its order was decided), applies each cancel.
-fn decider(db: &PgPool) -> tokio::task::JoinHandle<()> {
+/// Stands in for the inventory consumer: decides every pending order
+/// (COMPLETED, or with `reject_scarce` REJECTED when it asks for a scarce SKU)
+/// and, a second after it was asked for (long after its order was decided),
+/// applies each cancel.
+fn decider(db: &PgPool, reject_scarce: bool) -> tokio::task::JoinHandle<()> {
     let db = db.clone();
     tokio::spawn(async move {
         loop {
             sqlx::query(
                 "UPDATE orders AS o SET updated_at = now(), status = CASE
-                     WHEN EXISTS (SELECT FROM order_lines AS l WHERE l.order_id = o.id
-                                  AND l.sku >= 'SKU-021') THEN 'REJECTED'
+                     WHEN $1 AND EXISTS (SELECT FROM order_lines AS l WHERE l.order_id = o.id
+                                         AND l.sku >= 'SKU-021') THEN 'REJECTED'
                      ELSE 'COMPLETED' END
                  WHERE status = 'PENDING'",
             )
+            .bind(reject_scarce)
             .execute(&db)
             .await
             .expect("orders decided");
