@@ -1,13 +1,15 @@
 //! The admin API (`/admin/*`): the outbox's backlog and its dead events, and
 //! replaying them. On only when `ADMIN_TOKEN` is set; without it every admin
 //! route answers 404, as an unknown route does. Every call needs
-//! `Authorization: Bearer <ADMIN_TOKEN>`, compared in constant time; a missing
-//! or wrong token is a 401 in the API's error shape. Every replay is logged
+//! `Authorization: Bearer <ADMIN_TOKEN>`, compared in constant time, or the
+//! console's session (see [`crate::console`]), with its CSRF token for a
+//! replay; a missing or wrong token is a 401 in the API's error shape. Every replay is logged
 //! and counted (`outbox_admin_replayed_events_total`).
 
 use axum::Json;
 use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
+use axum::http::{Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use prometheus_client::metrics::counter::Counter;
@@ -48,12 +50,27 @@ impl FromRequestParts<AppState> for Admin {
     type Rejection = Response;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Response> {
-        match &state.admin_token {
-            None => Err(ApiError::NotFound("route").into_response()),
-            Some(token) => {
-                token.check(&parts.headers).map(|()| Self).map_err(IntoResponse::into_response)
+        let Some(token) = &state.admin_token else {
+            return Err(ApiError::NotFound("route").into_response());
+        };
+        // A console session instead of the bearer token: a call that changes
+        // something must also carry the session's CSRF token.
+        if !parts.headers.contains_key(header::AUTHORIZATION)
+            && let Some(csrf) = state.sessions.csrf_of(&parts.headers)
+        {
+            if parts.method == Method::GET || crate::console::csrf_matches(&csrf, &parts.headers) {
+                return Ok(Self);
             }
+            let body = ErrorBody {
+                error: "invalid_csrf_token".to_owned(),
+                message: format!(
+                    "a change made with a console session needs its CSRF token in {}",
+                    crate::console::CSRF_HEADER
+                ),
+            };
+            return Err((StatusCode::FORBIDDEN, Json(body)).into_response());
         }
+        token.check(&parts.headers).map(|()| Self).map_err(IntoResponse::into_response)
     }
 }
 

@@ -15,6 +15,7 @@ pub mod admin;
 pub mod cancel;
 pub mod commit;
 pub mod config;
+pub mod console;
 pub mod error;
 pub mod idempotency;
 pub mod orders;
@@ -164,6 +165,7 @@ impl Application {
             request_timeout: Duration::from_millis(self.config.request_timeout_ms),
             admin_token: admin::AdminToken::new(self.config.admin_token.as_deref()),
             admin_metrics: self.admin_metrics,
+            sessions: console::Sessions::default(),
             relay_workers: self.config.relay.relay_workers,
         };
         let router = routes::router(state, self.config.body_limit_bytes);

@@ -48,6 +48,8 @@ pub struct AppState {
     /// `ADMIN_TOKEN`: `None` turns the admin API off (its routes answer 404).
     pub admin_token: Option<crate::admin::AdminToken>,
     pub admin_metrics: crate::admin::AdminMetrics,
+    /// The console's sessions.
+    pub sessions: crate::console::Sessions,
     /// Relay workers of this replica (`RELAY_WORKERS`).
     pub relay_workers: usize,
 }
@@ -116,6 +118,10 @@ pub fn openapi_document() -> &'static str {
 pub fn router(state: AppState, body_limit_bytes: usize) -> Router {
     let (router, _) = api().split_for_parts();
     router
+        // The console's page and its session: HTML, not part of the API document.
+        .route("/console", axum::routing::get(crate::console::page))
+        .route("/console/login", axum::routing::post(crate::console::login))
+        .route("/console/logout", axum::routing::post(crate::console::logout))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(body_limit_bytes))

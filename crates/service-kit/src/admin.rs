@@ -20,6 +20,11 @@ impl AdminToken {
         token.filter(|token| !token.is_empty()).map(|token| Self(token.to_owned()))
     }
 
+    /// Whether `presented` is this token, compared in constant time.
+    pub fn matches(&self, presented: &[u8]) -> bool {
+        constant_time_eq(self.0.as_bytes(), presented)
+    }
+
     /// `Ok` when `headers` carry this token as a bearer token; else the refusal
     /// (logged), which answers 401.
     pub fn check(&self, headers: &HeaderMap) -> Result<(), Refused> {
@@ -27,7 +32,7 @@ impl AdminToken {
             .get(header::AUTHORIZATION)
             .and_then(|value| value.as_bytes().strip_prefix(b"Bearer "));
         match presented {
-            Some(presented) if bool::from(self.0.as_bytes().ct_eq(presented)) => Ok(()),
+            Some(presented) if self.matches(presented) => Ok(()),
             Some(_) => Err(Refused::new("the admin token is wrong")),
             None => Err(Refused::new(
                 "an admin call needs the header `Authorization: Bearer <ADMIN_TOKEN>`",
@@ -40,6 +45,11 @@ impl std::fmt::Debug for AdminToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("AdminToken(<redacted>)")
     }
+}
+
+/// Whether `a` and `b` are equal, in a time that depends on their lengths only.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    bool::from(a.ct_eq(b))
 }
 
 /// An admin call without the right token: a 401 with the JSON error body and

@@ -169,3 +169,105 @@ async fn dead_events_come_newest_first_a_page_at_a_time_and_replay_by_filter(db:
         assert_eq!(state_of(&app.db, id).await, "pending");
     }
 }
+
+/// The login form's POST, as a browser sends it (the tokens here need no escaping).
+fn login(client: &reqwest::Client, url: &str, token: &str) -> reqwest::RequestBuilder {
+    client
+        .post(url)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("token={token}"))
+}
+
+/// The console's session: a login form, a cookie scripts cannot read and other
+/// sites do not send, and a CSRF token that a replay made with the session
+/// must carry.
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
+async fn the_console_signs_in_with_the_token_and_replays_only_with_its_csrf_token(db: PgPool) {
+    let app = admin_app(db).await;
+    let dead = dead_events(&app, 1).await[0];
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client");
+    let url = |path: &str| format!("{}{path}", app.address);
+
+    let login_page = client.get(url("/console")).send().await.expect("answer");
+    assert_eq!(login_page.status(), 200);
+    assert_eq!(login_page.headers()["cache-control"], "no-store");
+    assert!(login_page.text().await.expect("html").contains("action=\"/console/login\""));
+
+    let wrong = login(&client, &url("/console/login"), "wrong").send().await;
+    let wrong = wrong.expect("answer");
+    assert_eq!(wrong.status(), 401);
+    assert!(wrong.headers().get("set-cookie").is_none(), "no session");
+
+    let signed_in = login(&client, &url("/console/login"), TOKEN).send().await;
+    let signed_in = signed_in.expect("answer");
+    assert_eq!(signed_in.status(), 303);
+    assert_eq!(signed_in.headers()["location"], "/console");
+    let set_cookie = signed_in.headers()["set-cookie"].to_str().expect("text").to_owned();
+    for attribute in ["HttpOnly", "SameSite=Strict", "Path=/"] {
+        assert!(set_cookie.contains(attribute), "{set_cookie}");
+    }
+    assert!(!set_cookie.contains("Secure"), "plain HTTP here: {set_cookie}");
+    let cookie = set_cookie.split(';').next().expect("name=value").to_owned();
+    let behind_https = login(&client, &url("/console/login"), TOKEN)
+        .header("x-forwarded-proto", "https")
+        .send()
+        .await
+        .expect("answer");
+    assert!(behind_https.headers()["set-cookie"].to_str().expect("text").contains("; Secure"));
+
+    let page = client.get(url("/console")).header("cookie", &cookie).send().await.expect("page");
+    assert_eq!(page.status(), 200);
+    let csp = page.headers()["content-security-policy"].to_str().expect("text").to_owned();
+    assert!(csp.contains("default-src 'self'"), "{csp}");
+    let page = page.text().await.expect("html");
+    let csrf = page
+        .split("name=\"csrf-token\" content=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("the page carries its CSRF token")
+        .to_owned();
+    assert_eq!(csrf.len(), 64, "{csrf}");
+
+    // Reading needs only the session.
+    let listed = client.get(url("/admin/outbox/dead")).header("cookie", &cookie).send().await;
+    assert_eq!(listed.expect("answer").status(), 200);
+    // A replay without the CSRF token, or with another, changes nothing.
+    let replay = url(&format!("/admin/outbox/dead/{dead}/replay"));
+    for header in [None, Some("0".repeat(64))] {
+        let mut request = client.post(&replay).header("cookie", &cookie);
+        if let Some(token) = &header {
+            request = request.header("x-csrf-token", token);
+        }
+        let refused = request.send().await.expect("answer");
+        assert_eq!(refused.status(), 403, "{header:?}");
+        let body: Value = refused.json().await.expect("json");
+        assert_eq!(body["error"], "invalid_csrf_token");
+    }
+    assert_eq!(state_of(&app.db, dead).await, "dead");
+    let replayed = client
+        .post(&replay)
+        .header("cookie", &cookie)
+        .header("x-csrf-token", &csrf)
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(replayed.status(), 200);
+    assert_eq!(state_of(&app.db, dead).await, "pending");
+
+    // Signed out, the cookie opens nothing.
+    let out = client
+        .post(url("/console/logout"))
+        .header("cookie", &cookie)
+        .header("x-csrf-token", &csrf)
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(out.status(), 204);
+    let after = client.get(url("/admin/summary")).header("cookie", &cookie).send().await;
+    assert_eq!(after.expect("answer").status(), 401);
+    let page = client.get(url("/console")).header("cookie", &cookie).send().await.expect("page");
+    assert!(page.text().await.expect("html").contains("action=\"/console/login\""), "login again");
+}

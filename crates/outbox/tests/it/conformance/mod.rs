@@ -363,6 +363,18 @@ pub async fn a_duplicate_publish_carries_the_same_message_id<H: Harness>(_db: Pg
     harness.finish().await;
 }
 
+/// The `n` of each aggregate's events (see [`event`]), in the order they arrived.
+fn arrival_order(received: &[Received]) -> HashMap<String, Vec<u64>> {
+    let mut order: HashMap<String, Vec<u64>> = HashMap::new();
+    for message in received {
+        order
+            .entry(message.aggregate_id.clone())
+            .or_default()
+            .push(message.payload["n"].as_u64().expect("n"));
+    }
+    order
+}
+
 pub async fn one_aggregates_events_arrive_in_the_order_written<H: Harness>(db: PgPool) {
     let mut harness = H::new().await;
     enqueue(&db, &interleaved(5, 6)).await;
@@ -372,13 +384,7 @@ pub async fn one_aggregates_events_arrive_in_the_order_written<H: Harness>(db: P
 
     let received = harness.received(30, Duration::from_secs(20)).await;
     assert_eq!(received.len(), 30);
-    let mut order: HashMap<String, Vec<u64>> = HashMap::new();
-    for message in &received {
-        order
-            .entry(message.aggregate_id.clone())
-            .or_default()
-            .push(message.payload["n"].as_u64().expect("n"));
-    }
+    let order = arrival_order(&received);
     assert_eq!(order.len(), 5);
     for (aggregate, ns) in &order {
         assert_eq!(ns, &(0..6).collect::<Vec<u64>>(), "aggregate {aggregate}");
@@ -406,13 +412,8 @@ pub async fn one_aggregates_events_arrive_in_order_from_four_workers<H: Harness>
 
     let received = harness.received(32, Duration::from_secs(20)).await;
     assert_eq!(received.len(), 32);
-    let mut order: HashMap<String, Vec<u64>> = HashMap::new();
-    for message in &received {
-        order
-            .entry(message.aggregate_id.clone())
-            .or_default()
-            .push(message.payload["n"].as_u64().expect("n"));
-    }
+    let order = arrival_order(&received);
+    assert_eq!(order.len(), 4);
     for (aggregate, ns) in &order {
         assert_eq!(ns, &(0..8).collect::<Vec<u64>>(), "aggregate {aggregate}");
     }
