@@ -275,7 +275,7 @@ pub struct ReplayFilter {
         (status = 200, description = "The events are pending again.", body = Replayed),
         (status = 401, description = "`unauthorized`: no or a wrong admin token.", body = ErrorBody),
         (status = 404, description = "`not_found`: ADMIN_TOKEN is not set.", body = ErrorBody),
-        (status = 422, description = "`invalid_query`: the query is malformed.", body = ErrorBody),
+        (status = 422, description = "`invalid_query`: the query is malformed, or a value holds a NUL character.", body = ErrorBody),
         (status = 503, description = "`database_unavailable`: try again.", body = ErrorBody),
     )
 )]
@@ -286,6 +286,16 @@ pub async fn replay_many(
 ) -> Result<Json<Replayed>> {
     let Query(filter) =
         filter.map_err(|rejection| ApiError::validation("invalid_query", rejection.body_text()))?;
+    for (name, value) in
+        [("aggregate_type", &filter.aggregate_type), ("event_type", &filter.event_type)]
+    {
+        if value.as_deref().is_some_and(|value| value.contains('\0')) {
+            // Postgres text cannot hold NUL, so no event has it: say so
+            // rather than fail the query.
+            let message = format!("{name} contains a NUL character");
+            return Err(ApiError::validation("invalid_query", message));
+        }
+    }
     let which = outbox::store::DeadFilter {
         id: None,
         aggregate_type: filter.aggregate_type.clone(),

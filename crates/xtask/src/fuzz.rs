@@ -25,6 +25,8 @@ use crate::process::{Local, Service, bin_dir, free_port, until_signal};
 const SCHEMATHESIS_VERSION: &str = "4.32.5";
 const VENV: &str = ".venv-fuzz";
 const RUN_DIR: &str = ".run/fuzz";
+/// The admin token of the order-service under test.
+const ADMIN_TOKEN: &str = "fuzz-admin-token";
 
 /// The settings of `cargo xtask fuzz-api` (scripts/fuzz-api.sh).
 #[derive(Debug, clap::Args)]
@@ -72,6 +74,9 @@ pub async fn run(args: Args) -> anyhow::Result<bool> {
         ("DATABASE_URL".to_owned(), local.database_url("outbox_fuzz")),
         ("RELAY_WORKERS".to_owned(), "0".to_owned()),
         ("RUST_LOG".to_owned(), "warn".to_owned()),
+        // The admin API is on, so that it is fuzzed too: with the token
+        // (every request carries it) and, in the coverage phase, without it.
+        ("ADMIN_TOKEN".to_owned(), ADMIN_TOKEN.to_owned()),
     ];
     let mut api = Service::new("order-service", &bin_dir("debug"), port, env, &run_dir);
     let _ = std::fs::remove_file(api.log());
@@ -184,6 +189,7 @@ impl Fuzz {
             .args(["--max-time", &self.max_time.to_string()])
             .args(["--seed", "20261124", "--generation-allow-x00", "true"])
             .args(["--generation-database", "none", "--no-color"])
+            .args(["--header", &format!("Authorization: Bearer {ADMIN_TOKEN}")])
             .args(options)
             .current_dir(RUN_DIR)
             .stdin(Stdio::null())

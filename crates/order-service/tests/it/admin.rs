@@ -159,6 +159,9 @@ async fn dead_events_come_newest_first_a_page_at_a_time_and_replay_by_filter(db:
         assert_eq!((status, body["error"].as_str()), (422, Some("invalid_query")), "{bad}");
     }
 
+    let path = "/admin/outbox/dead/replay?event_type=Order%00Placed";
+    let (status, body, _) = call(&app, reqwest::Method::POST, path, Some(TOKEN)).await;
+    assert_eq!((status, body["error"].as_str()), (422, Some("invalid_query")), "a NUL");
     let path = "/admin/outbox/dead/replay?event_type=OrderCancelled";
     let (status, none, _) = call(&app, reqwest::Method::POST, path, Some(TOKEN)).await;
     assert_eq!((status, none["replayed"].as_u64()), (200, Some(0)), "no dead cancel");
