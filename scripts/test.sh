@@ -15,6 +15,15 @@ source scripts/services.sh
 
 ensure_services
 
+# How long each step took, printed above the summary line (CI's budget is
+# 25 minutes; `took` says which step to look at when it grows).
+timings=""
+step_started=$SECONDS
+took() { # name: the step that just ended
+    timings+=$(printf '%6d s  %s' "$((SECONDS - step_started))" "$1")$'\n'
+    step_started=$SECONDS
+}
+
 # Tests create a fresh database each (#[sqlx::test]) through this server and a
 # fresh set of exchanges and queues each on this broker.
 export DATABASE_URL=${DATABASE_URL:-postgres://postgres:postgres@$PG_HOST:$PG_PORT/postgres}
@@ -33,6 +42,7 @@ else
         "the Compose files were NOT validated" >&2
 fi
 
+took "docker-compose config"
 echo "== promtool check config"
 # The Prometheus of the "observability" profile; Debian's prometheus package
 # ships promtool. Unlike a missing docker-compose above, a missing promtool is
@@ -54,11 +64,13 @@ promtool check config deploy/prometheus/prometheus.yml # its alert rules too
 # and alert rule evaluated against the services' metrics. Here it must run.
 export OUTBOX_REQUIRE_PROMETHEUS=1
 
+took "promtool (and installing prometheus)"
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 # With the optional Kafka transport, so that its code is linted too.
 cargo clippy --workspace --all-targets --locked --features outbox/kafka -- -D warnings
+took "cargo fmt, cargo clippy"
 echo "== outbox: the core with no transport, and each transport alone"
 for features in "" rabbitmq kafka; do
     cargo clippy -p outbox --locked --no-default-features --features "$features" -- -D warnings
@@ -67,6 +79,7 @@ if cargo tree -p outbox --locked --no-default-features -e normal | grep -E "^.*(
     echo "!! the outbox core depends on a broker client" >&2
     exit 1
 fi
+took "cargo clippy of the outbox core and each transport"
 echo "== cargo test"
 # Every test binary prints its own "test result:" line; the last line of this
 # script sums them, so one line tells how the whole suite went.
@@ -83,6 +96,7 @@ export KAFKA_BROKERS
 status=0
 cargo test --workspace --locked --no-fail-fast --features outbox/kafka -- "$@" 2>&1 | tee "$log" || status=$?
 scripts/kafka-broker.sh stop
+took "cargo test (building the tests included)"
 
 # The checks that run whole processes: each counts as one test in the summary.
 checks_passed=0
@@ -98,6 +112,7 @@ check() { # name, command...
         checks_failed=$((checks_failed + 1))
         status=1
     fi
+    took "$name"
 }
 # The docs: README_zh.md has README.md's headings and code blocks, and every
 # relative link of the READMEs and docs/*.md names a file (and a heading) that exists.
@@ -114,6 +129,8 @@ else
         "failover on a cluster was NOT tested" >&2
 fi
 
+echo "== time taken ($((SECONDS / 60)) min in all)"
+printf '%s' "$timings"
 awk -v checks_passed="$checks_passed" -v checks_failed="$checks_failed" '
      /^test result:/ {
         for (i = 1; i <= NF; i++) {
