@@ -43,28 +43,44 @@ else
 fi
 
 took "docker-compose config"
-echo "== promtool check config"
-# The Prometheus of the "observability" profile; Debian's prometheus package
-# ships promtool. Unlike a missing docker-compose above, a missing promtool is
-# installed, and one that cannot be installed fails the run.
-if { ! command -v promtool || ! command -v prometheus; } >/dev/null 2>&1 &&
-    [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "promtool or prometheus is not installed; installing Debian's prometheus package" >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null ||
-        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; } ||
-        true
-fi
-if { ! command -v promtool || ! command -v prometheus; } >/dev/null 2>&1; then
-    echo "!! FAILED: promtool or prometheus is not installed and could not be installed" \
-        "(apt-get install prometheus, as root); deploy/prometheus/prometheus.yml was NOT validated" >&2
-    exit 1
-fi
-promtool check config deploy/prometheus/prometheus.yml # its alert rules too
-# The same package's prometheus runs in the test suite: every dashboard panel
-# and alert rule evaluated against the services' metrics. Here it must run.
+echo "== what the tests need; promtool check config"
+# Programs the test suite needs from Debian's packages: installed when missing
+# (as root), and one that cannot be installed fails the run, unlike a missing
+# docker-compose above.
+require_packages() { # why, then program:package pairs
+    local why=$1 missing=() pair
+    shift
+    for pair in "$@"; do
+        command -v "${pair%%:*}" >/dev/null 2>&1 ||
+            [[ " ${missing[*]} " == *" ${pair#*:} "* ]] || missing+=("${pair#*:}")
+    done
+    [ ${#missing[@]} = 0 ] && return 0
+    echo "installing Debian's ${missing[*]} ($why)" >&2
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null ||
+            { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null; } ||
+            true
+    fi
+    for pair in "$@"; do
+        if ! command -v "${pair%%:*}" >/dev/null 2>&1; then
+            echo "!! FAILED: ${pair%%:*} is not installed and could not be installed" \
+                "(apt-get install ${pair#*:}, as root): $why" >&2
+            exit 1
+        fi
+    done
+}
+# The Prometheus of the "observability" profile: promtool validates its
+# configuration here; prometheus evaluates every dashboard panel and alert rule
+# against the services' metrics in the test suite, and must run there.
+require_packages "the Prometheus configuration and the dashboard's test" \
+    promtool:prometheus prometheus:prometheus
 export OUTBOX_REQUIRE_PROMETHEUS=1
+# The console's browser test: headless Chromium driven through chromedriver.
+require_packages "the console's browser test" chromium:chromium chromedriver:chromium-driver
+export OUTBOX_REQUIRE_BROWSER=1
+promtool check config deploy/prometheus/prometheus.yml # its alert rules too
 
-took "promtool (and installing prometheus)"
+took "promtool (and installing what the tests need)"
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"

@@ -94,6 +94,21 @@ pub struct Summary {
     pub topology_error: Option<String>,
     /// Events this replica published since it started.
     pub published_total: u64,
+    /// End-to-end lag, placed to decided, of the recent orders: see [`RecentLag`].
+    pub e2e_lag: RecentLag,
+}
+
+/// The lag from an order's write to its decision by inventory-consumer,
+/// over the newest 1,000 orders, those placed in the last minute and decided
+/// (so an idle system shows none rather than an old figure).
+#[derive(Debug, Serialize, Deserialize, ToSchema, sqlx::FromRow)]
+pub struct RecentLag {
+    /// How many orders the figures are taken over.
+    pub orders: i64,
+    /// Median, in milliseconds (`null` without orders).
+    pub p50_ms: Option<f64>,
+    /// 99th percentile, in milliseconds (`null` without orders).
+    pub p99_ms: Option<f64>,
 }
 
 /// Summarise the outbox: backlog, oldest pending age, dead events, transport.
@@ -118,6 +133,19 @@ pub async fn summary(_: Admin, State(state): State<AppState>) -> Result<Json<Sum
             (transport.as_str(), Some(since), relay.topology_error())
         }
     };
+    // The newest orders by id (UUIDv7: the order they were written in), read
+    // backwards along the primary key: cheap whatever the table's size.
+    let e2e_lag = sqlx::query_as::<_, RecentLag>(
+        "SELECT count(*) AS orders,
+                percentile_cont(0.5) WITHIN GROUP (ORDER BY lag_ms) AS p50_ms,
+                percentile_cont(0.99) WITHIN GROUP (ORDER BY lag_ms) AS p99_ms
+         FROM (SELECT extract(epoch FROM updated_at - created_at)::float8 * 1000 AS lag_ms,
+                      status, created_at
+               FROM orders ORDER BY id DESC LIMIT 1000) newest
+         WHERE status IN ('COMPLETED', 'REJECTED') AND created_at > now() - interval '1 minute'",
+    )
+    .fetch_one(&state.db)
+    .await?;
     Ok(Json(Summary {
         outbox_pending: backlog.pending,
         oldest_pending_age_seconds: backlog.oldest_pending_age_seconds,
@@ -127,6 +155,7 @@ pub async fn summary(_: Admin, State(state): State<AppState>) -> Result<Json<Sum
         transport_since,
         topology_error,
         published_total: state.relay_metrics.published.get(),
+        e2e_lag,
     }))
 }
 

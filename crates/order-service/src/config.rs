@@ -42,6 +42,13 @@ pub struct Config {
     #[arg(long, env = "ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
 
+    /// inventory-consumer's HTTP address (`http://inventory-consumer:9090`):
+    /// the console then shows its dead-letter queue and replays from it,
+    /// calling its admin API with this service's ADMIN_TOKEN (the consumer's
+    /// must be the same). Unset (the default), the console has no DLQ panel.
+    #[arg(long, env = "CONSUMER_ADMIN_URL", value_parser = parse_http_url)]
+    pub consumer_admin_url: Option<reqwest::Url>,
+
     /// Largest request body accepted, in bytes (larger bodies get 413).
     #[arg(long, env = "BODY_LIMIT_BYTES", default_value_t = 64 * 1024)]
     pub body_limit_bytes: usize,
@@ -340,4 +347,13 @@ impl Config {
                 })
             })
     }
+}
+
+/// An `http://` or `https://` URL.
+fn parse_http_url(text: &str) -> Result<reqwest::Url, String> {
+    let url = reqwest::Url::parse(text).map_err(|error| format!("not a URL: {error}"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.cannot_be_a_base() {
+        return Err(format!("{text:?} is not an http:// or https:// address"));
+    }
+    Ok(url)
 }

@@ -11,20 +11,26 @@
 //! token, written into the page; a state-changing admin call made with the
 //! session must send it back in `X-CSRF-Token` (a call with the bearer token
 //! needs neither).
+//!
+//! With `CONSUMER_ADMIN_URL`, the console also shows inventory-consumer's
+//! dead-letter queue: `/console/dlq` and `/console/dlq/{message_id}/replay`
+//! take the session (and, for the replay, its CSRF token) and call the
+//! consumer's admin API with the admin token, answering what it answered.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::Form;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
+use axum::{Form, Json};
 use service_kit::admin::constant_time_eq;
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use crate::error::ApiError;
+use crate::admin::Admin;
+use crate::error::{ApiError, ErrorBody};
 use crate::routes::AppState;
 
 /// How long a console session lasts after its login.
@@ -174,4 +180,91 @@ fn no_store(mut response: Response) -> Response {
         ),
     );
     response
+}
+
+/// inventory-consumer's admin API, as the console calls it.
+#[derive(Clone)]
+pub struct ConsumerAdmin {
+    url: reqwest::Url,
+    token: String,
+    client: reqwest::Client,
+}
+
+impl ConsumerAdmin {
+    /// How long a call to the consumer may take.
+    const TIMEOUT: Duration = Duration::from_secs(10);
+
+    pub fn new(url: reqwest::Url, token: String) -> Self {
+        let client = reqwest::Client::builder()
+            .timeout(Self::TIMEOUT)
+            .build()
+            .unwrap_or_else(|_| reqwest::Client::new());
+        Self { url, token, client }
+    }
+
+    /// The consumer's answer to `method` on `/admin/<segments>`, passed on
+    /// as it came; 502 `consumer_unreachable` when there is none.
+    async fn call(&self, method: reqwest::Method, segments: &[&str]) -> Response {
+        let mut url = self.url.clone();
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.pop_if_empty().push("admin").extend(segments);
+        }
+        let sent = self.client.request(method, url.clone()).bearer_auth(&self.token).send().await;
+        let answer = match sent {
+            Ok(response) => {
+                let status = StatusCode::from_u16(response.status().as_u16())
+                    .unwrap_or(StatusCode::BAD_GATEWAY);
+                response.bytes().await.map(|body| (status, body))
+            }
+            Err(error) => Err(error),
+        };
+        match answer {
+            Ok((status, body)) => {
+                ([(header::CONTENT_TYPE, "application/json")], (status, body)).into_response()
+            }
+            Err(error) => {
+                tracing::warn!(%url, error = %error, "the console could not reach inventory-consumer");
+                let body = ErrorBody {
+                    error: "consumer_unreachable".to_owned(),
+                    message: format!("inventory-consumer at {} did not answer: {error}", self.url),
+                };
+                (StatusCode::BAD_GATEWAY, Json(body)).into_response()
+            }
+        }
+    }
+}
+
+/// The DLQ calls' answer without `CONSUMER_ADMIN_URL`.
+fn consumer_admin_off() -> Response {
+    let body = ErrorBody {
+        error: "consumer_admin_off".to_owned(),
+        message: "set CONSUMER_ADMIN_URL to inventory-consumer's HTTP address to see its \
+                  dead-letter queue here"
+            .to_owned(),
+    };
+    (StatusCode::NOT_FOUND, Json(body)).into_response()
+}
+
+/// `GET /console/dlq`: inventory-consumer's dead letters (its `GET /admin/dlq`).
+pub async fn dead_letters(_: Admin, State(state): State<AppState>) -> Response {
+    match &state.consumer_admin {
+        Some(consumer) => consumer.call(reqwest::Method::GET, &["dlq"]).await,
+        None => consumer_admin_off(),
+    }
+}
+
+/// `POST /console/dlq/{message_id}/replay`: that dead letter back to the
+/// consumer's queue (its `POST /admin/dlq/{message_id}/replay`).
+pub async fn replay_dead_letter(
+    _: Admin,
+    State(state): State<AppState>,
+    Path(message_id): Path<String>,
+) -> Response {
+    let Some(consumer) = &state.consumer_admin else {
+        return consumer_admin_off();
+    };
+    let answer = consumer.call(reqwest::Method::POST, &["dlq", &message_id, "replay"]).await;
+    tracing::info!(who = "console session", %message_id, status = answer.status().as_u16(),
+        "asked inventory-consumer to replay a dead letter");
+    answer
 }

@@ -167,6 +167,12 @@ impl Application {
             admin_metrics: self.admin_metrics,
             sessions: console::Sessions::default(),
             relay_workers: self.config.relay.relay_workers,
+            consumer_admin: self
+                .config
+                .consumer_admin_url
+                .clone()
+                .zip(self.config.admin_token.clone())
+                .map(|(url, token)| console::ConsumerAdmin::new(url, token)),
         };
         let router = routes::router(state, self.config.body_limit_bytes);
 

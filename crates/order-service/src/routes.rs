@@ -52,6 +52,9 @@ pub struct AppState {
     pub sessions: crate::console::Sessions,
     /// Relay workers of this replica (`RELAY_WORKERS`).
     pub relay_workers: usize,
+    /// inventory-consumer's admin API, for the console's DLQ panel
+    /// (`CONSUMER_ADMIN_URL`); `None` without it.
+    pub consumer_admin: Option<crate::console::ConsumerAdmin>,
 }
 
 #[derive(OpenApi)]
@@ -122,6 +125,11 @@ pub fn router(state: AppState, body_limit_bytes: usize) -> Router {
         .route("/console", axum::routing::get(crate::console::page))
         .route("/console/login", axum::routing::post(crate::console::login))
         .route("/console/logout", axum::routing::post(crate::console::logout))
+        .route("/console/dlq", axum::routing::get(crate::console::dead_letters))
+        .route(
+            "/console/dlq/{message_id}/replay",
+            axum::routing::post(crate::console::replay_dead_letter),
+        )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(body_limit_bytes))

@@ -23,7 +23,7 @@ use crate::helpers::{TestBroker, TestConsumer, insert_orders, order_status, proc
 const WITHIN: Duration = Duration::from_secs(10);
 
 /// OrderPlaced messages for orders that are not (yet) in the database.
-fn messages_for_missing_orders(count: usize) -> Vec<Message> {
+pub(crate) fn messages_for_missing_orders(count: usize) -> Vec<Message> {
     (0..count)
         .map(|_| Message {
             id: Uuid::now_v7(),
@@ -39,7 +39,7 @@ fn messages_for_missing_orders(count: usize) -> Vec<Message> {
 }
 
 /// Writes the PENDING orders `messages` name, so that a replay can apply them.
-async fn create_orders(db: &PgPool, messages: &[Message]) {
+pub(crate) async fn create_orders(db: &PgPool, messages: &[Message]) {
     for message in messages {
         let event = &message.event;
         sqlx::query("INSERT INTO orders (id, customer_id, total_cents) VALUES ($1, 'test', 0)")
@@ -64,7 +64,11 @@ async fn create_orders(db: &PgPool, messages: &[Message]) {
 
 /// Publishes `messages` (whose orders do not exist) to a running consumer and
 /// waits until all are in the dead-letter queue.
-async fn dead_letter(broker: &TestBroker, consumer: &TestConsumer, messages: &[Message]) {
+pub(crate) async fn dead_letter(
+    broker: &TestBroker,
+    consumer: &TestConsumer,
+    messages: &[Message],
+) {
     let poison_before = consumer.metrics.count("poison");
     for message in messages {
         broker.publish(message).await;

@@ -3,6 +3,7 @@
 //! exchanges and queues.
 
 mod cancel;
+mod console;
 mod consumer;
 mod crash;
 mod dashboard;

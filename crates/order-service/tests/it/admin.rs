@@ -274,3 +274,32 @@ async fn the_console_signs_in_with_the_token_and_replays_only_with_its_csrf_toke
     let page = client.get(url("/console")).header("cookie", &cookie).send().await.expect("page");
     assert!(page.text().await.expect("html").contains("action=\"/console/login\""), "login again");
 }
+
+/// The console's DLQ panel asks inventory-consumer (whose admin API is tested
+/// with it, in inventory-consumer's console test): without CONSUMER_ADMIN_URL
+/// it says how to turn it on; a consumer that does not answer is a 502 that
+/// names it. Either way the token is needed first.
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
+async fn the_consoles_dead_letter_panel_says_when_it_cannot_reach_the_consumer(db: PgPool) {
+    let (status, _, _) =
+        call(&admin_app(db.clone()).await, reqwest::Method::GET, "/console/dlq", None).await;
+    assert_eq!(status, 401, "the token first");
+    let off = admin_app(db.clone()).await;
+    let (status, body, _) = call(&off, reqwest::Method::GET, "/console/dlq", Some(TOKEN)).await;
+    assert_eq!((status, body["error"].as_str()), (404, Some("consumer_admin_off")), "{body}");
+    assert!(body["message"].as_str().is_some_and(|m| m.contains("CONSUMER_ADMIN_URL")));
+
+    // A port nothing listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
+    let nowhere = format!("http://{}", closed.local_addr().expect("address"));
+    drop(closed);
+    let args = ["--relay-workers", "0", "--admin-token", TOKEN, "--consumer-admin-url", &nowhere];
+    let unreachable = spawn_with_args(db, &args).await;
+    for (method, path) in
+        [(reqwest::Method::GET, "/console/dlq"), (reqwest::Method::POST, "/console/dlq/m-1/replay")]
+    {
+        let (status, body, _) = call(&unreachable, method, path, Some(TOKEN)).await;
+        assert_eq!((status, body["error"].as_str()), (502, Some("consumer_unreachable")), "{path}");
+        assert!(body["message"].as_str().is_some_and(|m| m.contains(&nowhere)), "{body}");
+    }
+}
