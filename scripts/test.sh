@@ -137,7 +137,7 @@ check "API fuzzing (scripts/fuzz-api.sh)" scripts/fuzz-api.sh
 # docker-compose.yml run for real: with the machine's engine and the official
 # images where a registry answers, else (here) a private engine and stand-in
 # images from Debian's packages. It installs what it needs, as root.
-check "docker compose up for real (scripts/compose-smoke.sh)" scripts/compose-smoke.sh
+check "docker compose up for real (scripts/compose-smoke.sh)" scripts/compose-smoke.sh --profile dev
 if command -v rabbitmq-server >/dev/null 2>&1 && command -v rabbitmqctl >/dev/null 2>&1; then
     check "cluster proof (scripts/cluster-proof.sh)" scripts/cluster-proof.sh
 else

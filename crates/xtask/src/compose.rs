@@ -65,6 +65,19 @@ pub struct Args {
     /// Orders posted over HTTP to each stack.
     #[arg(long, default_value_t = 20)]
     orders: usize,
+    /// Where no registry answers: the cargo profile of the binaries put into
+    /// the service image. `dev` reuses what `cargo test` built (scripts/test.sh
+    /// passes it, saving a release build); `release` is what the Dockerfile
+    /// builds.
+    #[arg(long, value_enum, default_value_t = Profile::Release)]
+    profile: Profile,
+}
+
+/// A cargo profile of the service binaries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Profile {
+    Dev,
+    Release,
 }
 
 const PROJECT: &str = "outbox-smoke";
@@ -129,7 +142,7 @@ pub async fn run(args: Args) -> anyhow::Result<bool> {
         engine = Some(Engine::start(&root.join(".run/docker")).await?);
         prepare_host_network(&root, &run_dir).await?;
         build_standins("/usr/bin/docker").await?;
-        build_service_image("/usr/bin/docker", &root).await?;
+        build_service_image("/usr/bin/docker", &root, args.profile).await?;
         Mode {
             name: "standins",
             docker: "/usr/bin/docker",
@@ -818,16 +831,21 @@ async fn build_standins(docker: &str) -> anyhow::Result<()> {
 
 /// The service image `outbox:dev`, from binaries compiled here (the
 /// Dockerfile's `BINARIES` argument skips its Rust stage).
-async fn build_service_image(docker: &str, root: &Path) -> anyhow::Result<()> {
-    say("building the service image from binaries compiled here (cargo build --release)");
+async fn build_service_image(docker: &str, root: &Path, profile: Profile) -> anyhow::Result<()> {
     const BINARIES: [&str; 3] = crate::process::SERVICE_BINARIES;
-    crate::process::build_release(true).await?;
+    let release = profile == Profile::Release;
+    say(format!(
+        "building the service image from binaries compiled here (cargo build{})",
+        if release { " --release" } else { ", the dev profile" }
+    ));
+    crate::process::build_services(release, true).await?;
+    let built = root.join(if release { "target/release" } else { "target/debug" });
     let context = root.join(".run/compose/prebuilt");
     let _ = std::fs::remove_dir_all(&context);
     std::fs::create_dir_all(&context)?;
     for binary in BINARIES {
         let target = context.join(binary);
-        std::fs::copy(root.join("target/release").join(binary), &target)?;
+        std::fs::copy(built.join(binary), &target)?;
         output("strip", &["--strip-debug", &target.to_string_lossy()]).await?;
     }
     std::fs::write(

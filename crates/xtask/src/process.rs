@@ -216,9 +216,17 @@ pub const SERVICE_BINARIES: [&str; 3] = ["order-service", "inventory-consumer", 
 /// `quiet`), failing unless it succeeds. Uses `$CARGO`, the cargo running the
 /// xtask, when set.
 pub async fn build_release(quiet: bool) -> anyhow::Result<()> {
+    build_services(true, quiet).await
+}
+
+/// `cargo build` of the service binaries, `--release` or in the dev profile.
+pub async fn build_services(release: bool, quiet: bool) -> anyhow::Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     let mut build = Command::new(cargo);
-    build.args(["build", "--release", "--locked"]);
+    build.args(["build", "--locked"]);
+    if release {
+        build.arg("--release");
+    }
     if quiet {
         build.arg("-q");
     }
