@@ -23,6 +23,15 @@ pub struct Config {
     #[command(flatten)]
     pub broker: BrokerConfig,
 
+    /// Where the events come from: `rabbitmq` (the inventory queue of
+    /// AMQP_URL) or `kafka` (the topic KAFKA_TOPIC_PREFIX + `order` at
+    /// KAFKA_BROKERS, offsets kept in Postgres with each batch's effect).
+    #[arg(long, env = "CONSUMER_TRANSPORT", value_enum, default_value_t = ConsumerTransport::Rabbitmq)]
+    pub consumer_transport: ConsumerTransport,
+
+    #[command(flatten)]
+    pub kafka: KafkaConfig,
+
     /// Name recorded with each processed message id. Consumers with different
     /// names each apply every message once; instances sharing a name share the work.
     #[arg(long, env = "CONSUMER_NAME", default_value = "inventory")]
@@ -74,6 +83,60 @@ pub struct Config {
     #[arg(long, env = "SWEEP_INTERVAL", default_value = "1m",
           value_parser = humantime::parse_duration)]
     pub sweep_interval: Duration,
+}
+
+/// The broker the consumer reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ConsumerTransport {
+    Rabbitmq,
+    Kafka,
+}
+
+/// The Kafka settings (with `CONSUMER_TRANSPORT=kafka`); the first two mean
+/// what they mean for order-service, with the same defaults.
+#[derive(Debug, Clone, clap::Args)]
+pub struct KafkaConfig {
+    /// Bootstrap brokers, `host:port` separated by commas.
+    #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    pub kafka_brokers: String,
+
+    /// Prefix of the topic names, its separator included: the events of orders
+    /// are in `<prefix>order`, the dead letters in `<prefix>order.dlq`.
+    #[arg(long, env = "KAFKA_TOPIC_PREFIX", default_value = "outbox.")]
+    pub kafka_topic_prefix: String,
+
+    /// Partitions of the events topic when the consumer creates it (at start,
+    /// when it is missing; the dead-letter topic gets one). More partitions let
+    /// more replicas share the work; one order's events are in one partition.
+    #[arg(long, env = "KAFKA_PARTITIONS", default_value_t = 8,
+          value_parser = clap::value_parser!(i32).range(1..=10_000))]
+    pub kafka_partitions: i32,
+
+    /// Replication factor of the topics the consumer creates.
+    #[arg(long, env = "KAFKA_REPLICATION_FACTOR", default_value_t = 1,
+          value_parser = clap::value_parser!(i16).range(1..=32))]
+    pub kafka_replication_factor: i16,
+}
+
+impl KafkaConfig {
+    /// The topic of the order events.
+    pub fn topic(&self) -> String {
+        format!("{}order", self.kafka_topic_prefix)
+    }
+
+    /// Its dead-letter topic.
+    pub fn dead_letter_topic(&self) -> String {
+        format!("{}.dlq", self.topic())
+    }
+
+    pub fn brokers(&self) -> Vec<String> {
+        self.kafka_brokers
+            .split(',')
+            .map(str::trim)
+            .filter(|broker| !broker.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, clap::Subcommand)]

@@ -1,5 +1,5 @@
-//! The inventory consumer: applies each `OrderPlaced` event exactly once although
-//! RabbitMQ may deliver it more than once. For every new event it reserves the
+//! The inventory consumer: applies each order event exactly once although the
+//! broker (RabbitMQ, or Kafka: see [`kafka`]) may deliver it more than once. For every new event it reserves the
 //! order's stock and sets the order COMPLETED, or REJECTED when stock is short.
 //!
 //! [`Application::build`] connects and binds; [`Application::run_until_stopped`]
@@ -16,6 +16,7 @@ pub mod config;
 pub mod dead_letter;
 pub mod dlq;
 pub mod http;
+pub mod kafka;
 pub mod message;
 pub mod metrics;
 pub mod worker;
@@ -104,7 +105,32 @@ impl Application {
         let connected = Arc::new(AtomicUsize::new(0));
         let topology = outbox::amqp::TopologyStatus::default();
         let mut workers = JoinSet::new();
-        for index in 0..config.concurrency.max(1) {
+        if config.consumer_transport == config::ConsumerTransport::Kafka {
+            let consumer = kafka::KafkaConsumer {
+                db: self.db.clone(),
+                config: config.kafka.clone(),
+                consumer_name: config.consumer_name.clone(),
+                batch_size: config.batch_size.max(1),
+                out_of_order_wait: config.out_of_order_wait,
+                metrics: self.metrics.clone(),
+                connected: connected.clone(),
+            };
+            let stop = shutdown.clone();
+            supervisor.spawn(&mut workers, "kafka".to_owned(), move || {
+                let (consumer, stop) = (consumer.clone(), stop.clone());
+                async move {
+                    if let Err(error) = consumer.run(stop).await {
+                        tracing::error!(error = format!("{error:#}"), "the Kafka consumer stopped");
+                        panic!("the Kafka consumer failed: {error:#}");
+                    }
+                }
+            });
+        }
+        let amqp_workers = match config.consumer_transport {
+            config::ConsumerTransport::Rabbitmq => config.concurrency.max(1),
+            config::ConsumerTransport::Kafka => 0,
+        };
+        for index in 0..amqp_workers {
             let worker = Worker {
                 name: format!("{}-{index}", config.consumer_name),
                 db: self.db.clone(),
@@ -125,11 +151,14 @@ impl Application {
             self.retention_metrics.clone(),
         );
 
-        let queue_depth = QueueDepthProbe::new(
+        let mut queue_depth = QueueDepthProbe::new(
             &config.broker,
             &format!("{}-metrics", config.consumer_name),
             self.metrics.clone(),
         );
+        if config.consumer_transport == config::ConsumerTransport::Kafka {
+            queue_depth = queue_depth.disabled();
+        }
         let state = http::HttpState {
             db: self.db.clone(),
             connected_workers: connected,

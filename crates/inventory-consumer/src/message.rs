@@ -59,15 +59,6 @@ impl From<OrderCancelled> for OrderEvent {
 /// Decodes and checks a delivery; the error is the reason it is poison.
 pub fn decode(delivery: &Delivery) -> Result<Message, String> {
     let properties = &delivery.properties;
-    let id = properties.message_id().as_ref().ok_or("the message has no message_id")?;
-    let id = Uuid::parse_str(id.as_str())
-        .map_err(|_| format!("message_id {:?} is not a UUID", id.as_str()))?;
-    let kind = match properties.kind() {
-        Some(kind) if kind.as_str() == OrderPlaced::EVENT_TYPE => OrderPlaced::EVENT_TYPE,
-        Some(kind) if kind.as_str() == OrderCancelled::EVENT_TYPE => OrderCancelled::EVENT_TYPE,
-        Some(kind) => return Err(format!("unknown event type {:?}", kind.as_str())),
-        None => return Err("the message has no type".to_owned()),
-    };
     let version = match properties.headers().as_ref().and_then(|h| h.inner().get(VERSION_HEADER)) {
         None => None,
         Some(AMQPValue::LongString(text)) => {
@@ -76,13 +67,37 @@ pub fn decode(delivery: &Delivery) -> Result<Message, String> {
         Some(AMQPValue::ShortString(text)) => Some(text.as_str().to_owned()),
         Some(other) => return Err(format!("header {VERSION_HEADER} is not text: {other:?}")),
     };
-    OrderPlaced::check_version(version.as_deref())?;
+    decode_parts(
+        properties.message_id().as_ref().map(|id| id.as_str()),
+        properties.kind().as_ref().map(|kind| kind.as_str()),
+        version.as_deref(),
+        &delivery.data,
+    )
+}
+
+/// Decodes and checks a message of any transport from its id, event type,
+/// event version and body; the error is the reason it is poison.
+pub fn decode_parts(
+    message_id: Option<&str>,
+    kind: Option<&str>,
+    version: Option<&str>,
+    body: &[u8],
+) -> Result<Message, String> {
+    let id = message_id.ok_or("the message has no message_id")?;
+    let id = Uuid::parse_str(id).map_err(|_| format!("message_id {id:?} is not a UUID"))?;
+    let kind = match kind {
+        Some(OrderPlaced::EVENT_TYPE) => OrderPlaced::EVENT_TYPE,
+        Some(OrderCancelled::EVENT_TYPE) => OrderCancelled::EVENT_TYPE,
+        Some(kind) => return Err(format!("unknown event type {kind:?}")),
+        None => return Err("the message has no type".to_owned()),
+    };
+    OrderPlaced::check_version(version)?;
     let event: OrderEvent = if kind == OrderPlaced::EVENT_TYPE {
-        serde_json::from_slice::<OrderPlaced>(&delivery.data)
+        serde_json::from_slice::<OrderPlaced>(body)
             .map_err(|error| format!("the body is not a valid OrderPlaced event: {error}"))?
             .into()
     } else {
-        serde_json::from_slice::<OrderCancelled>(&delivery.data)
+        serde_json::from_slice::<OrderCancelled>(body)
             .map_err(|error| format!("the body is not a valid OrderCancelled event: {error}"))?
             .into()
     };

@@ -166,6 +166,8 @@ pub struct QueueDepthProbe {
     metrics: ConsumerMetrics,
     /// The probe's connection and channel; one scrape at a time uses them.
     session: Arc<Mutex<Option<ProbeSession>>>,
+    /// False on Kafka, where there are no queues to read.
+    enabled: bool,
 }
 
 struct ProbeSession {
@@ -182,11 +184,21 @@ impl QueueDepthProbe {
             dead_letter_queue: broker.dead_letter_queue.clone(),
             metrics,
             session: Arc::default(),
+            enabled: true,
         }
+    }
+
+    /// A probe that reads nothing: the consumer is on Kafka.
+    pub fn disabled(mut self) -> Self {
+        self.enabled = false;
+        self
     }
 
     /// Reads both depths into their gauges (NaN for one that cannot be read).
     pub async fn refresh(&self) {
+        if !self.enabled {
+            return;
+        }
         let mut session = self.session.lock().await;
         let queues = [
             (&self.inventory_queue, &self.metrics.queue_depth),

@@ -99,8 +99,11 @@ impl Supervisor {
         let mut backoff = Backoff::new();
         loop {
             let started = tokio::time::Instant::now();
-            // A task of its own, so that its panic ends it and not the supervisor.
-            let panic = match tokio::spawn(make()).await {
+            // A task of its own, so that its panic ends it and not the
+            // supervisor; aborted if the supervisor is (its JoinSet dropped),
+            // so that no task outlives the one that owns it.
+            let task = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(make()));
+            let panic = match task.await {
                 Ok(()) => return,
                 Err(error) if error.is_panic() => panic_message(error.into_panic()),
                 Err(_) => return, // cancelled: the runtime is shutting down

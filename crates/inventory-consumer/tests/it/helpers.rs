@@ -288,6 +288,13 @@ impl TestConsumer {
         assert!(settled, "{} of {count} messages settled in {within:?}", self.settled());
     }
 
+    /// Ends the consumer as a crash would: its task dropped mid-flight, its
+    /// connections closed without a goodbye, nothing finished.
+    pub async fn kill(self) {
+        self.stopped.abort();
+        let _ = self.stopped.await;
+    }
+
     /// Shuts the consumer down and waits until it has stopped.
     pub async fn stop(self) {
         self.shutdown.cancel();

@@ -11,6 +11,7 @@ mod dlq;
 mod end_to_end;
 mod fuzz;
 mod helpers;
+mod kafka;
 mod months;
 mod ordering;
 mod prometheus;

@@ -1,0 +1,592 @@
+//! The consumer on Kafka (`CONSUMER_TRANSPORT=kafka`): the topic
+//! `<KAFKA_TOPIC_PREFIX>order`, whose partitions the replicas sharing a
+//! `CONSUMER_NAME` split between them, each partition applied by one replica
+//! at a time, in offset order.
+//!
+//! **Offsets live in Postgres**, in `consumer_offsets`, written in the
+//! transaction of the batch's effect: an effect and the offset after it commit
+//! together, so a crash neither applies a batch again nor skips one. Kafka's
+//! own group offsets are never used. The relay can still publish an event
+//! twice (a lost acknowledgement), so `processed_messages` keeps deduplicating
+//! by message id.
+//!
+//! **Partitions are leased in Postgres**, not through Kafka's group protocol
+//! (which rskafka does not speak): every second a replica writes its heartbeat
+//! in `consumer_members`, counts the live replicas (seen in the last
+//! [`MEMBER_TIMEOUT`]), and holds its fair share of the partitions (their
+//! number divided by the live replicas, rounded up) as session advisory locks
+//! on one connection of its own. A replica that dies loses its connection and
+//! with it its locks at once (a SIGKILL too: Postgres ends the session when
+//! the socket closes), and the others take its partitions at their next
+//! round, within a second or two. A replica holding more than its share (a
+//! new one joined) stops the extra partitions' workers and then unlocks them.
+//! Each batch's transaction first checks that the lease connection still holds
+//! the partition's lock, so a replica that lost it (its lease connection
+//! broken) cannot commit behind the back of the one that took it over.
+//!
+//! A record that cannot be applied (malformed, an unknown event type, an
+//! order that does not exist) goes to the dead-letter topic
+//! `<KAFKA_TOPIC_PREFIX>order.dlq` with the reason in its
+//! `x-dead-letter-reason` header, before the offset past it commits; the
+//! partition moves on.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use rskafka::client::partition::{Compression, OffsetAt, PartitionClient, UnknownTopicHandling};
+use rskafka::client::{Client, ClientBuilder};
+use rskafka::record::{Record, RecordAndOffset};
+use sqlx::{Connection, PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
+use uuid::Uuid;
+
+use crate::apply::{Outcome, apply_batch_waited};
+use crate::config::KafkaConfig;
+use crate::dead_letter::REASON_HEADER;
+use crate::message::{Message, decode_parts};
+use crate::metrics::ConsumerMetrics;
+
+/// A replica unseen for this long (three lease rounds) has left: the others'
+/// shares grow to cover its partitions. Only fairness hangs on it: a replica
+/// that is slow, not gone, still holds its locks, so nobody takes its
+/// partitions while it lives.
+pub const MEMBER_TIMEOUT: Duration = Duration::from_secs(3);
+/// How often a replica beats and looks at its share.
+const LEASE_ROUND: Duration = Duration::from_secs(1);
+/// The longest a fetch waits for records when there are none.
+const FETCH_WAIT_MS: i32 = 500;
+/// Bytes fetched at most per request.
+const FETCH_MAX_BYTES: i32 = 4 * 1024 * 1024;
+
+/// What every partition worker of this replica shares.
+#[derive(Clone)]
+pub struct KafkaConsumer {
+    pub db: PgPool,
+    pub config: KafkaConfig,
+    pub consumer_name: String,
+    pub batch_size: usize,
+    pub out_of_order_wait: Duration,
+    pub metrics: ConsumerMetrics,
+    /// Counts this consumer as one connected worker while it runs (`/readyz`).
+    pub connected: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl KafkaConsumer {
+    /// Connects, creates the topics when missing and runs the lease rounds
+    /// (which start and stop the partition workers) until `shutdown`.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let client = Arc::new(connect(&self.config, &self.consumer_name).await?);
+        let partitions = ensure_topics(&client, &self.config).await?;
+        tracing::info!(topic = %self.config.topic(), partitions = partitions.len(),
+            "consuming from Kafka");
+        let connected = self.connected.clone();
+        connected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut leases = Leases::new(self, client, partitions);
+        let outcome = leases.run(&shutdown).await;
+        leases.leave().await;
+        connected.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        outcome
+    }
+}
+
+/// A client of the cluster at the configured brokers.
+pub async fn connect(config: &KafkaConfig, name: &str) -> anyhow::Result<Client> {
+    let brokers = config.brokers();
+    anyhow::ensure!(!brokers.is_empty(), "KAFKA_BROKERS names no broker");
+    ClientBuilder::new(brokers)
+        .client_id(name.to_owned())
+        .build()
+        .await
+        .with_context(|| format!("cannot reach Kafka at {}", config.kafka_brokers))
+}
+
+/// Creates the events topic (`KAFKA_PARTITIONS` partitions) and its
+/// dead-letter topic (one) when they are missing; the events topic's
+/// partitions.
+pub async fn ensure_topics(client: &Client, config: &KafkaConfig) -> anyhow::Result<Vec<i32>> {
+    let wanted = [(config.topic(), config.kafka_partitions), (config.dead_letter_topic(), 1)];
+    for (topic, partitions) in &wanted {
+        let listed = client.list_topics().await.context("cannot list Kafka's topics")?;
+        if listed.iter().any(|listed| &listed.name == topic) {
+            continue;
+        }
+        let controller = client.controller_client()?;
+        match controller
+            .create_topic(topic, *partitions, config.kafka_replication_factor, 5_000)
+            .await
+        {
+            Ok(()) => tracing::info!(%topic, partitions, "created the topic"),
+            // Another replica, or order-service, created it meanwhile.
+            Err(error) if error.to_string().contains("TopicAlreadyExists") => {}
+            Err(error) => return Err(error).with_context(|| format!("cannot create {topic}")),
+        }
+    }
+    let topic = config.topic();
+    let listed = client.list_topics().await.context("cannot list Kafka's topics")?;
+    let partitions = listed
+        .into_iter()
+        .find(|listed| listed.name == topic)
+        .map(|listed| listed.partitions.into_iter().collect::<Vec<_>>())
+        .unwrap_or_default();
+    anyhow::ensure!(!partitions.is_empty(), "the topic {topic} has no partitions");
+    Ok(partitions)
+}
+
+/// The advisory lock key of a partition: the first half names the consumer
+/// and topic (31 bits of an FNV-1a hash, so that it is the same in every
+/// replica and positive as Postgres shows it in `pg_locks.classid`), the
+/// second is the partition.
+fn lock_key(consumer: &str, topic: &str, partition: i32) -> (i32, i32) {
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in consumer.bytes().chain([0]).chain(topic.bytes()) {
+        hash = (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193);
+    }
+    ((hash & 0x7fff_ffff) as i32, partition)
+}
+
+/// A partition this replica holds, and its worker.
+struct Held {
+    stop: CancellationToken,
+    /// Aborted if dropped: no worker outlives its replica's leases.
+    worker: AbortOnDropHandle<()>,
+}
+
+/// This replica's membership and partitions.
+struct Leases {
+    consumer: KafkaConsumer,
+    client: Arc<Client>,
+    partitions: Vec<i32>,
+    member: Uuid,
+    /// The connection holding the advisory locks, and its backend pid.
+    connection: Option<(PgConnection, i32)>,
+    held: BTreeMap<i32, Held>,
+}
+
+impl Leases {
+    fn new(consumer: KafkaConsumer, client: Arc<Client>, partitions: Vec<i32>) -> Self {
+        Self {
+            consumer,
+            client,
+            partitions,
+            member: Uuid::now_v7(),
+            connection: None,
+            held: BTreeMap::new(),
+        }
+    }
+
+    async fn run(&mut self, shutdown: &CancellationToken) -> anyhow::Result<()> {
+        let mut rounds = tokio::time::interval(LEASE_ROUND);
+        rounds.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                _ = rounds.tick() => {}
+            }
+            if let Err(error) = self.round().await {
+                // Without the lease connection no lock is held any more: stop
+                // every worker before another replica's takes over.
+                tracing::warn!(
+                    error = format!("{error:#}"),
+                    "a lease round failed; releasing every partition and starting again"
+                );
+                self.release_all().await;
+            }
+        }
+    }
+
+    /// Beats, then takes or gives back partitions to hold this replica's share.
+    async fn round(&mut self) -> anyhow::Result<()> {
+        let name = self.consumer.consumer_name.clone();
+        if self.connection.is_none() {
+            let options = (*self.consumer.db.connect_options()).clone();
+            let mut connection = PgConnection::connect_with(&options).await?;
+            let pid: i32 =
+                sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut connection).await?;
+            self.connection = Some((connection, pid));
+        }
+        let Some((connection, pid)) = self.connection.as_mut() else { unreachable!() };
+        let pid = *pid;
+        let timeout = MEMBER_TIMEOUT.as_secs_f64();
+        let live: i64 = sqlx::query_scalar(
+            "WITH beat AS (
+                 INSERT INTO consumer_members (consumer, member) VALUES ($1, $2)
+                 ON CONFLICT (consumer, member) DO UPDATE SET seen_at = now()
+             ), gone AS (
+                 DELETE FROM consumer_members
+                 WHERE consumer = $1 AND seen_at < now() - make_interval(secs => $3)
+             )
+             SELECT count(*) + 1 FROM consumer_members
+             WHERE consumer = $1 AND member <> $2
+               AND seen_at >= now() - make_interval(secs => $3)",
+        )
+        .bind(&name)
+        .bind(self.member)
+        .bind(timeout)
+        .fetch_one(&mut *connection)
+        .await?;
+        let live = usize::try_from(live).unwrap_or(1).max(1);
+        let share = self.partitions.len().div_ceil(live);
+
+        // Too many: give back the highest partitions, their workers stopped first.
+        while self.held.len() > share {
+            let Some((&partition, _)) = self.held.last_key_value() else { break };
+            self.release(partition).await?;
+        }
+        // Too few: try the others, lowest first.
+        let topic = self.consumer.config.topic();
+        for partition in self.partitions.clone() {
+            if self.held.len() >= share {
+                break;
+            }
+            if self.held.contains_key(&partition) {
+                continue;
+            }
+            let (key, sub) = lock_key(&name, &topic, partition);
+            let Some((connection, _)) = self.connection.as_mut() else { unreachable!() };
+            let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
+                .bind(key)
+                .bind(sub)
+                .fetch_one(&mut *connection)
+                .await?;
+            if locked {
+                self.start(partition, pid).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn start(&mut self, partition: i32, lease_pid: i32) -> anyhow::Result<()> {
+        let topic = self.consumer.config.topic();
+        let client = self
+            .client
+            .partition_client(topic.clone(), partition, UnknownTopicHandling::Retry)
+            .await
+            .with_context(|| format!("no client for {topic}/{partition}"))?;
+        let dead_letters = self
+            .client
+            .partition_client(
+                self.consumer.config.dead_letter_topic(),
+                0,
+                UnknownTopicHandling::Retry,
+            )
+            .await
+            .context("no client for the dead-letter topic")?;
+        let stop = CancellationToken::new();
+        let worker = PartitionWorker {
+            consumer: self.consumer.clone(),
+            topic,
+            partition,
+            lease_pid,
+            client,
+            dead_letters,
+            stop: stop.clone(),
+        };
+        tracing::info!(partition, member = %self.member, "took the partition");
+        let worker = AbortOnDropHandle::new(tokio::spawn(worker.run()));
+        self.held.insert(partition, Held { stop, worker });
+        Ok(())
+    }
+
+    /// Stops the partition's worker, then unlocks it.
+    async fn release(&mut self, partition: i32) -> anyhow::Result<()> {
+        if let Some(held) = self.held.remove(&partition) {
+            held.stop.cancel();
+            let _ = held.worker.await;
+        }
+        let (key, sub) =
+            lock_key(&self.consumer.consumer_name, &self.consumer.config.topic(), partition);
+        if let Some((connection, _)) = self.connection.as_mut() {
+            sqlx::query("SELECT pg_advisory_unlock($1, $2)")
+                .bind(key)
+                .bind(sub)
+                .execute(&mut *connection)
+                .await?;
+        }
+        tracing::info!(partition, member = %self.member, "gave the partition back");
+        Ok(())
+    }
+
+    /// Stops every worker and closes the lease connection (its locks go with it).
+    async fn release_all(&mut self) {
+        for (_, held) in std::mem::take(&mut self.held) {
+            held.stop.cancel();
+            let _ = held.worker.await;
+        }
+        if let Some((connection, _)) = self.connection.take() {
+            let _ = connection.close().await;
+        }
+    }
+
+    /// [`Leases::release_all`], and this replica leaves at once: the others
+    /// take its partitions at their next round.
+    async fn leave(&mut self) {
+        self.release_all().await;
+        let left = sqlx::query("DELETE FROM consumer_members WHERE consumer = $1 AND member = $2")
+            .bind(&self.consumer.consumer_name)
+            .bind(self.member)
+            .execute(&self.consumer.db)
+            .await;
+        if let Err(error) = left {
+            tracing::warn!(%error, "could not say this replica left; the others wait for its heartbeat to age");
+        }
+    }
+}
+
+/// Applies one partition, in offset order, while its lease holds.
+struct PartitionWorker {
+    consumer: KafkaConsumer,
+    topic: String,
+    partition: i32,
+    /// The backend pid of the connection holding this partition's lock.
+    lease_pid: i32,
+    client: PartitionClient,
+    dead_letters: PartitionClient,
+    stop: CancellationToken,
+}
+
+/// Why a batch was not committed.
+enum NotCommitted {
+    /// The lease is gone: stop.
+    LeaseLost,
+    /// A cancel came before its OrderPlaced: try the batch again shortly.
+    Deferred(Vec<Uuid>),
+}
+
+impl PartitionWorker {
+    async fn run(self) {
+        let mut offset = None;
+        let mut deferred_since: HashMap<Uuid, Instant> = HashMap::new();
+        let mut pause = Duration::from_millis(100);
+        while !self.stop.is_cancelled() {
+            let step = async {
+                let from = match offset {
+                    Some(offset) => offset,
+                    None => self.stored_offset().await?,
+                };
+                self.step(from, &mut deferred_since).await
+            };
+            let result = tokio::select! {
+                () = self.stop.cancelled() => return,
+                result = step => result,
+            };
+            match result {
+                Ok(Some(next)) => {
+                    offset = Some(next);
+                    pause = Duration::from_millis(100);
+                }
+                Ok(None) => return,
+                Err(error) => {
+                    tracing::warn!(topic = %self.topic, partition = self.partition,
+                        error = format!("{error:#}"), "a batch failed; trying again");
+                    self.consumer.metrics.retries.inc();
+                    offset = None; // read it again from the database
+                    tokio::select! {
+                        () = self.stop.cancelled() => return,
+                        () = tokio::time::sleep(pause) => {}
+                    }
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// The next offset to apply: the stored one, else the partition's earliest.
+    async fn stored_offset(&self) -> anyhow::Result<i64> {
+        let stored: Option<i64> = sqlx::query_scalar(
+            "SELECT next_offset FROM consumer_offsets
+             WHERE consumer = $1 AND topic = $2 AND partition = $3",
+        )
+        .bind(&self.consumer.consumer_name)
+        .bind(&self.topic)
+        .bind(self.partition)
+        .fetch_optional(&self.consumer.db)
+        .await?;
+        match stored {
+            Some(offset) => Ok(offset),
+            None => Ok(self.client.get_offset(OffsetAt::Earliest).await?),
+        }
+    }
+
+    /// Fetches from `from` and applies what came; the offset to go on from,
+    /// or `None` when the lease is lost.
+    async fn step(
+        &self,
+        from: i64,
+        deferred_since: &mut HashMap<Uuid, Instant>,
+    ) -> anyhow::Result<Option<i64>> {
+        let (mut records, _high_watermark) = self
+            .client
+            .fetch_records(from, 1..FETCH_MAX_BYTES, FETCH_WAIT_MS)
+            .await
+            .with_context(|| format!("cannot fetch {}/{}", self.topic, self.partition))?;
+        records.retain(|record| record.offset >= from);
+        records.sort_by_key(|record| record.offset);
+        records.truncate(self.consumer.batch_size.max(1));
+        let Some(last) = records.last().map(|record| record.offset) else {
+            return Ok(Some(from));
+        };
+        loop {
+            let now = Instant::now();
+            let waited_out: HashSet<Uuid> = deferred_since
+                .iter()
+                .filter(|(_, since)| now.duration_since(**since) >= self.consumer.out_of_order_wait)
+                .map(|(id, _)| *id)
+                .collect();
+            match self.apply(&records, last + 1, &waited_out).await? {
+                Ok(()) => {
+                    deferred_since.clear();
+                    return Ok(Some(last + 1));
+                }
+                Err(NotCommitted::LeaseLost) => {
+                    tracing::warn!(topic = %self.topic, partition = self.partition,
+                        "the partition's lease is no longer held here; stopping its worker");
+                    return Ok(None);
+                }
+                Err(NotCommitted::Deferred(ids)) => {
+                    for id in ids {
+                        deferred_since.entry(id).or_insert(now);
+                    }
+                    self.consumer.metrics.record(Outcome::Deferred.label());
+                    tokio::select! {
+                        () = self.stop.cancelled() => return Ok(None),
+                        () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// One transaction: the lease checked, the batch's effect, the poison sent
+    /// to the dead-letter topic, the next offset stored.
+    async fn apply(
+        &self,
+        records: &[RecordAndOffset],
+        next_offset: i64,
+        waited_out: &HashSet<Uuid>,
+    ) -> anyhow::Result<Result<(), NotCommitted>> {
+        let mut messages: Vec<Message> = Vec::with_capacity(records.len());
+        let mut message_records = Vec::with_capacity(records.len());
+        let mut poison: Vec<(&RecordAndOffset, String)> = Vec::new();
+        for record in records {
+            match decode(&record.record) {
+                Ok(message) => {
+                    messages.push(message);
+                    message_records.push(record);
+                }
+                Err(reason) => poison.push((record, reason)),
+            }
+        }
+
+        let mut tx = self.consumer.db.begin().await?;
+        let (key, sub) = lock_key(&self.consumer.consumer_name, &self.topic, self.partition);
+        let held: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks
+                            WHERE locktype = 'advisory' AND granted AND pid = $1
+                              AND classid = $2::int8::oid AND objid = $3::int8::oid
+                              AND objsubid = 2)",
+        )
+        .bind(self.lease_pid)
+        .bind(key)
+        .bind(sub)
+        .fetch_one(&mut *tx)
+        .await?;
+        if !held {
+            return Ok(Err(NotCommitted::LeaseLost));
+        }
+        let outcomes =
+            apply_batch_waited(&mut tx, &self.consumer.consumer_name, &messages, waited_out)
+                .await?;
+        let deferred: Vec<Uuid> = messages
+            .iter()
+            .zip(&outcomes)
+            .filter(|(_, outcome)| **outcome == Outcome::Deferred)
+            .map(|(message, _)| message.id)
+            .collect();
+        if !deferred.is_empty() {
+            // The batch applies whole, in offset order, or not at all.
+            tx.rollback().await?;
+            return Ok(Err(NotCommitted::Deferred(deferred)));
+        }
+        let mut applied = Vec::with_capacity(outcomes.len());
+        for ((message, record), outcome) in messages.iter().zip(&message_records).zip(&outcomes) {
+            match outcome {
+                Outcome::UnknownOrder => poison
+                    .push((record, format!("order {} does not exist", message.event.order_id()))),
+                Outcome::Refused(reason) => poison.push((record, reason.clone())),
+                outcome => applied.push(outcome.label()),
+            }
+        }
+        if !poison.is_empty() {
+            // Before the offset past them commits: a crash in between sends
+            // them again, never loses them.
+            self.dead_letter(&poison).await?;
+        }
+        sqlx::query(
+            "INSERT INTO consumer_offsets (consumer, topic, partition, next_offset)
+             VALUES ($1, $2, $3, $4)
+             ON CONFLICT (consumer, topic, partition)
+             DO UPDATE SET next_offset = EXCLUDED.next_offset, updated_at = now()",
+        )
+        .bind(&self.consumer.consumer_name)
+        .bind(&self.topic)
+        .bind(self.partition)
+        .bind(next_offset)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        for label in applied {
+            self.consumer.metrics.record(label);
+        }
+        self.consumer.metrics.batch_size.observe(messages.len() as f64);
+        Ok(Ok(()))
+    }
+
+    async fn dead_letter(&self, poison: &[(&RecordAndOffset, String)]) -> anyhow::Result<()> {
+        let letters: Vec<Record> = poison
+            .iter()
+            .map(|(record, reason)| {
+                let mut letter = record.record.clone();
+                letter.headers.insert(REASON_HEADER.to_owned(), reason.clone().into_bytes());
+                letter.headers.insert("x-original-topic".to_owned(), self.topic.clone().into());
+                letter
+                    .headers
+                    .insert("x-original-partition".to_owned(), self.partition.to_string().into());
+                letter
+                    .headers
+                    .insert("x-original-offset".to_owned(), record.offset.to_string().into());
+                letter.timestamp = chrono::Utc::now();
+                letter
+            })
+            .collect();
+        self.dead_letters
+            .produce(letters, Compression::NoCompression)
+            .await
+            .context("the dead-letter topic did not take the poison records")?;
+        for (record, reason) in poison {
+            let message_id = header(&record.record, "message_id").unwrap_or_default();
+            tracing::warn!(topic = %self.topic, partition = self.partition,
+                offset = record.offset, message_id, reason,
+                "poison record moved to the dead-letter topic");
+            self.consumer.metrics.record("poison");
+        }
+        Ok(())
+    }
+}
+
+fn header<'a>(record: &'a Record, name: &str) -> Option<&'a str> {
+    record.headers.get(name).and_then(|value| std::str::from_utf8(value).ok())
+}
+
+/// A record's event, as the relay wrote it (see the outbox's Kafka transport).
+fn decode(record: &Record) -> Result<Message, String> {
+    let body = record.value.as_deref().ok_or("the record has no value")?;
+    decode_parts(
+        header(record, "message_id"),
+        header(record, "type"),
+        header(record, order_events::VERSION_HEADER),
+        body,
+    )
+}
