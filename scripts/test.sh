@@ -139,7 +139,7 @@ check "API fuzzing (scripts/fuzz-api.sh)" scripts/fuzz-api.sh
 # images from Debian's packages. It installs what it needs, as root.
 check "docker compose up for real (scripts/compose-smoke.sh)" scripts/compose-smoke.sh --profile dev
 if command -v rabbitmq-server >/dev/null 2>&1 && command -v rabbitmqctl >/dev/null 2>&1; then
-    check "cluster proof (scripts/cluster-proof.sh)" scripts/cluster-proof.sh
+    check "cluster proof (scripts/cluster-proof.sh)" scripts/cluster-proof.sh --profile debug
 else
     echo "!! SKIPPED: the cluster proof needs the local rabbitmq-server (apt-get install rabbitmq-server);" \
         "failover on a cluster was NOT tested" >&2

@@ -236,8 +236,8 @@ pub struct RelayArgs {
 
     /// The broker the relay publishes to: `rabbitmq` (the exchange EXCHANGE,
     /// the inventory consumer's queue declared on connect) or `kafka` (topic
-    /// KAFKA_TOPIC_PREFIX + `order`, key = order id, at KAFKA_BROKERS). The
-    /// inventory consumer reads RabbitMQ only.
+    /// KAFKA_TOPIC_PREFIX + `order`, key = order id, at KAFKA_BROKERS; read
+    /// by inventory-consumer with CONSUMER_TRANSPORT=kafka).
     #[arg(long, env = "RELAY_TRANSPORT", default_value = "rabbitmq")]
     pub relay_transport: TransportKind,
 
@@ -245,10 +245,23 @@ pub struct RelayArgs {
     #[arg(long, env = "KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
     pub kafka_brokers: String,
 
-    /// Kafka: topics are this prefix + the aggregate type (`outbox.order`). The
-    /// topic must exist (the relay does not create topics).
+    /// Kafka: topics are this prefix + the aggregate type (`outbox.order`).
+    /// order-service creates its topic at start when it is missing (the relay
+    /// itself never creates topics: an event for a missing one waits).
     #[arg(long, env = "KAFKA_TOPIC_PREFIX", default_value = outbox::kafka::DEFAULT_TOPIC_PREFIX)]
     pub kafka_topic_prefix: String,
+
+    /// Kafka: partitions of the topic when order-service creates it (the
+    /// same setting as inventory-consumer's, so whichever starts first makes
+    /// the same topic).
+    #[arg(long, env = "KAFKA_PARTITIONS", default_value_t = 8,
+          value_parser = clap::value_parser!(i32).range(1..=10_000))]
+    pub kafka_partitions: i32,
+
+    /// Kafka: replication factor of the topic when order-service creates it.
+    #[arg(long, env = "KAFKA_REPLICATION_FACTOR", default_value_t = 1,
+          value_parser = clap::value_parser!(i16).range(1..=32))]
+    pub kafka_replication_factor: i16,
 
     /// What becomes of an event no queue is bound for: `park` (marked dead at
     /// once, listed by `dead-events`, published by `replay` once a queue is

@@ -134,6 +134,7 @@ impl Application {
             }
             TransportKind::Kafka => {
                 let transport = self.config.kafka_transport()?;
+                ensure_kafka_topic(&transport, &self.config.relay, shutdown.clone());
                 Some(Relay::spawn_supervised(db, transport, relay_config, metrics, &supervisor)?)
             }
         };
@@ -223,4 +224,34 @@ pub async fn run_reconcile_command(config: &Config, args: &ReconcileArgs) -> any
         print!("{}", report.text());
     }
     Ok(report.ok())
+}
+
+/// Creates the orders' topic when it is missing, in the background: tried
+/// every 5 s until it exists (a broker that is down does not hold the start
+/// up; the relay's events wait for the topic meanwhile).
+fn ensure_kafka_topic(
+    transport: &outbox::kafka::KafkaTransport,
+    settings: &config::RelayArgs,
+    shutdown: CancellationToken,
+) {
+    let transport = transport.clone();
+    let (partitions, replicas) = (settings.kafka_partitions, settings.kafka_replication_factor);
+    tokio::spawn(async move {
+        let topic = transport.topic_for("order");
+        loop {
+            match transport.ensure_topic("order", partitions, replicas).await {
+                Ok(true) => {
+                    tracing::info!(%topic, partitions, "created the Kafka topic");
+                    return;
+                }
+                Ok(false) => return,
+                Err(error) => tracing::warn!(%topic, error = %error,
+                    "cannot create the Kafka topic yet; trying again in 5 s"),
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_secs(5)) => {}
+            }
+        }
+    });
 }

@@ -63,9 +63,10 @@ impl TestTopics {
     }
 
     fn relay_args(&self) -> Vec<String> {
+        let partitions = PARTITIONS.to_string();
         ["--relay-transport", "kafka", "--kafka-brokers", &self.brokers]
             .into_iter()
-            .chain(["--kafka-topic-prefix", &self.prefix])
+            .chain(["--kafka-topic-prefix", &self.prefix, "--kafka-partitions", &partitions])
             .map(str::to_owned)
             .collect()
     }
@@ -122,6 +123,17 @@ async fn pending_orders(db: &PgPool) -> i64 {
 async fn two_replicas_split_the_partitions_and_one_takes_the_dead_ones_over(db: PgPool) {
     let broker = TestBroker::new().await;
     let topics = TestTopics::new().await;
+    // order-service, started first, creates the topic.
+    let relay = topics.relay_args();
+    let api =
+        TestApi::spawn(&db, &broker.config, &relay.iter().map(String::as_str).collect::<Vec<_>>())
+            .await;
+    let topic = format!("{}order", topics.prefix);
+    let created = eventually(WITHIN, || async {
+        let listed = topics.client.list_topics().await.expect("topics");
+        listed.iter().any(|t| t.name == topic && t.partitions.len() == PARTITIONS as usize)
+    });
+    assert!(created.await, "order-service created {topic} with {PARTITIONS} partitions");
     let first = spawn_consumer(&db, &broker, &topics).await;
     let second = spawn_consumer(&db, &broker, &topics).await;
     let split = eventually(WITHIN, || async {
@@ -130,10 +142,6 @@ async fn two_replicas_split_the_partitions_and_one_takes_the_dead_ones_over(db: 
     });
     assert!(split.await, "two replicas hold two partitions each: {:?}", leases(&db).await);
 
-    let relay = topics.relay_args();
-    let api =
-        TestApi::spawn(&db, &broker.config, &relay.iter().map(String::as_str).collect::<Vec<_>>())
-            .await;
     place_orders(&api, 60).await;
     let decided = eventually(WITHIN, || async { pending_orders(&db).await == 0 });
     assert!(decided.await, "{} orders still PENDING", pending_orders(&db).await);

@@ -100,6 +100,35 @@ impl KafkaTransport {
     pub fn topic_for(&self, aggregate_type: &str) -> String {
         format!("{}{aggregate_type}", self.topic_prefix)
     }
+
+    /// Creates the topic of `aggregate_type` with `partitions` partitions
+    /// and `replication_factor` replicas, unless it exists; whether it was
+    /// created here. For an application's start: the relay itself never
+    /// creates topics.
+    pub async fn ensure_topic(
+        &self,
+        aggregate_type: &str,
+        partitions: i32,
+        replication_factor: i16,
+    ) -> Result<bool> {
+        let topic = self.topic_for(aggregate_type);
+        let client =
+            ClientBuilder::new(self.brokers.clone()).build().await.map_err(Error::broker)?;
+        let listed = client.list_topics().await.map_err(Error::broker)?;
+        if listed.iter().any(|listed| listed.name == topic) {
+            return Ok(false);
+        }
+        let controller = client.controller_client().map_err(Error::broker)?;
+        match controller.create_topic(&topic, partitions, replication_factor, 5_000).await {
+            Ok(()) => Ok(true),
+            // Created by another process meanwhile.
+            Err(KafkaError::ServerError {
+                protocol_error: ProtocolError::TopicAlreadyExists,
+                ..
+            }) => Ok(false),
+            Err(error) => Err(Error::broker(error)),
+        }
+    }
 }
 
 impl Transport for KafkaTransport {
