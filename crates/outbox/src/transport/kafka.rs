@@ -10,7 +10,8 @@
 //! the event's JSON payload; the headers carry its id, type and the rest (see
 //! [`KafkaPublisher`]).
 //!
-//! Topics are never created here. The partition counts come from a listing of
+//! The relay never creates topics ([`KafkaTransport::ensure_topic`] is for an
+//! application's start). The partition counts come from a listing of
 //! all topics, which, unlike a metadata request naming a topic, does not create
 //! the topic on a broker with `auto.create.topics.enable`: an event whose topic
 //! is not listed is [`Outcome::Unroutable`] and stays in the outbox.
