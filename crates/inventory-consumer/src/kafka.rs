@@ -17,12 +17,17 @@
 //! number divided by the live replicas, rounded up) as session advisory locks
 //! on one connection of its own. A replica that dies loses its connection and
 //! with it its locks at once (a SIGKILL too: Postgres ends the session when
-//! the socket closes), and the others take its partitions at their next
-//! round, within a second or two. A replica holding more than its share (a
+//! the socket closes; a vanished host, through TCP keepalives, in about 25 s),
+//! and the others take its partitions once its heartbeat is
+//! [`MEMBER_TIMEOUT`] old, within about four seconds (at once when it stopped
+//! cleanly: it says it left). A replica holding more than its share (a
 //! new one joined) stops the extra partitions' workers and then unlocks them.
 //! Each batch's transaction first checks that the lease connection still holds
-//! the partition's lock, so a replica that lost it (its lease connection
-//! broken) cannot commit behind the back of the one that took it over.
+//! the partition's lock, and moves the stored offset only from where the batch
+//! started: of two workers that both believe they own a partition (one whose
+//! lease connection broke mid-batch), only one commits; the other stops, and
+//! its replica starts it again from the stored offset if it still holds the
+//! lock.
 //!
 //! A record that cannot be applied (malformed, an unknown event type, an
 //! order that does not exist) goes to the dead-letter topic
@@ -58,6 +63,8 @@ pub const MEMBER_TIMEOUT: Duration = Duration::from_secs(3);
 const LEASE_ROUND: Duration = Duration::from_secs(1);
 /// The longest a fetch waits for records when there are none.
 const FETCH_WAIT_MS: i32 = 500;
+/// The longest a Kafka call (connect, fetch, produce) retries before it fails.
+const KAFKA_CALL_DEADLINE: Duration = Duration::from_secs(10);
 /// Bytes fetched at most per request.
 const FETCH_MAX_BYTES: i32 = 4 * 1024 * 1024;
 
@@ -78,8 +85,16 @@ impl KafkaConsumer {
     /// Connects, creates the topics when missing and runs the lease rounds
     /// (which start and stop the partition workers) until `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let client = Arc::new(connect(&self.config, &self.consumer_name).await?);
-        let partitions = ensure_topics(&client, &self.config).await?;
+        let (config, name) = (self.config.clone(), self.consumer_name.clone());
+        let started = async move {
+            let client = connect(&config, &name).await?;
+            let partitions = ensure_topics(&client, &config).await?;
+            anyhow::Ok((Arc::new(client), partitions))
+        };
+        let (client, partitions) = tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            started = started => started?,
+        };
         tracing::info!(topic = %self.config.topic(), partitions = partitions.len(),
             "consuming from Kafka");
         let connected = self.connected.clone();
@@ -96,11 +111,26 @@ impl KafkaConsumer {
 pub async fn connect(config: &KafkaConfig, name: &str) -> anyhow::Result<Client> {
     let brokers = config.brokers();
     anyhow::ensure!(!brokers.is_empty(), "KAFKA_BROKERS names no broker");
-    ClientBuilder::new(brokers)
-        .client_id(name.to_owned())
-        .build()
-        .await
-        .with_context(|| format!("cannot reach Kafka at {}", config.kafka_brokers))
+    // rskafka retries a lost connection or a moved leader by itself, by
+    // default for ever: bounded here, so that no fetch or produce (the
+    // dead-letter one runs inside the batch's transaction) waits longer.
+    let backoff = rskafka::BackoffConfig {
+        init_backoff: Duration::from_millis(100),
+        max_backoff: Duration::from_secs(1),
+        base: 3.0,
+        deadline: Some(KAFKA_CALL_DEADLINE),
+    };
+    let building =
+        ClientBuilder::new(brokers).client_id(name.to_owned()).backoff_config(backoff).build();
+    match tokio::time::timeout(KAFKA_CALL_DEADLINE, building).await {
+        Ok(client) => {
+            client.with_context(|| format!("cannot reach Kafka at {}", config.kafka_brokers))
+        }
+        Err(_) => anyhow::bail!(
+            "no answer from Kafka at {} within {KAFKA_CALL_DEADLINE:?}",
+            config.kafka_brokers
+        ),
+    }
 }
 
 /// Creates the events topic (`KAFKA_PARTITIONS` partitions) and its
@@ -120,7 +150,10 @@ pub async fn ensure_topics(client: &Client, config: &KafkaConfig) -> anyhow::Res
         {
             Ok(()) => tracing::info!(%topic, partitions, "created the topic"),
             // Another replica, or order-service, created it meanwhile.
-            Err(error) if error.to_string().contains("TopicAlreadyExists") => {}
+            Err(rskafka::client::error::Error::ServerError {
+                protocol_error: rskafka::client::error::ProtocolError::TopicAlreadyExists,
+                ..
+            }) => {}
             Err(error) => return Err(error).with_context(|| format!("cannot create {topic}")),
         }
     }
@@ -185,7 +218,11 @@ impl Leases {
                 () = shutdown.cancelled() => return Ok(()),
                 _ = rounds.tick() => {}
             }
-            if let Err(error) = self.round().await {
+            let round = tokio::select! {
+                () = shutdown.cancelled() => return Ok(()),
+                round = self.round() => round,
+            };
+            if let Err(error) = round {
                 // Without the lease connection no lock is held any more: stop
                 // every worker before another replica's takes over.
                 tracing::warn!(
@@ -203,6 +240,16 @@ impl Leases {
         if self.connection.is_none() {
             let options = (*self.consumer.db.connect_options()).clone();
             let mut connection = PgConnection::connect_with(&options).await?;
+            // A replica whose host vanished (no FIN) is noticed by Postgres in
+            // about 25 s, not after the default two hours of TCP keepalive:
+            // its session ends and its locks with it.
+            sqlx::query(
+                "SELECT set_config('tcp_keepalives_idle', '10', false),
+                        set_config('tcp_keepalives_interval', '5', false),
+                        set_config('tcp_keepalives_count', '3', false)",
+            )
+            .execute(&mut connection)
+            .await?;
             let pid: i32 =
                 sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut connection).await?;
             self.connection = Some((connection, pid));
@@ -229,6 +276,21 @@ impl Leases {
         .await?;
         let live = usize::try_from(live).unwrap_or(1).max(1);
         let share = self.partitions.len().div_ceil(live);
+
+        // A worker that ended by itself (it saw another replica's offset, or
+        // panicked) while the lock is still held here starts again: it reads
+        // the stored offset afresh.
+        let finished: Vec<i32> = self
+            .held
+            .iter()
+            .filter(|(_, held)| held.worker.is_finished())
+            .map(|(&partition, _)| partition)
+            .collect();
+        for partition in finished {
+            self.held.remove(&partition);
+            tracing::info!(partition, "the partition's worker ended; starting it again");
+            self.start(partition, pid).await?;
+        }
 
         // Too many: give back the highest partitions, their workers stopped first.
         while self.held.len() > share {
@@ -347,10 +409,24 @@ struct PartitionWorker {
     stop: CancellationToken,
 }
 
+/// The records of one transaction.
+struct Batch<'a> {
+    records: &'a [RecordAndOffset],
+    /// The offset the batch starts from, as stored (or the earliest).
+    from: i64,
+    /// The offset after its last record.
+    next: i64,
+    /// Each record in a savepoint of its own: the database refused the batch's data.
+    one_by_one: bool,
+}
+
 /// Why a batch was not committed.
 enum NotCommitted {
-    /// The lease is gone: stop.
+    /// The lease is gone, or another worker moved the offset: stop.
     LeaseLost,
+    /// The database refused some record's data (SQLSTATE class 22): apply
+    /// them one by one, so that only the refused one is poison.
+    DataRefused(String),
     /// A cancel came before its OrderPlaced: try the batch again shortly.
     Deferred(Vec<Uuid>),
 }
@@ -411,23 +487,23 @@ impl PartitionWorker {
     }
 
     /// Fetches from `from` and applies what came; the offset to go on from,
-    /// or `None` when the lease is lost.
+    /// or `None` when the partition is no longer this worker's.
     async fn step(
         &self,
         from: i64,
         deferred_since: &mut HashMap<Uuid, Instant>,
     ) -> anyhow::Result<Option<i64>> {
-        let (mut records, _high_watermark) = self
-            .client
-            .fetch_records(from, 1..FETCH_MAX_BYTES, FETCH_WAIT_MS)
-            .await
-            .with_context(|| format!("cannot fetch {}/{}", self.topic, self.partition))?;
+        let (mut records, _high_watermark) =
+            self.client.fetch_records(from, 1..FETCH_MAX_BYTES, FETCH_WAIT_MS).await.with_context(
+                || format!("cannot fetch {}/{} from offset {from}", self.topic, self.partition),
+            )?;
         records.retain(|record| record.offset >= from);
         records.sort_by_key(|record| record.offset);
         records.truncate(self.consumer.batch_size.max(1));
         let Some(last) = records.last().map(|record| record.offset) else {
             return Ok(Some(from));
         };
+        let mut one_by_one = false;
         loop {
             let now = Instant::now();
             let waited_out: HashSet<Uuid> = deferred_since
@@ -435,15 +511,22 @@ impl PartitionWorker {
                 .filter(|(_, since)| now.duration_since(**since) >= self.consumer.out_of_order_wait)
                 .map(|(id, _)| *id)
                 .collect();
-            match self.apply(&records, last + 1, &waited_out).await? {
+            let batch = Batch { records: &records, from, next: last + 1, one_by_one };
+            // Not raced against the stop: a commit is never cut half-way.
+            match self.apply(&batch, &waited_out).await? {
                 Ok(()) => {
                     deferred_since.clear();
                     return Ok(Some(last + 1));
                 }
                 Err(NotCommitted::LeaseLost) => {
                     tracing::warn!(topic = %self.topic, partition = self.partition,
-                        "the partition's lease is no longer held here; stopping its worker");
+                        "the partition's lease or offset is no longer this worker's; stopping");
                     return Ok(None);
+                }
+                Err(NotCommitted::DataRefused(reason)) => {
+                    tracing::warn!(topic = %self.topic, partition = self.partition, reason,
+                        "the database refused a batch's data; applying its records one by one");
+                    one_by_one = true;
                 }
                 Err(NotCommitted::Deferred(ids)) => {
                     for id in ids {
@@ -460,17 +543,18 @@ impl PartitionWorker {
     }
 
     /// One transaction: the lease checked, the batch's effect, the poison sent
-    /// to the dead-letter topic, the next offset stored.
+    /// to the dead-letter topic, the next offset stored, if the stored one is
+    /// still the one this batch starts from (so that of two workers that
+    /// both believe they own the partition, only one moves it).
     async fn apply(
         &self,
-        records: &[RecordAndOffset],
-        next_offset: i64,
+        batch: &Batch<'_>,
         waited_out: &HashSet<Uuid>,
     ) -> anyhow::Result<Result<(), NotCommitted>> {
-        let mut messages: Vec<Message> = Vec::with_capacity(records.len());
-        let mut message_records = Vec::with_capacity(records.len());
+        let mut messages: Vec<Message> = Vec::with_capacity(batch.records.len());
+        let mut message_records = Vec::with_capacity(batch.records.len());
         let mut poison: Vec<(&RecordAndOffset, String)> = Vec::new();
-        for record in records {
+        for record in batch.records {
             match decode(&record.record) {
                 Ok(message) => {
                     messages.push(message);
@@ -496,9 +580,50 @@ impl PartitionWorker {
         if !held {
             return Ok(Err(NotCommitted::LeaseLost));
         }
-        let outcomes =
-            apply_batch_waited(&mut tx, &self.consumer.consumer_name, &messages, waited_out)
-                .await?;
+        let outcomes = if batch.one_by_one {
+            let mut outcomes = Vec::with_capacity(messages.len());
+            for message in &messages {
+                // A savepoint each, so that a refused one undoes only itself.
+                let mut one = tx.begin().await?;
+                let applied = apply_batch_waited(
+                    &mut one,
+                    &self.consumer.consumer_name,
+                    std::slice::from_ref(message),
+                    waited_out,
+                )
+                .await;
+                match applied {
+                    Ok(mut outcome) => {
+                        one.commit().await?;
+                        outcomes.push(outcome.remove(0));
+                    }
+                    Err(error) => {
+                        let error = anyhow::Error::from(error);
+                        let Some(reason) = crate::worker::data_error(&error) else {
+                            return Err(error);
+                        };
+                        one.rollback().await?;
+                        outcomes.push(Outcome::Refused(reason));
+                    }
+                }
+            }
+            outcomes
+        } else {
+            let applied =
+                apply_batch_waited(&mut tx, &self.consumer.consumer_name, &messages, waited_out)
+                    .await;
+            match applied {
+                Ok(outcomes) => outcomes,
+                Err(error) => {
+                    let error = anyhow::Error::from(error);
+                    let Some(reason) = crate::worker::data_error(&error) else {
+                        return Err(error);
+                    };
+                    tx.rollback().await?;
+                    return Ok(Err(NotCommitted::DataRefused(reason)));
+                }
+            }
+        };
         let deferred: Vec<Uuid> = messages
             .iter()
             .zip(&outcomes)
@@ -519,23 +644,31 @@ impl PartitionWorker {
                 outcome => applied.push(outcome.label()),
             }
         }
-        if !poison.is_empty() {
-            // Before the offset past them commits: a crash in between sends
-            // them again, never loses them.
-            self.dead_letter(&poison).await?;
-        }
-        sqlx::query(
+        // The offset moves only from where this batch started: a row that
+        // says otherwise was moved by another worker, which owns it now.
+        let moved = sqlx::query(
             "INSERT INTO consumer_offsets (consumer, topic, partition, next_offset)
              VALUES ($1, $2, $3, $4)
              ON CONFLICT (consumer, topic, partition)
-             DO UPDATE SET next_offset = EXCLUDED.next_offset, updated_at = now()",
+             DO UPDATE SET next_offset = EXCLUDED.next_offset, updated_at = now()
+             WHERE consumer_offsets.next_offset = $5",
         )
         .bind(&self.consumer.consumer_name)
         .bind(&self.topic)
         .bind(self.partition)
-        .bind(next_offset)
+        .bind(batch.next)
+        .bind(batch.from)
         .execute(&mut *tx)
         .await?;
+        if moved.rows_affected() == 0 {
+            tx.rollback().await?;
+            return Ok(Err(NotCommitted::LeaseLost));
+        }
+        if !poison.is_empty() {
+            // Before the offset past them commits (a crash in between sends
+            // them again, never loses them), bounded by the client's deadline.
+            self.dead_letter(&poison).await?;
+        }
         tx.commit().await?;
         for label in applied {
             self.consumer.metrics.record(label);
@@ -561,9 +694,11 @@ impl PartitionWorker {
                 letter
             })
             .collect();
-        self.dead_letters
-            .produce(letters, Compression::NoCompression)
+        let produced = self.dead_letters.produce(letters, Compression::NoCompression);
+        tokio::time::timeout(KAFKA_CALL_DEADLINE, produced)
             .await
+            .map_err(|_| anyhow::anyhow!("no answer within {KAFKA_CALL_DEADLINE:?}"))
+            .and_then(|produced| produced.map_err(anyhow::Error::from))
             .context("the dead-letter topic did not take the poison records")?;
         for (record, reason) in poison {
             let message_id = header(&record.record, "message_id").unwrap_or_default();

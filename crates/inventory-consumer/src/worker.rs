@@ -480,7 +480,7 @@ impl Worker {
 
 /// The database's reason when `error` is a data exception (SQLSTATE class 22:
 /// a value it cannot take, whatever the retry), else `None`.
-fn data_error(error: &anyhow::Error) -> Option<String> {
+pub(crate) fn data_error(error: &anyhow::Error) -> Option<String> {
     error.chain().find_map(|cause| match cause.downcast_ref::<sqlx::Error>() {
         Some(sqlx::Error::Database(database))
             if database.code().is_some_and(|code| code.starts_with("22")) =>

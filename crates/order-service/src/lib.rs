@@ -239,7 +239,12 @@ fn ensure_kafka_topic(
     tokio::spawn(async move {
         let topic = transport.topic_for("order");
         loop {
-            match transport.ensure_topic("order", partitions, replicas).await {
+            let ensured = transport.ensure_topic("order", partitions, replicas);
+            let ensured = tokio::time::timeout(Duration::from_secs(10), ensured).await;
+            let ensured = ensured.unwrap_or_else(|_| {
+                Err(outbox::Error::Broker("no answer from the Kafka brokers within 10 s".into()))
+            });
+            match ensured {
                 Ok(true) => {
                     tracing::info!(%topic, partitions, "created the Kafka topic");
                     return;

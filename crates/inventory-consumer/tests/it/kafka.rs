@@ -239,3 +239,47 @@ async fn a_poison_record_goes_to_the_dead_letter_topic_and_its_partition_moves_o
     topics.delete().await;
     broker.delete().await;
 }
+
+/// The lease connection broken under a running replica (its backend
+/// terminated, as a network cut or a Postgres restart would): its locks are
+/// gone at once, its workers stop at their next batch (the lease check), and
+/// the replica takes its partitions again on a new connection; every event
+/// is still applied once.
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
+async fn a_replica_whose_lease_connection_broke_takes_its_partitions_again(db: PgPool) {
+    let broker = TestBroker::new().await;
+    let topics = TestTopics::new().await;
+    let relay = topics.relay_args();
+    let api =
+        TestApi::spawn(&db, &broker.config, &relay.iter().map(String::as_str).collect::<Vec<_>>())
+            .await;
+    let consumer = spawn_consumer(&db, &broker, &topics).await;
+    let held = eventually(WITHIN, || async {
+        let held = leases(&db).await;
+        held.len() == 1 && held[0].1 == 4
+    });
+    assert!(held.await, "one replica holds the four partitions: {:?}", leases(&db).await);
+    place_orders(&api, 40).await;
+
+    let old_pid = leases(&db).await[0].0;
+    let terminated: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+        .bind(old_pid)
+        .fetch_one(&db)
+        .await
+        .expect("terminated");
+    assert!(terminated);
+    place_orders(&api, 40).await;
+    let again = eventually(WITHIN, || async {
+        let held = leases(&db).await;
+        held.len() == 1 && held[0].0 != old_pid && held[0].1 == 4
+    });
+    assert!(again.await, "the partitions held again on a new connection: {:?}", leases(&db).await);
+    let decided = eventually(WITHIN, || async { pending_orders(&db).await == 0 });
+    assert!(decided.await, "{} orders still PENDING", pending_orders(&db).await);
+    assert_eq!(processed_count(&db).await, 80, "each event applied once");
+
+    consumer.stop().await;
+    api.stop().await;
+    topics.delete().await;
+    broker.delete().await;
+}
