@@ -97,12 +97,11 @@ impl KafkaConsumer {
         };
         tracing::info!(topic = %self.config.topic(), partitions = partitions.len(),
             "consuming from Kafka");
-        let connected = self.connected.clone();
-        connected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // Uncounted when dropped, also by a panic's unwinding.
+        let _connected = outbox::supervisor::CountGuard::new(&self.connected);
         let mut leases = Leases::new(self, client, partitions);
         let outcome = leases.run(&shutdown).await;
         leases.leave().await;
-        connected.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         outcome
     }
 }
