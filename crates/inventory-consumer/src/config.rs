@@ -105,17 +105,10 @@ pub struct KafkaConfig {
     #[arg(long, env = "KAFKA_TOPIC_PREFIX", default_value = "outbox.")]
     pub kafka_topic_prefix: String,
 
-    /// Partitions of the events topic when the consumer creates it (at start,
-    /// when it is missing; the dead-letter topic gets one). More partitions let
-    /// more replicas share the work; one order's events are in one partition.
-    #[arg(long, env = "KAFKA_PARTITIONS", default_value_t = 8,
-          value_parser = clap::value_parser!(i32).range(1..=10_000))]
-    pub kafka_partitions: i32,
-
-    /// Replication factor of the topics the consumer creates.
-    #[arg(long, env = "KAFKA_REPLICATION_FACTOR", default_value_t = 1,
-          value_parser = clap::value_parser!(i16).range(1..=32))]
-    pub kafka_replication_factor: i16,
+    /// KAFKA_PARTITIONS of the events topic (the dead-letter topic gets one)
+    /// and KAFKA_REPLICATION_FACTOR, for the topics it creates.
+    #[command(flatten)]
+    pub topics: service_kit::kafka::TopicSettings,
 }
 
 impl KafkaConfig {

@@ -136,7 +136,8 @@ pub async fn connect(config: &KafkaConfig, name: &str) -> anyhow::Result<Client>
 /// dead-letter topic (one) when they are missing; the events topic's
 /// partitions.
 pub async fn ensure_topics(client: &Client, config: &KafkaConfig) -> anyhow::Result<Vec<i32>> {
-    let wanted = [(config.topic(), config.kafka_partitions), (config.dead_letter_topic(), 1)];
+    let wanted =
+        [(config.topic(), config.topics.kafka_partitions), (config.dead_letter_topic(), 1)];
     for (topic, partitions) in &wanted {
         let listed = client.list_topics().await.context("cannot list Kafka's topics")?;
         if listed.iter().any(|listed| &listed.name == topic) {
@@ -144,7 +145,7 @@ pub async fn ensure_topics(client: &Client, config: &KafkaConfig) -> anyhow::Res
         }
         let controller = client.controller_client()?;
         match controller
-            .create_topic(topic, *partitions, config.kafka_replication_factor, 5_000)
+            .create_topic(topic, *partitions, config.topics.kafka_replication_factor, 5_000)
             .await
         {
             Ok(()) => tracing::info!(%topic, partitions, "created the topic"),

@@ -251,17 +251,9 @@ pub struct RelayArgs {
     #[arg(long, env = "KAFKA_TOPIC_PREFIX", default_value = outbox::kafka::DEFAULT_TOPIC_PREFIX)]
     pub kafka_topic_prefix: String,
 
-    /// Kafka: partitions of the topic when order-service creates it (the
-    /// same setting as inventory-consumer's, so whichever starts first makes
-    /// the same topic).
-    #[arg(long, env = "KAFKA_PARTITIONS", default_value_t = 8,
-          value_parser = clap::value_parser!(i32).range(1..=10_000))]
-    pub kafka_partitions: i32,
-
-    /// Kafka: replication factor of the topic when order-service creates it.
-    #[arg(long, env = "KAFKA_REPLICATION_FACTOR", default_value_t = 1,
-          value_parser = clap::value_parser!(i16).range(1..=32))]
-    pub kafka_replication_factor: i16,
+    /// KAFKA_PARTITIONS and KAFKA_REPLICATION_FACTOR of the topic it creates.
+    #[command(flatten)]
+    pub kafka_topics: service_kit::kafka::TopicSettings,
 
     /// What becomes of an event no queue is bound for: `park` (marked dead at
     /// once, listed by `dead-events`, published by `replay` once a queue is

@@ -235,7 +235,8 @@ fn ensure_kafka_topic(
     shutdown: CancellationToken,
 ) {
     let transport = transport.clone();
-    let (partitions, replicas) = (settings.kafka_partitions, settings.kafka_replication_factor);
+    let (partitions, replicas) =
+        (settings.kafka_topics.kafka_partitions, settings.kafka_topics.kafka_replication_factor);
     tokio::spawn(async move {
         let topic = transport.topic_for("order");
         loop {

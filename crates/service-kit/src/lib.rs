@@ -7,6 +7,7 @@ pub mod admin;
 pub mod broker;
 pub mod db;
 pub mod http;
+pub mod kafka;
 pub mod shutdown;
 pub mod telemetry;
 pub mod trace_context;

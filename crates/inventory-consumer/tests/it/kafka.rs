@@ -79,6 +79,12 @@ impl TestTopics {
     }
 }
 
+/// order-service with its relay on this test's topics.
+async fn spawn_api(db: &PgPool, broker: &TestBroker, topics: &TestTopics) -> TestApi {
+    let args = topics.relay_args();
+    TestApi::spawn(db, &broker.config, &args.iter().map(String::as_str).collect::<Vec<_>>()).await
+}
+
 async fn spawn_consumer(db: &PgPool, broker: &TestBroker, topics: &TestTopics) -> TestConsumer {
     let args = topics.consumer_args();
     TestConsumer::spawn(
@@ -124,10 +130,7 @@ async fn two_replicas_split_the_partitions_and_one_takes_the_dead_ones_over(db: 
     let broker = TestBroker::new().await;
     let topics = TestTopics::new().await;
     // order-service, started first, creates the topic.
-    let relay = topics.relay_args();
-    let api =
-        TestApi::spawn(&db, &broker.config, &relay.iter().map(String::as_str).collect::<Vec<_>>())
-            .await;
+    let api = spawn_api(&db, &broker, &topics).await;
     let topic = format!("{}order", topics.prefix);
     let created = eventually(WITHIN, || async {
         let listed = topics.client.list_topics().await.expect("topics");
@@ -249,10 +252,7 @@ async fn a_poison_record_goes_to_the_dead_letter_topic_and_its_partition_moves_o
 async fn a_replica_whose_lease_connection_broke_takes_its_partitions_again(db: PgPool) {
     let broker = TestBroker::new().await;
     let topics = TestTopics::new().await;
-    let relay = topics.relay_args();
-    let api =
-        TestApi::spawn(&db, &broker.config, &relay.iter().map(String::as_str).collect::<Vec<_>>())
-            .await;
+    let api = spawn_api(&db, &broker, &topics).await;
     let consumer = spawn_consumer(&db, &broker, &topics).await;
     let held = eventually(WITHIN, || async {
         let held = leases(&db).await;
