@@ -136,7 +136,9 @@ impl KafkaConfig {
 pub enum Command {
     /// Inspect and replay the dead-letter queue (needs the broker, not the database).
     ///
-    /// Only AMQP_URL, INVENTORY_QUEUE and DEAD_LETTER_QUEUE matter here, given as
+    /// Only AMQP_URL, INVENTORY_QUEUE and DEAD_LETTER_QUEUE matter here (with
+    /// CONSUMER_TRANSPORT=kafka: KAFKA_BROKERS and KAFKA_TOPIC_PREFIX, the
+    /// dead letters being in the topic `<prefix>order.dlq`), given as
     /// environment variables or as flags before or after the subcommand.
     #[command(subcommand)]
     Dlq(DlqCommand),
@@ -151,7 +153,8 @@ pub enum DlqCommand {
     /// consumer's reason (the `x-dead-letter-reason` header), else the broker's
     /// (`delivery_limit` when a quorum queue's delivery limit was reached,
     /// `rejected`, ...). Each message is held unacked while the list is made,
-    /// then all are handed back in one go: one pass, nothing removed.
+    /// then all are handed back in one go: one pass, nothing removed. On Kafka
+    /// the dead-letter topic is read from its start, less the letters replayed.
     List {
         /// Most messages to list.
         #[arg(long, default_value_t = 100)]
@@ -170,7 +173,9 @@ pub enum DlqCommand {
     /// broker's x-death are dropped (they describe the death being undone); the
     /// death count and first death time stay. Prints how many were replayed.
     /// Exits 1 if no message has the `--id`, or if the broker did not confirm one
-    /// (it stays in the dead-letter queue).
+    /// (it stays in the dead-letter queue). On Kafka each goes back to the
+    /// partition it died on, and a marker in the dead-letter topic, written once
+    /// the broker took the event, keeps it out of later lists.
     #[command(group(clap::ArgGroup::new("which").required(true).args(["id", "all"])))]
     Replay {
         /// Replay the message with this message id (every copy, if it is there twice).
@@ -194,7 +199,14 @@ impl Config {
     /// subcommand as well (`inventory-consumer dlq list --amqp-url ...`).
     pub fn command_line() -> clap::Command {
         use clap::CommandFactory;
-        const DLQ_SETTINGS: [&str; 3] = ["amqp_url", "inventory_queue", "dead_letter_queue"];
+        const DLQ_SETTINGS: [&str; 6] = [
+            "amqp_url",
+            "inventory_queue",
+            "dead_letter_queue",
+            "consumer_transport",
+            "kafka_brokers",
+            "kafka_topic_prefix",
+        ];
         Self::command().mut_args(|arg| {
             let global = DLQ_SETTINGS.contains(&arg.get_id().as_str());
             arg.global(global)

@@ -1,4 +1,6 @@
-//! `inventory-consumer dlq list|replay`: the dead-letter queue for operators.
+//! `inventory-consumer dlq list|replay`: the dead letters for operators, in
+//! RabbitMQ's dead-letter queue or, with `CONSUMER_TRANSPORT=kafka`, in the
+//! dead-letter topic ([`crate::kafka::dead_letter`]).
 //!
 //! Both need only the broker (AMQP_URL and the queue names), never the database,
 //! so they work while Postgres is down. Each opens a connection of its own, does
@@ -14,7 +16,7 @@ use anyhow::Context;
 use lapin::{Channel, Connection};
 use service_kit::broker::BrokerConfig;
 
-use crate::config::DlqCommand;
+use crate::config::{Config, ConsumerTransport, DlqCommand, KafkaConfig};
 
 /// How long the broker has to confirm each round of replayed messages.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
@@ -52,15 +54,74 @@ pub async fn replay(broker: &BrokerConfig, selection: &Selection) -> anyhow::Res
     replayed
 }
 
-/// Runs `command`, writing what it has to say to `out`.
+/// Where the dead letters are.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// DEAD_LETTER_QUEUE, replayed to INVENTORY_QUEUE.
+    Rabbitmq(BrokerConfig),
+    /// `<KAFKA_TOPIC_PREFIX>order.dlq`, replayed to `<KAFKA_TOPIC_PREFIX>order`.
+    Kafka(KafkaConfig),
+}
+
+impl Source {
+    /// The dead letters of the transport `config` consumes from.
+    pub fn of(config: &Config) -> Self {
+        match config.consumer_transport {
+            ConsumerTransport::Rabbitmq => Self::Rabbitmq(config.broker.clone()),
+            ConsumerTransport::Kafka => Self::Kafka(config.kafka.clone()),
+        }
+    }
+
+    /// Up to `limit` dead letters, oldest first, left in place.
+    pub async fn list(&self, limit: usize) -> anyhow::Result<Vec<DeadLetter>> {
+        match self {
+            Self::Rabbitmq(broker) => list(broker, limit).await,
+            Self::Kafka(kafka) => crate::kafka::dead_letter::list(kafka, limit).await,
+        }
+    }
+
+    /// Sends the `selection` back to be consumed again.
+    pub async fn replay(&self, selection: &Selection) -> anyhow::Result<Replayed> {
+        match self {
+            Self::Rabbitmq(broker) => replay(broker, selection).await,
+            Self::Kafka(kafka) => crate::kafka::dead_letter::replay(kafka, selection).await,
+        }
+    }
+
+    /// Where replayed letters go: the inventory queue or the events topic.
+    pub fn target(&self) -> String {
+        match self {
+            Self::Rabbitmq(broker) => broker.inventory_queue.clone(),
+            Self::Kafka(kafka) => kafka.topic(),
+        }
+    }
+
+    /// Where the letters are: the dead-letter queue or topic.
+    pub fn dead_letters(&self) -> String {
+        match self {
+            Self::Rabbitmq(broker) => broker.dead_letter_queue.clone(),
+            Self::Kafka(kafka) => kafka.dead_letter_topic(),
+        }
+    }
+}
+
+impl From<&BrokerConfig> for Source {
+    fn from(broker: &BrokerConfig) -> Self {
+        Self::Rabbitmq(broker.clone())
+    }
+}
+
+/// Runs `command` on the dead letters of `source`, writing what it has to say
+/// to `out`.
 pub async fn run(
-    broker: &BrokerConfig,
+    source: impl Into<Source>,
     command: &DlqCommand,
     out: &mut impl Write,
 ) -> anyhow::Result<()> {
+    let source = source.into();
     match command {
         DlqCommand::List { limit, json } => {
-            for letter in list(broker, *limit).await? {
+            for letter in source.list(*limit).await? {
                 if *json {
                     writeln!(out, "{}", serde_json::to_string(&letter)?)?;
                 } else {
@@ -71,16 +132,17 @@ pub async fn run(
         DlqCommand::Replay { id, all: _ } => {
             // clap guarantees an id unless --all was given.
             let selection = id.clone().map_or(Selection::All, Selection::Id);
-            let done = replay(broker, &selection).await?;
-            writeln!(out, "{} message(s) replayed to {:?}", done.replayed, broker.inventory_queue)?;
+            let done = source.replay(&selection).await?;
+            writeln!(out, "{} message(s) replayed to {:?}", done.replayed, source.target())?;
             if done.failed > 0 {
                 anyhow::bail!(
-                    "the broker did not confirm {} message(s); they stay in the dead-letter queue",
-                    done.failed
+                    "the broker did not confirm {} message(s); they stay in {:?}",
+                    done.failed,
+                    source.dead_letters()
                 );
             }
             if let (Some(id), 0) = (id, done.replayed) {
-                anyhow::bail!("no message with id {id} in {:?}", broker.dead_letter_queue);
+                anyhow::bail!("no message with id {id} in {:?}", source.dead_letters());
             }
         }
     }

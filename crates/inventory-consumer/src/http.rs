@@ -22,7 +22,6 @@ use serde_json::json;
 use sqlx::PgPool;
 
 use service_kit::admin::AdminToken;
-use service_kit::broker::BrokerConfig;
 
 use crate::dead_letter::Selection;
 use crate::metrics::{ConsumerMetrics, QueueDepthProbe};
@@ -40,8 +39,8 @@ pub struct HttpState {
     pub queue_depth: QueueDepthProbe,
     /// `ADMIN_TOKEN`; `None` turns the admin API off.
     pub admin_token: Option<AdminToken>,
-    /// The queues the admin API reads and replays.
-    pub broker: BrokerConfig,
+    /// The dead letters the admin API reads and replays.
+    pub dead_letters: crate::dlq::Source,
     pub metrics: ConsumerMetrics,
 }
 
@@ -107,7 +106,7 @@ async fn dead_letters(
         let message = format!("limit must be between 1 and 1000, got {limit}");
         return error(StatusCode::UNPROCESSABLE_ENTITY, "invalid_query", &message);
     }
-    match crate::dlq::list(&state.broker, limit).await {
+    match state.dead_letters.list(limit).await {
         Ok(letters) => Json(json!({ "messages": letters })).into_response(),
         Err(failure) => broker_unavailable(&failure),
     }
@@ -129,7 +128,7 @@ async fn replay_all(_: Admin, State(state): State<HttpState>) -> Response {
 }
 
 async fn replay(state: &HttpState, selection: &Selection) -> Response {
-    let done = match crate::dlq::replay(&state.broker, selection).await {
+    let done = match state.dead_letters.replay(selection).await {
         Ok(done) => done,
         Err(failure) => return broker_unavailable(&failure),
     };

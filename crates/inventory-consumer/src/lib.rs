@@ -167,7 +167,7 @@ impl Application {
             registry: Arc::new(self.registry),
             queue_depth: queue_depth.clone(),
             admin_token: service_kit::admin::AdminToken::new(self.config.admin_token.as_deref()),
-            broker: self.config.broker.clone(),
+            dead_letters: dlq::Source::of(&self.config),
             metrics: self.metrics.clone(),
         };
         let served =

@@ -22,7 +22,12 @@ async fn main() -> ExitCode {
 
 async fn run(config: Config) -> anyhow::Result<()> {
     if let Some(Command::Dlq(command)) = &config.command {
-        return inventory_consumer::dlq::run(&config.broker, command, &mut std::io::stdout()).await;
+        return inventory_consumer::dlq::run(
+            inventory_consumer::dlq::Source::of(&config),
+            command,
+            &mut std::io::stdout(),
+        )
+        .await;
     }
     let shutdown = service_kit::shutdown::on_signal();
     Application::build(config).await?.run_until_stopped(shutdown).await

@@ -4,7 +4,7 @@
 //! held by one replica at a time; one that dies has its partitions taken over
 //! within seconds; every event is applied once, its offset stored with its
 //! effect; a poison record goes to the dead-letter topic and its partition
-//! moves on.
+//! moves on; `dlq list|replay` read and replay that topic.
 
 use std::time::Duration;
 
@@ -237,6 +237,87 @@ async fn a_poison_record_goes_to_the_dead_letter_topic_and_its_partition_moves_o
     let reason = String::from_utf8_lossy(&headers["x-dead-letter-reason"]).into_owned();
     assert!(reason.contains("not a valid OrderPlaced"), "{reason}");
     assert_eq!(consumer.metrics.count("poison"), 1);
+
+    consumer.stop().await;
+    topics.delete().await;
+    broker.delete().await;
+}
+
+/// A record for an order that does not exist yet, dead-lettered; listed by
+/// `inventory-consumer dlq list` on Kafka with its reason; once the order
+/// exists, replayed by its id to the partition it died on and applied; then no
+/// longer listed, and a second replay of the id finds nothing.
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
+async fn a_kafka_dead_letter_is_listed_replayed_to_its_partition_and_applied(db: PgPool) {
+    use inventory_consumer::dlq::{self, Source};
+    use inventory_consumer::{Config, DlqCommand};
+
+    let broker = TestBroker::new().await;
+    let topics = TestTopics::new().await;
+    let consumer = spawn_consumer(&db, &broker, &topics).await;
+    let config = Config::try_parse_command_line(
+        std::iter::once("inventory-consumer".to_owned()).chain(topics.consumer_args()),
+    )
+    .expect("the consumer's settings");
+    let source = Source::of(&config);
+    assert!(matches!(source, Source::Kafka(_)), "{source:?}");
+
+    let early = messages_for_missing_orders(1);
+    let id = early[0].id.to_string();
+    let partition = topics
+        .client
+        .partition_client(format!("{}order", topics.prefix), 2, UnknownTopicHandling::Retry)
+        .await
+        .expect("partition");
+    let record = Record {
+        key: Some(early[0].event.order_id().to_string().into_bytes()),
+        value: Some(serde_json::to_vec(&early[0].event).expect("json")),
+        headers: [("message_id", id.as_str()), ("type", "OrderPlaced")]
+            .into_iter()
+            .map(|(name, value)| (name.to_owned(), value.as_bytes().to_vec()))
+            .collect(),
+        timestamp: chrono::Utc::now(),
+    };
+    partition.produce(vec![record], Compression::NoCompression).await.expect("produced");
+    let dead = eventually(WITHIN, || async { consumer.metrics.count("poison") == 1 });
+    assert!(dead.await, "the record for a missing order was dead-lettered");
+
+    let mut out = Vec::new();
+    let list = DlqCommand::List { limit: 10, json: true };
+    dlq::run(source.clone(), &list, &mut out).await.expect("dlq list");
+    let listed: Vec<serde_json::Value> = String::from_utf8(out)
+        .expect("utf-8")
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("a JSON line"))
+        .collect();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["message_id"], id.as_str());
+    assert_eq!(listed[0]["deaths"], 1);
+    assert_eq!(listed[0]["type"], "OrderPlaced");
+    let reason = listed[0]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("does not exist"), "{reason}");
+
+    create_orders(&db, &early).await;
+    let replay = DlqCommand::Replay { id: Some(id.clone()), all: false };
+    let mut out = Vec::new();
+    dlq::run(source.clone(), &replay, &mut out).await.expect("dlq replay");
+    let said = String::from_utf8(out).expect("utf-8");
+    assert!(said.starts_with("1 message(s) replayed"), "{said}");
+    let order = early[0].event.order_id();
+    let applied = eventually(WITHIN, || async { order_status(&db, order).await == "COMPLETED" });
+    assert!(applied.await, "the replayed event was applied");
+    let on_its_partition: Option<(i32,)> = sqlx::query_as(
+        "SELECT partition FROM consumer_offsets WHERE topic = $1 AND partition = 2 AND next_offset = 2",
+    )
+    .bind(format!("{}order", topics.prefix))
+    .fetch_optional(&db)
+    .await
+    .expect("offsets");
+    assert!(on_its_partition.is_some(), "the replay went back to partition 2, after the letter");
+
+    assert_eq!(source.list(10).await.expect("list"), [], "a replayed letter is not listed");
+    let error = dlq::run(source, &replay, &mut Vec::new()).await.expect_err("nothing to replay");
+    assert!(error.to_string().contains("no message with id"), "{error:#}");
 
     consumer.stop().await;
     topics.delete().await;

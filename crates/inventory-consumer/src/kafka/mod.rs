@@ -33,7 +33,9 @@
 //! order that does not exist) goes to the dead-letter topic
 //! `<KAFKA_TOPIC_PREFIX>order.dlq` with the reason in its
 //! `x-dead-letter-reason` header, before the offset past it commits; the
-//! partition moves on.
+//! partition moves on. [`dead_letter`] lists and replays them.
+
+pub mod dead_letter;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -50,7 +52,6 @@ use uuid::Uuid;
 
 use crate::apply::{Outcome, apply_batch_waited};
 use crate::config::KafkaConfig;
-use crate::dead_letter::REASON_HEADER;
 use crate::message::{Message, decode_parts};
 use crate::metrics::ConsumerMetrics;
 
@@ -681,17 +682,13 @@ impl PartitionWorker {
         let letters: Vec<Record> = poison
             .iter()
             .map(|(record, reason)| {
-                let mut letter = record.record.clone();
-                letter.headers.insert(REASON_HEADER.to_owned(), reason.clone().into_bytes());
-                letter.headers.insert("x-original-topic".to_owned(), self.topic.clone().into());
-                letter
-                    .headers
-                    .insert("x-original-partition".to_owned(), self.partition.to_string().into());
-                letter
-                    .headers
-                    .insert("x-original-offset".to_owned(), record.offset.to_string().into());
-                letter.timestamp = chrono::Utc::now();
-                letter
+                dead_letter::letter(
+                    &record.record,
+                    &self.topic,
+                    self.partition,
+                    record.offset,
+                    reason,
+                )
             })
             .collect();
         let produced = self.dead_letters.produce(letters, Compression::NoCompression);
