@@ -63,6 +63,9 @@ pub struct ConsumerMetrics {
     pub queue_depth_failures: Counter,
     /// Dead letters moved back to the inventory queue through the admin API.
     pub admin_replayed: Counter,
+    /// Kafka partitions whose stored offset was outside their log, moved to
+    /// the log's start (see `kafka::PartitionWorker::out_of_range`).
+    pub kafka_offset_resets: Counter,
 }
 
 impl ConsumerMetrics {
@@ -77,6 +80,7 @@ impl ConsumerMetrics {
             dlq_depth: Gauge::default(),
             admin_replayed: Counter::default(),
             queue_depth_failures: Counter::default(),
+            kafka_offset_resets: Counter::default(),
         };
         registry.register(
             "inventory_messages",
@@ -125,6 +129,12 @@ impl ConsumerMetrics {
             "inventory_queue_depth_read_failures",
             "Scrapes that could not read a queue's depth from the broker",
             metrics.queue_depth_failures.clone(),
+        );
+        registry.register(
+            "inventory_kafka_offset_resets",
+            "Kafka partitions whose stored offset was outside their log (records deleted before \
+             they were applied, or a recreated topic), moved to the log's earliest offset",
+            metrics.kafka_offset_resets.clone(),
         );
         metrics
     }

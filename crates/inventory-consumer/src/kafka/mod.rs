@@ -494,10 +494,20 @@ impl PartitionWorker {
         from: i64,
         deferred_since: &mut HashMap<Uuid, Instant>,
     ) -> anyhow::Result<Option<i64>> {
-        let (mut records, _high_watermark) =
-            self.client.fetch_records(from, 1..FETCH_MAX_BYTES, FETCH_WAIT_MS).await.with_context(
-                || format!("cannot fetch {}/{} from offset {from}", self.topic, self.partition),
-            )?;
+        let fetched = self.client.fetch_records(from, 1..FETCH_MAX_BYTES, FETCH_WAIT_MS).await;
+        let (mut records, high_watermark) = match fetched {
+            Err(rskafka::client::error::Error::ServerError {
+                protocol_error: rskafka::client::error::ProtocolError::OffsetOutOfRange,
+                ..
+            }) => return self.out_of_range(from).await,
+            fetched => fetched.with_context(|| {
+                format!("cannot fetch {}/{} from offset {from}", self.topic, self.partition)
+            })?,
+        };
+        if records.is_empty() && from > high_watermark {
+            // Past the end: Kafka answers OffsetOutOfRange, some brokers nothing.
+            return self.out_of_range(from).await;
+        }
         records.retain(|record| record.offset >= from);
         records.sort_by_key(|record| record.offset);
         records.truncate(self.consumer.batch_size.max(1));
@@ -543,6 +553,87 @@ impl PartitionWorker {
         }
     }
 
+    /// The stored offset `from` is not in the partition's log: the records
+    /// from it on were deleted before they were applied (retention shorter
+    /// than an outage), or the topic was deleted and created again. Either
+    /// way nothing at `from` will ever come: the partition goes on from the
+    /// log's earliest offset (the offset moved in a transaction of its own,
+    /// under the lease), counted in `inventory_kafka_offset_resets_total` and
+    /// logged as an error naming what was skipped. Records read again (a
+    /// recreated topic) are duplicates the dedupe ignores.
+    async fn out_of_range(&self, from: i64) -> anyhow::Result<Option<i64>> {
+        let earliest = self.client.get_offset(OffsetAt::Earliest).await?;
+        let latest = self.client.get_offset(OffsetAt::Latest).await?;
+        if (earliest..=latest).contains(&from) {
+            // In range after all (the log moved meanwhile): fetch again.
+            return Ok(Some(from));
+        }
+        let mut tx = self.consumer.db.begin().await?;
+        if !self.holds_lease(&mut tx).await? || !self.move_offset(&mut tx, from, earliest).await? {
+            return Ok(None);
+        }
+        tx.commit().await?;
+        self.consumer.metrics.kafka_offset_resets.inc();
+        if from < earliest {
+            tracing::error!(topic = %self.topic, partition = self.partition, stored = from,
+                earliest, skipped = earliest - from,
+                "the records from the stored offset on were deleted before they were applied \
+                 (retention shorter than the consumer's outage): going on from the earliest \
+                 offset; their orders stay PENDING until their events are published again \
+                 (order-service reconcile lists them)");
+        } else {
+            tracing::error!(topic = %self.topic, partition = self.partition, stored = from,
+                earliest, latest,
+                "the stored offset is past the partition's end (the topic was recreated?): \
+                 going on from the earliest offset; events applied before are ignored as \
+                 duplicates");
+        }
+        Ok(Some(earliest))
+    }
+
+    /// Whether the lease connection still holds this partition's lock.
+    async fn holds_lease(&self, tx: &mut PgConnection) -> anyhow::Result<bool> {
+        let (key, sub) = lock_key(&self.consumer.consumer_name, &self.topic, self.partition);
+        let held: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks
+                            WHERE locktype = 'advisory' AND granted AND pid = $1
+                              AND classid = $2::int8::oid AND objid = $3::int8::oid
+                              AND objsubid = 2)",
+        )
+        .bind(self.lease_pid)
+        .bind(key)
+        .bind(sub)
+        .fetch_one(&mut *tx)
+        .await?;
+        Ok(held)
+    }
+
+    /// Stores `next` as the partition's offset if the stored one is `from`
+    /// (or there is none): whether it moved. A row that says otherwise was
+    /// moved by another worker, which owns the partition now.
+    async fn move_offset(
+        &self,
+        tx: &mut PgConnection,
+        from: i64,
+        next: i64,
+    ) -> anyhow::Result<bool> {
+        let moved = sqlx::query(
+            "INSERT INTO consumer_offsets (consumer, topic, partition, next_offset)
+             VALUES ($1, $2, $3, $4)
+             ON CONFLICT (consumer, topic, partition)
+             DO UPDATE SET next_offset = EXCLUDED.next_offset, updated_at = now()
+             WHERE consumer_offsets.next_offset = $5",
+        )
+        .bind(&self.consumer.consumer_name)
+        .bind(&self.topic)
+        .bind(self.partition)
+        .bind(next)
+        .bind(from)
+        .execute(&mut *tx)
+        .await?;
+        Ok(moved.rows_affected() == 1)
+    }
+
     /// One transaction: the lease checked, the batch's effect, the poison sent
     /// to the dead-letter topic, the next offset stored, if the stored one is
     /// still the one this batch starts from (so that of two workers that
@@ -566,19 +657,7 @@ impl PartitionWorker {
         }
 
         let mut tx = self.consumer.db.begin().await?;
-        let (key, sub) = lock_key(&self.consumer.consumer_name, &self.topic, self.partition);
-        let held: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM pg_locks
-                            WHERE locktype = 'advisory' AND granted AND pid = $1
-                              AND classid = $2::int8::oid AND objid = $3::int8::oid
-                              AND objsubid = 2)",
-        )
-        .bind(self.lease_pid)
-        .bind(key)
-        .bind(sub)
-        .fetch_one(&mut *tx)
-        .await?;
-        if !held {
+        if !self.holds_lease(&mut tx).await? {
             return Ok(Err(NotCommitted::LeaseLost));
         }
         let outcomes = if batch.one_by_one {
@@ -645,23 +724,8 @@ impl PartitionWorker {
                 outcome => applied.push(outcome.label()),
             }
         }
-        // The offset moves only from where this batch started: a row that
-        // says otherwise was moved by another worker, which owns it now.
-        let moved = sqlx::query(
-            "INSERT INTO consumer_offsets (consumer, topic, partition, next_offset)
-             VALUES ($1, $2, $3, $4)
-             ON CONFLICT (consumer, topic, partition)
-             DO UPDATE SET next_offset = EXCLUDED.next_offset, updated_at = now()
-             WHERE consumer_offsets.next_offset = $5",
-        )
-        .bind(&self.consumer.consumer_name)
-        .bind(&self.topic)
-        .bind(self.partition)
-        .bind(batch.next)
-        .bind(batch.from)
-        .execute(&mut *tx)
-        .await?;
-        if moved.rows_affected() == 0 {
+        // The offset moves only from where this batch started.
+        if !self.move_offset(&mut tx, batch.from, batch.next).await? {
             tx.rollback().await?;
             return Ok(Err(NotCommitted::LeaseLost));
         }

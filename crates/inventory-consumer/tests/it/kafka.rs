@@ -324,6 +324,65 @@ async fn a_kafka_dead_letter_is_listed_replayed_to_its_partition_and_applied(db:
     broker.delete().await;
 }
 
+/// A stored offset past the partition's end (the topic deleted and created
+/// again, say) is answered OffsetOutOfRange by the broker: the partition goes
+/// on from the log's start, once, counted; it does not fail for ever.
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
+async fn a_stored_offset_outside_the_log_moves_to_its_start(db: PgPool) {
+    let broker = TestBroker::new().await;
+    let topics = TestTopics::new().await;
+    let topic = format!("{}order", topics.prefix);
+    sqlx::query(
+        "INSERT INTO consumer_offsets (consumer, topic, partition, next_offset)
+         VALUES ('inventory', $1, 0, 1000)",
+    )
+    .bind(&topic)
+    .execute(&db)
+    .await
+    .expect("a stored offset from an earlier life of the topic");
+    let consumer = spawn_consumer(&db, &broker, &topics).await;
+    let messages = messages_for_missing_orders(1);
+    create_orders(&db, &messages).await;
+    let partition = topics
+        .client
+        .partition_client(topic.clone(), 0, UnknownTopicHandling::Retry)
+        .await
+        .expect("partition");
+    let record = Record {
+        key: None,
+        value: Some(serde_json::to_vec(&messages[0].event).expect("json")),
+        headers: [("message_id", messages[0].id.to_string()), ("type", "OrderPlaced".to_owned())]
+            .into_iter()
+            .map(|(name, value)| (name.to_owned(), value.into_bytes()))
+            .collect(),
+        timestamp: chrono::Utc::now(),
+    };
+    partition.produce(vec![record], Compression::NoCompression).await.expect("produced");
+
+    let order = messages[0].event.order_id();
+    let applied = eventually(WITHIN, || async { order_status(&db, order).await == "COMPLETED" });
+    assert!(applied.await, "the partition went on from its start and applied the record");
+    let stored: i64 = sqlx::query_scalar(
+        "SELECT next_offset FROM consumer_offsets WHERE topic = $1 AND partition = 0",
+    )
+    .bind(&topic)
+    .fetch_one(&db)
+    .await
+    .expect("offset");
+    assert_eq!(stored, 1);
+    let metrics = reqwest::get(format!("{}/metrics", consumer.address))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(metrics.contains("inventory_kafka_offset_resets_total 1\n"), "{metrics}");
+
+    consumer.stop().await;
+    topics.delete().await;
+    broker.delete().await;
+}
+
 /// The lease connection broken under a running replica (its backend
 /// terminated, as a network cut or a Postgres restart would): its locks are
 /// gone at once, its workers stop at their next batch (the lease check), and
