@@ -12,6 +12,11 @@
 #
 #   scripts/chaos.sh                          # 60 s at 100 orders/s
 #   scripts/chaos.sh --duration 40s --rate 150 [--stall 5s] [--no-build]
+#   scripts/chaos.sh --transport kafka --duration 40s
+#
+# On Kafka it runs its own broker (tansu on durable SQLite storage, built once
+# by scripts/kafka-broker.sh) behind the proxy, with two consumer replicas;
+# the broker restarts are SIGKILLs of it, and the memory alarm is left out.
 #
 # It RESTARTS THE MACHINE'S RabbitMQ AND Postgres and alarms that RabbitMQ:
 # run it on a development machine. `scripts/chaos.sh --help` lists the options.
@@ -22,10 +27,19 @@ source scripts/services.sh
 case " $* " in
     *" -h "* | *" --help "*) exec cargo xtask chaos --help ;;
 esac
-if ! command -v rabbitmqctl >/dev/null || ! command -v pg_ctlcluster >/dev/null; then
-    echo "error: chaos.sh restarts the local RabbitMQ and Postgres: it needs rabbitmqctl and pg_ctlcluster" >&2
-    exit 1
-fi
+case " $* " in
+    *" --transport kafka "* | *" --transport=kafka "*)
+        # Its own Kafka broker; RabbitMQ is left alone.
+        needs=(pg_ctlcluster)
+        ;;
+    *) needs=(rabbitmqctl pg_ctlcluster) ;;
+esac
+for program in "${needs[@]}"; do
+    if ! command -v "$program" >/dev/null; then
+        echo "error: chaos.sh restarts the local services: it needs ${needs[*]}" >&2
+        exit 1
+    fi
+done
 ensure_services
 export PG_HOST PG_PORT AMQP_HOST AMQP_PORT
 exec cargo xtask chaos "$@"

@@ -8,12 +8,26 @@
 #                                   accepts connections, and print
 #                                   KAFKA_BROKERS=127.0.0.1:PORT as the last line
 #                                   of stdout (everything else goes to stderr)
+#   scripts/kafka-broker.sh start --durable
+#                                   the same on durable storage: a SQLite file
+#                                   in .run/kafka-broker/ that a restart keeps
 #   scripts/kafka-broker.sh stop    stop the broker that `start` started (if any)
+#   scripts/kafka-broker.sh binary [--durable]
+#                                   install when missing and print the path of
+#                                   the broker's binary (cargo xtask chaos runs
+#                                   it itself, to kill and restart it)
 #
 # Use it as: eval "$(scripts/kafka-broker.sh start)"; export KAFKA_BROKERS
 # The broker runs detached (its own session, every fd redirected), so the
 # command substitution returns at once. Its log is .run/kafka-broker.log, its
-# pid in .run/kafka-broker.pid. Its topics live in memory: a restart loses them.
+# pid in .run/kafka-broker.pid.
+#
+# Storage. By default the topics live in memory: a restart loses every record
+# the broker acknowledged, which no client can make up for. The tests and
+# benchmarks never restart it, so that is enough for them. Durable storage
+# needs tansu built with its `libsql` feature, which no wheel ships: `--durable`
+# builds it once with `cargo install` into $TANSU_CACHE (default
+# ~/.cache/outbox/tansu-0.6.0-libsql; about 15 minutes on two cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,6 +36,9 @@ RUN_DIR=.run
 PID_FILE=$RUN_DIR/kafka-broker.pid
 LOG_FILE=$RUN_DIR/kafka-broker.log
 READY_TIMEOUT=20
+TANSU_VERSION=0.6.0
+TANSU_CACHE=${TANSU_CACHE:-$HOME/.cache/outbox/tansu-$TANSU_VERSION-libsql}
+DURABLE_DIR=$RUN_DIR/kafka-broker
 
 say() { echo "kafka-broker: $*" >&2; }
 fail() {
@@ -76,6 +93,19 @@ tansu_binary() {
     echo "$bin"
 }
 
+# The path of a tansu built with durable (SQLite) storage, building it into
+# $TANSU_CACHE when missing.
+durable_binary() {
+    local bin=$TANSU_CACHE/bin/tansu
+    if [ ! -x "$bin" ]; then
+        command -v cargo >/dev/null || fail "cargo is needed to build tansu with durable storage"
+        say "building tansu $TANSU_VERSION with SQLite storage into $TANSU_CACHE (once; about 15 minutes)"
+        cargo install --quiet --locked tansu --version "$TANSU_VERSION" --features libsql \
+            --root "$TANSU_CACHE" >&2 || fail "cannot build tansu (cargo install tansu --features libsql)"
+    fi
+    echo "$bin"
+}
+
 free_port() {
     python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
@@ -85,22 +115,30 @@ accepts() { # port
 }
 
 start() {
-    local bin port pid i
-    bin=$(tansu_binary)
+    local bin port pid i storage=memory://tansu/ workdir=.
+    if [ "${1:-}" = --durable ]; then
+        bin=$(durable_binary)
+        mkdir -p "$DURABLE_DIR"
+        # tansu reads the SQLite path relative to its working directory.
+        storage=sqlite://tansu.db
+        workdir=$DURABLE_DIR
+    else
+        bin=$(tansu_binary)
+    fi
     stop
     mkdir -p "$RUN_DIR"
     port=$(free_port)
-    say "starting $bin on 127.0.0.1:$port (log $LOG_FILE)"
+    say "starting $bin on 127.0.0.1:$port, storage $storage (log $LOG_FILE)"
     # setsid: its own session, untouched by the caller's Ctrl-C or hang-up;
     # every fd redirected, so `$(kafka-broker.sh start)` does not wait for it.
     # Settings come from the flags only, not from a LISTENER_URL, STORAGE_ENGINE
     # or OTEL_EXPORTER_OTLP_ENDPOINT the caller may have in its environment.
     env -u LISTENER_URL -u ADVERTISED_LISTENER_URL -u STORAGE_ENGINE -u CLUSTER_ID \
         -u SCHEMA_REGISTRY -u OTEL_EXPORTER_OTLP_ENDPOINT \
-        setsid "$bin" broker \
+        setsid sh -c 'cd "$1" && shift && exec "$@"' sh "$workdir" "$(realpath "$bin")" broker \
         --listener-url "tcp://127.0.0.1:$port" \
         --advertised-listener-url "tcp://127.0.0.1:$port" \
-        --storage-engine memory://tansu/ \
+        --storage-engine "$storage" \
         </dev/null >"$LOG_FILE" 2>&1 &
     pid=$!
     echo "$pid" >"$PID_FILE"
@@ -125,8 +163,11 @@ start() {
 }
 
 case "${1:-}" in
-start) start ;;
+start) start "${2:-}" ;;
 stop) stop ;;
+binary)
+    if [ "${2:-}" = --durable ]; then durable_binary; else tansu_binary; fi
+    ;;
 *)
     sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//' >&2
     exit 2

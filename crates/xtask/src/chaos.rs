@@ -12,6 +12,13 @@
 //! It RESTARTS THE MACHINE'S RabbitMQ AND Postgres and raises a memory alarm on
 //! that RabbitMQ: run it on a development machine. The services use a database
 //! and broker names of their own (`outbox_chaos`, prefix `chaos.`).
+//!
+//! With `--transport kafka` the whole system runs on a Kafka-protocol broker
+//! of its own instead ([`crate::kafka::Broker`], on durable storage, behind
+//! the proxy) with two inventory-consumer replicas: the kills of the consumer
+//! take turns between them, a broker restart is a SIGKILL of the broker and a
+//! start on the same storage, and the memory alarm, which only RabbitMQ has,
+//! is left out (the run says so). RabbitMQ is not touched.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -23,6 +30,7 @@ use test_support::{Fault as ProxyFault, FaultProxy, OnMatch};
 use tokio::time::Instant;
 
 use crate::faults::{Fault, Schedule};
+use crate::kafka::Broker;
 use crate::process::{Local, Service, bin_dir, command, free_port};
 use crate::verdict::Verdict;
 
@@ -30,6 +38,8 @@ const EXCHANGE: &str = "chaos.orders";
 const QUEUE: &str = "chaos.inventory.order-placed";
 const DEAD_LETTER_EXCHANGE: &str = "chaos.orders.dlx";
 const DEAD_LETTER_QUEUE: &str = "chaos.inventory.order-placed.dead";
+/// The Kafka topics' prefix: `chaos.order` and `chaos.order.dlq`.
+const TOPIC_PREFIX: &str = "chaos.";
 
 /// Orders not decided yet: PENDING, or with an accepted cancel and not CANCELLED.
 const STUCK_ORDERS: &str = "
@@ -54,6 +64,23 @@ pub struct Args {
     /// Use the release binaries as they are.
     #[arg(long)]
     no_build: bool,
+    /// The broker the system runs on: the local RabbitMQ, or a Kafka-protocol
+    /// broker this run starts on durable storage (scripts/kafka-broker.sh
+    /// builds it once).
+    #[arg(long, value_enum, default_value_t = Transport::Rabbitmq)]
+    transport: Transport,
+}
+
+/// The broker of a chaos run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Transport {
+    Rabbitmq,
+    Kafka,
+}
+
+/// Whether `fault` can happen on `transport`: the memory alarm is RabbitMQ's.
+fn applies(fault: Fault, transport: Transport) -> bool {
+    !(transport == Transport::Kafka && matches!(fault, Fault::MemoryAlarm(_)))
 }
 
 pub async fn run(args: Args) -> anyhow::Result<bool> {
@@ -61,7 +88,14 @@ pub async fn run(args: Args) -> anyhow::Result<bool> {
         bail!("--duration must be at least 20s");
     }
     let stall = args.stall.unwrap_or((args.duration / 8).min(Duration::from_secs(25)));
-    let schedule = Schedule::chaos(args.duration, stall);
+    let mut schedule = Schedule::chaos(args.duration, stall);
+    let left_out: Vec<String> = schedule
+        .0
+        .iter()
+        .filter(|(_, fault)| !applies(*fault, args.transport))
+        .map(|(_, fault)| fault.to_string())
+        .collect();
+    schedule.0.retain(|(_, fault)| applies(*fault, args.transport));
     let local = Local::from_env();
     let run_dir = PathBuf::from(".run/chaos");
     std::fs::create_dir_all(&run_dir)?;
@@ -74,7 +108,10 @@ pub async fn run(args: Args) -> anyhow::Result<bool> {
         crate::process::build_release(true).await?;
     }
 
-    println!("== fresh database outbox_chaos and queues chaos.*");
+    println!(
+        "== fresh database outbox_chaos and {} chaos.*",
+        if args.transport == Transport::Kafka { "topics" } else { "queues" }
+    );
     let mut admin = PgConnection::connect(&local.database_url("postgres")).await?;
     for statement in
         ["DROP DATABASE IF EXISTS outbox_chaos WITH (FORCE)", "CREATE DATABASE outbox_chaos"]
@@ -84,33 +121,79 @@ pub async fn run(args: Args) -> anyhow::Result<bool> {
             .await
             .with_context(|| format!("cannot make the database outbox_chaos: {statement}"))?;
     }
-    delete_queues(&local).await?;
-
-    // The services reach Postgres and RabbitMQ through proxies that can hold
-    // every byte; this process reads and counts past them.
+    // The services reach Postgres and the broker through proxies that can
+    // hold every byte; this process reads and counts past them (on Kafka,
+    // whose broker tells clients where to connect, through the proxy too).
     let db_proxy = FaultProxy::start(&local.pg).await;
-    let broker_proxy = FaultProxy::start(&local.amqp).await;
-    let env = vec![
+    let mut env = vec![
         (
             "DATABASE_URL".to_owned(),
             format!("postgres://postgres:postgres@127.0.0.1:{}/outbox_chaos", db_proxy.port),
         ),
-        ("AMQP_URL".to_owned(), format!("amqp://guest:guest@127.0.0.1:{}/%2f", broker_proxy.port)),
-        ("EXCHANGE".to_owned(), EXCHANGE.to_owned()),
-        ("INVENTORY_QUEUE".to_owned(), QUEUE.to_owned()),
-        ("DEAD_LETTER_EXCHANGE".to_owned(), DEAD_LETTER_EXCHANGE.to_owned()),
-        ("DEAD_LETTER_QUEUE".to_owned(), DEAD_LETTER_QUEUE.to_owned()),
         (
             "RUST_LOG".to_owned(),
             std::env::var("RUST_LOG").unwrap_or("info,sqlx::postgres::notice=warn".into()),
         ),
     ];
+    let (broker_proxy, mut kafka) = match args.transport {
+        Transport::Rabbitmq => {
+            delete_queues(&local).await?;
+            let proxy = FaultProxy::start(&local.amqp).await;
+            env.extend(
+                [
+                    ("AMQP_URL", format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port)),
+                    ("EXCHANGE", EXCHANGE.to_owned()),
+                    ("INVENTORY_QUEUE", QUEUE.to_owned()),
+                    ("DEAD_LETTER_EXCHANGE", DEAD_LETTER_EXCHANGE.to_owned()),
+                    ("DEAD_LETTER_QUEUE", DEAD_LETTER_QUEUE.to_owned()),
+                ]
+                .map(|(name, value)| (name.to_owned(), value)),
+            );
+            (proxy, None)
+        }
+        Transport::Kafka => {
+            let binary = Broker::binary().await?;
+            let port = free_port()?;
+            let proxy = FaultProxy::start(&format!("127.0.0.1:{port}")).await;
+            let mut broker = Broker::new(binary, &run_dir.join("kafka"), port, proxy.port)?;
+            broker.start().await?;
+            println!(
+                "== Kafka broker on {} (durable: {}), reached through 127.0.0.1:{}",
+                broker.address,
+                broker.log().with_file_name("tansu.db").display(),
+                proxy.port
+            );
+            env.extend(
+                [
+                    ("RELAY_TRANSPORT", "kafka".to_owned()),
+                    ("CONSUMER_TRANSPORT", "kafka".to_owned()),
+                    ("KAFKA_BROKERS", format!("127.0.0.1:{}", proxy.port)),
+                    ("KAFKA_TOPIC_PREFIX", TOPIC_PREFIX.to_owned()),
+                ]
+                .map(|(name, value)| (name.to_owned(), value)),
+            );
+            (proxy, Some(broker))
+        }
+    };
     let mut api = Service::new("order-service", &bin_dir, free_port()?, env.clone(), &run_dir);
-    let mut consumer = Service::new("inventory-consumer", &bin_dir, free_port()?, env, &run_dir);
+    // On Kafka two replicas share the partitions; a kill hits one in turn.
+    let replicas = if kafka.is_some() { 2 } else { 1 };
+    let mut consumers: Vec<Service> = (0..replicas)
+        .map(|replica| {
+            let consumer =
+                Service::new("inventory-consumer", &bin_dir, free_port()?, env.clone(), &run_dir);
+            Ok(match replica {
+                0 => consumer,
+                n => consumer.logging_to(run_dir.join(format!("inventory-consumer-{}.log", n + 1))),
+            })
+        })
+        .collect::<anyhow::Result<_>>()?;
     api.start()?;
     api.wait_ready(Duration::from_secs(60)).await?; // migrates the database first
-    consumer.start()?;
-    consumer.wait_ready(Duration::from_secs(60)).await?;
+    for consumer in &mut consumers {
+        consumer.start()?;
+        consumer.wait_ready(Duration::from_secs(60)).await?;
+    }
 
     println!(
         "== load: {} orders/s for {}, each with an Idempotency-Key, retried; stalls of {}",
@@ -123,6 +206,9 @@ pub async fn run(args: Args) -> anyhow::Result<bool> {
         schedule.0.len(),
         humantime::format_duration(schedule.ends())
     );
+    for fault in &left_out {
+        println!("   LEFT OUT on {:?}: {fault} (RabbitMQ only)", args.transport);
+    }
     let load_report = run_dir.join("load.json");
     let mut load = tokio::process::Command::new(bin_dir.join("stress-test"))
         .args(["--url", &api.url, "--rate", &args.rate.to_string()])
@@ -143,19 +229,29 @@ pub async fn run(args: Args) -> anyhow::Result<bool> {
 
     let started = Instant::now();
     let (mut commits_armed, mut commits_lost) = (0u32, 0u32);
+    let mut consumer_kills = 0usize;
     for (at, fault) in &schedule.0 {
         tokio::time::sleep_until(started + *at).await;
-        println!("[{:>3}s] {fault}", started.elapsed().as_secs());
+        let said = match args.transport {
+            Transport::Rabbitmq => fault.to_string(),
+            Transport::Kafka => fault.to_string().replace("RabbitMQ", "the Kafka broker"),
+        };
+        println!("[{:>3}s] {said}", started.elapsed().as_secs());
         match *fault {
             Fault::KillApi => {
                 api.kill().await;
                 api.start()?;
             }
             Fault::KillConsumer => {
+                let consumer = &mut consumers[consumer_kills % replicas];
+                consumer_kills += 1;
                 consumer.kill().await;
                 consumer.start()?;
             }
-            Fault::RestartBroker => restart_broker(&local).await?,
+            Fault::RestartBroker => match kafka.as_mut() {
+                Some(broker) => broker.restart().await?,
+                None => restart_broker(&local).await?,
+            },
             Fault::RestartDatabase => restart_database(&local).await?,
             Fault::PartitionDatabase(lasts) => hold(&[&db_proxy], lasts).await,
             Fault::PartitionBroker(lasts) => hold(&[&broker_proxy], lasts).await,
@@ -226,7 +322,10 @@ pub async fn run(args: Args) -> anyhow::Result<bool> {
         out_of_order: reconciled["cancels_out_of_order"].as_u64().unwrap_or(0),
         stuck: count(&mut db, STUCK_ORDERS).await?,
         dead: count(&mut db, "SELECT count(*) FROM outbox WHERE state = 'dead'").await?
-            + dead_letters(&local).await?,
+            + match args.transport {
+                Transport::Rabbitmq => dead_letters(&local).await?,
+                Transport::Kafka => kafka_dead_letters(broker_proxy.port).await?,
+            },
         reconciled: reconcile.success(),
     };
     println!(
@@ -240,7 +339,7 @@ pub async fn run(args: Args) -> anyhow::Result<bool> {
         field("cancels_not_cancellable")
     );
     println!("{verdict}");
-    drop((api, consumer));
+    drop((api, consumers, kafka));
     Ok(verdict.holds())
 }
 
@@ -327,6 +426,20 @@ async fn delete_queues(local: &Local) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Letters in the dead-letter topic (not replayed), read through the proxy
+/// on `port`.
+async fn kafka_dead_letters(port: u16) -> anyhow::Result<u64> {
+    let config = inventory_consumer::Config::try_parse_command_line([
+        "inventory-consumer",
+        "--kafka-brokers",
+        &format!("127.0.0.1:{port}"),
+        "--kafka-topic-prefix",
+        TOPIC_PREFIX,
+    ])?;
+    let letters = inventory_consumer::kafka::dead_letter::list(&config.kafka, usize::MAX).await?;
+    Ok(letters.len() as u64)
+}
+
 /// Messages in the dead-letter queue.
 async fn dead_letters(local: &Local) -> anyhow::Result<u64> {
     let connection = outbox::amqp::connect(&local.amqp_url(), "chaos").await?;
@@ -339,4 +452,24 @@ async fn dead_letters(local: &Local) -> anyhow::Result<u64> {
         };
     let _ = connection.close(200, "done".into()).await;
     Ok(depth)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn on_kafka_only_the_memory_alarm_is_left_out() {
+        let schedule = Schedule::chaos(Duration::from_secs(40), Duration::from_secs(5));
+        let kept: Vec<Fault> = schedule
+            .0
+            .iter()
+            .map(|(_, fault)| *fault)
+            .filter(|fault| applies(*fault, Transport::Kafka))
+            .collect();
+        assert_eq!(kept.len(), schedule.0.len() - 1);
+        assert!(!kept.iter().any(|fault| matches!(fault, Fault::MemoryAlarm(_))));
+        assert!(kept.contains(&Fault::RestartBroker));
+        assert!(schedule.0.iter().all(|(_, fault)| applies(*fault, Transport::Rabbitmq)));
+    }
 }

@@ -24,6 +24,7 @@ mod demo;
 mod docs;
 mod faults;
 mod fuzz;
+mod kafka;
 mod process;
 mod settings;
 mod soak;
