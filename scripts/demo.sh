@@ -7,6 +7,8 @@
 #   scripts/demo.sh                        # 3000 orders, 32 in flight
 #   DEMO_ORDERS=10000 scripts/demo.sh      # DEMO_* settings: scripts/demo.sh --help
 #   scripts/demo.sh --rate 500             # extra arguments go to stress-test
+#   scripts/demo.sh --transport kafka      # on Kafka: KAFKA_BROKERS, else a broker
+#                                          # scripts/kafka-broker.sh starts
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/services.sh

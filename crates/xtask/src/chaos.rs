@@ -31,7 +31,7 @@ use tokio::time::Instant;
 
 use crate::faults::{Fault, Schedule};
 use crate::kafka::Broker;
-use crate::process::{Local, Service, bin_dir, command, free_port};
+use crate::process::{Local, Service, Transport, bin_dir, command, free_port};
 use crate::verdict::Verdict;
 
 const EXCHANGE: &str = "chaos.orders";
@@ -69,13 +69,6 @@ pub struct Args {
     /// builds it once).
     #[arg(long, value_enum, default_value_t = Transport::Rabbitmq)]
     transport: Transport,
-}
-
-/// The broker of a chaos run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Transport {
-    Rabbitmq,
-    Kafka,
 }
 
 /// Whether `fault` can happen on `transport`: the memory alarm is RabbitMQ's.

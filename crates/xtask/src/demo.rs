@@ -8,6 +8,11 @@
 //!
 //! Its settings are its own flags, `--demo-*`, or their `DEMO_*` variables;
 //! every other argument goes to stress-test (`--rate 400 --duration 30s`).
+//!
+//! With `--transport kafka` the relay and the consumer use Kafka instead
+//! of RabbitMQ: the broker of KAFKA_BROKERS, else the one
+//! `scripts/kafka-broker.sh start` starts (in memory), on topics of the run's
+//! own (`demo.<time>.order`).
 
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -19,7 +24,7 @@ use serde_json::Value;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, PgConnection};
 
-use crate::process::{Local, Service, bin_dir, until_signal};
+use crate::process::{Local, Service, Transport, bin_dir, until_signal};
 
 /// The settings of `cargo xtask demo` (scripts/demo.sh).
 #[derive(Debug, clap::Args)]
@@ -48,6 +53,11 @@ pub struct Args {
     /// running on the default names.
     #[arg(long, env = "DEMO_PREFIX", default_value = "demo")]
     demo_prefix: String,
+    /// The broker between the two services: RabbitMQ, or Kafka (the broker of
+    /// KAFKA_BROKERS, else one started by scripts/kafka-broker.sh).
+    #[arg(long = "transport", env = "DEMO_TRANSPORT", value_enum,
+          default_value_t = Transport::Rabbitmq)]
+    demo_transport: Transport,
     /// Passed on to stress-test, after --url, --database-url, --orders and
     /// --concurrency.
     #[arg(value_name = "STRESS_TEST_ARGS", trailing_var_arg = true, allow_hyphen_values = true)]
@@ -66,6 +76,7 @@ struct Demo {
     concurrency: u32,
     inventory_queue: String,
     dead_letter_queue: String,
+    transport: Transport,
     /// The environment of both services (and of stress-test, as before).
     env: Vec<(String, String)>,
     stress_test: Vec<String>,
@@ -75,7 +86,7 @@ struct Demo {
 }
 
 impl Demo {
-    fn new(args: Args, local: Local) -> anyhow::Result<Self> {
+    fn new(args: Args, local: Local, kafka_brokers: Option<String>) -> anyhow::Result<Self> {
         let database_url =
             args.demo_database_url.unwrap_or_else(|| local.database_url("outbox_demo"));
         let database = PgConnectOptions::from_str(&database_url)
@@ -87,7 +98,7 @@ impl Demo {
         let dead_letter_queue = format!("{prefix}.inventory.order-placed.dead");
         // The broker names keep the demo's messages away from any other
         // order-service or consumer on the same broker.
-        let env = vec![
+        let mut env = vec![
             ("DATABASE_URL".to_owned(), database_url.clone()),
             ("AMQP_URL".to_owned(), amqp_url.clone()),
             ("EXCHANGE".to_owned(), format!("{prefix}.orders")),
@@ -99,6 +110,22 @@ impl Demo {
                 std::env::var("RUST_LOG").unwrap_or("info,sqlx::postgres::notice=warn".into()),
             ),
         ];
+        if let Some(brokers) = kafka_brokers {
+            // Topics of this run's own: the database is new, so events of an
+            // earlier run would name orders that do not exist.
+            let run = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |since| since.as_secs());
+            env.extend(
+                [
+                    ("RELAY_TRANSPORT", "kafka".to_owned()),
+                    ("CONSUMER_TRANSPORT", "kafka".to_owned()),
+                    ("KAFKA_BROKERS", brokers),
+                    ("KAFKA_TOPIC_PREFIX", format!("{prefix}.{run}.")),
+                ]
+                .map(|(name, value)| (name.to_owned(), value)),
+            );
+        }
         Ok(Self {
             database,
             database_url,
@@ -110,6 +137,7 @@ impl Demo {
             concurrency: args.demo_concurrency,
             inventory_queue,
             dead_letter_queue,
+            transport: args.demo_transport,
             env,
             stress_test: args.stress_test,
             local,
@@ -124,6 +152,11 @@ impl Demo {
         let log = self.run_dir.join(format!("demo-{name}.log"));
         let _ = std::fs::remove_file(&log);
         Service::new(name, &self.bin_dir, port, self.env.clone(), &self.run_dir).logging_to(log)
+    }
+
+    /// The value of a setting the services get.
+    fn setting(&self, name: &str) -> &str {
+        self.env.iter().find(|(key, _)| key == name).map_or("", |(_, value)| value)
     }
 
     async fn connect(&self) -> anyhow::Result<PgConnection> {
@@ -143,8 +176,34 @@ fn database_name(options: &PgConnectOptions) -> anyhow::Result<String> {
     Ok(name.to_owned())
 }
 
+/// KAFKA_BROKERS, else the address of the broker `scripts/kafka-broker.sh
+/// start` starts (the last line it prints).
+async fn kafka_brokers() -> anyhow::Result<String> {
+    if let Ok(brokers) = std::env::var("KAFKA_BROKERS")
+        && !brokers.is_empty()
+    {
+        return Ok(brokers);
+    }
+    println!("== KAFKA_BROKERS is unset: scripts/kafka-broker.sh start (topics in memory)");
+    let output = tokio::process::Command::new("scripts/kafka-broker.sh")
+        .arg("start")
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .await
+        .context("cannot run scripts/kafka-broker.sh")?;
+    let printed = String::from_utf8_lossy(&output.stdout);
+    match printed.lines().last().and_then(|line| line.strip_prefix("KAFKA_BROKERS=")) {
+        Some(brokers) if output.status.success() => Ok(brokers.trim().to_owned()),
+        _ => bail!("scripts/kafka-broker.sh start failed ({})", output.status),
+    }
+}
+
 pub async fn run(args: Args) -> anyhow::Result<bool> {
-    let demo = Demo::new(args, Local::from_env())?;
+    let kafka_brokers = match args.demo_transport {
+        Transport::Rabbitmq => None,
+        Transport::Kafka => Some(kafka_brokers().await?),
+    };
+    let demo = Demo::new(args, Local::from_env(), kafka_brokers)?;
     // The services started so far, stopped at the end whatever happened.
     let mut started = Vec::new();
     let outcome = until_signal(steps(&demo, &mut started)).await;
@@ -171,6 +230,10 @@ async fn steps(demo: &Demo, started: &mut Vec<Service>) -> anyhow::Result<()> {
         }
     }
     println!("   Postgres on {}, RabbitMQ on {}", demo.local.pg, demo.local.amqp);
+    if demo.transport == Transport::Kafka {
+        let (brokers, prefix) = (demo.setting("KAFKA_BROKERS"), demo.setting("KAFKA_TOPIC_PREFIX"));
+        println!("   on Kafka: brokers {brokers}, topics {prefix}order and {prefix}order.dlq");
+    }
 
     println!("== cargo build --release");
     crate::process::build_release(false).await?;

@@ -43,6 +43,13 @@ impl Local {
     }
 }
 
+/// The broker a run of the whole system uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Transport {
+    Rabbitmq,
+    Kafka,
+}
+
 /// Where the binaries of `profile` are (`$CARGO_TARGET_DIR`, else `target`).
 pub fn bin_dir(profile: &str) -> PathBuf {
     PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or("target".into())).join(profile)
