@@ -156,15 +156,8 @@ pub async fn run(args: Args) -> anyhow::Result<bool> {
                 broker.log().with_file_name("tansu.db").display(),
                 proxy.port
             );
-            env.extend(
-                [
-                    ("RELAY_TRANSPORT", "kafka".to_owned()),
-                    ("CONSUMER_TRANSPORT", "kafka".to_owned()),
-                    ("KAFKA_BROKERS", format!("127.0.0.1:{}", proxy.port)),
-                    ("KAFKA_TOPIC_PREFIX", TOPIC_PREFIX.to_owned()),
-                ]
-                .map(|(name, value)| (name.to_owned(), value)),
-            );
+            let brokers = format!("127.0.0.1:{}", proxy.port);
+            env.extend(crate::kafka::service_env(&brokers, TOPIC_PREFIX));
             (proxy, Some(broker))
         }
     };

@@ -113,18 +113,7 @@ impl Demo {
         if let Some(brokers) = kafka_brokers {
             // Topics of this run's own: the database is new, so events of an
             // earlier run would name orders that do not exist.
-            let run = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |since| since.as_secs());
-            env.extend(
-                [
-                    ("RELAY_TRANSPORT", "kafka".to_owned()),
-                    ("CONSUMER_TRANSPORT", "kafka".to_owned()),
-                    ("KAFKA_BROKERS", brokers),
-                    ("KAFKA_TOPIC_PREFIX", format!("{prefix}.{run}.")),
-                ]
-                .map(|(name, value)| (name.to_owned(), value)),
-            );
+            env.extend(crate::kafka::service_env(&brokers, &crate::kafka::run_prefix(&prefix)));
         }
         Ok(Self {
             database,
@@ -176,32 +165,10 @@ fn database_name(options: &PgConnectOptions) -> anyhow::Result<String> {
     Ok(name.to_owned())
 }
 
-/// KAFKA_BROKERS, else the address of the broker `scripts/kafka-broker.sh
-/// start` starts (the last line it prints).
-async fn kafka_brokers() -> anyhow::Result<String> {
-    if let Ok(brokers) = std::env::var("KAFKA_BROKERS")
-        && !brokers.is_empty()
-    {
-        return Ok(brokers);
-    }
-    println!("== KAFKA_BROKERS is unset: scripts/kafka-broker.sh start (topics in memory)");
-    let output = tokio::process::Command::new("scripts/kafka-broker.sh")
-        .arg("start")
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .await
-        .context("cannot run scripts/kafka-broker.sh")?;
-    let printed = String::from_utf8_lossy(&output.stdout);
-    match printed.lines().last().and_then(|line| line.strip_prefix("KAFKA_BROKERS=")) {
-        Some(brokers) if output.status.success() => Ok(brokers.trim().to_owned()),
-        _ => bail!("scripts/kafka-broker.sh start failed ({})", output.status),
-    }
-}
-
 pub async fn run(args: Args) -> anyhow::Result<bool> {
     let kafka_brokers = match args.demo_transport {
         Transport::Rabbitmq => None,
-        Transport::Kafka => Some(kafka_brokers().await?),
+        Transport::Kafka => Some(crate::kafka::brokers().await?),
     };
     let demo = Demo::new(args, Local::from_env(), kafka_brokers)?;
     // The services started so far, stopped at the end whatever happened.

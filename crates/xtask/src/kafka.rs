@@ -1,4 +1,7 @@
-//! The Kafka-protocol broker of a run: the tansu of `scripts/kafka-broker.sh`
+//! Kafka for the runs of the whole system: where the broker is ([`brokers`]),
+//! the services' settings ([`service_env`]), and [`Broker`].
+//!
+//! [`Broker`] is the Kafka-protocol broker of a chaos run: the tansu of `scripts/kafka-broker.sh`
 //! on durable storage (a SQLite file), run here as a child so that a run can
 //! SIGKILL it and start it again on the same port with the same records. It
 //! listens on one port and tells clients another, where a fault proxy in
@@ -10,6 +13,47 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use tokio::process::{Child, Command};
+
+/// KAFKA_BROKERS, else the address of the broker `scripts/kafka-broker.sh
+/// start` starts, in memory (the last line it prints).
+pub async fn brokers() -> anyhow::Result<String> {
+    if let Ok(brokers) = std::env::var("KAFKA_BROKERS")
+        && !brokers.is_empty()
+    {
+        return Ok(brokers);
+    }
+    println!("== KAFKA_BROKERS is unset: scripts/kafka-broker.sh start (topics in memory)");
+    let output = Command::new("scripts/kafka-broker.sh")
+        .arg("start")
+        .stderr(Stdio::inherit())
+        .output()
+        .await
+        .context("cannot run scripts/kafka-broker.sh")?;
+    let printed = String::from_utf8_lossy(&output.stdout);
+    match printed.lines().last().and_then(|line| line.strip_prefix("KAFKA_BROKERS=")) {
+        Some(brokers) if output.status.success() => Ok(brokers.trim().to_owned()),
+        _ => bail!("scripts/kafka-broker.sh start failed ({})", output.status),
+    }
+}
+
+/// A topic prefix of a run's own: `<prefix>.<unix seconds>.`.
+pub fn run_prefix(prefix: &str) -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    format!("{prefix}.{}.", now.map_or(0, |since| since.as_secs()))
+}
+
+/// The settings that put both services on Kafka at `brokers`, on the topics
+/// of `prefix`.
+pub fn service_env(brokers: &str, prefix: &str) -> Vec<(String, String)> {
+    [
+        ("RELAY_TRANSPORT", "kafka"),
+        ("CONSUMER_TRANSPORT", "kafka"),
+        ("KAFKA_BROKERS", brokers),
+        ("KAFKA_TOPIC_PREFIX", prefix),
+    ]
+    .map(|(name, value)| (name.to_owned(), value.to_owned()))
+    .to_vec()
+}
 
 /// The broker, SIGKILLed when dropped.
 pub struct Broker {

@@ -170,11 +170,11 @@ pub fn parse_pid_file(text: &str) -> Option<i32> {
     text.lines().next()?.trim().parse().ok().filter(|pid| *pid > 0)
 }
 
-/// The RabbitMQ node behind `port`: the beam.smp holding the socket that
-/// listens on it (root sees every process's sockets), else the machine's only
-/// beam.smp.
-pub fn rabbitmq_pid(port: u16, processes: &Processes) -> Option<i32> {
-    let beams = processes.named("beam.smp");
+/// The broker behind `port`: the process called `name` (`beam.smp` for a
+/// RabbitMQ node, `tansu`) holding the socket that listens on it (root sees
+/// every process's sockets), else the machine's only process of that name.
+pub fn listening_pid(port: u16, name: &str, processes: &Processes) -> Option<i32> {
+    let beams = processes.named(name);
     let listening: HashSet<u64> = [procfs::net::tcp(), procfs::net::tcp6()]
         .into_iter()
         .flatten()

@@ -44,7 +44,7 @@ use anyhow::{Context, bail};
 use lapin::options::QueueDeleteOptions;
 use sqlx::{Connection, PgConnection};
 
-use crate::process::{Local, Service, bin_dir, command, free_port, until_signal};
+use crate::process::{Local, Service, Transport, bin_dir, command, free_port, until_signal};
 use cpu::{Clock, MachineTicks, Processes, delta, reaped_ticks};
 use report::{Ceiling, ClosedRun, Meta, Open, Pgbench, StressReport, System};
 
@@ -115,6 +115,11 @@ pub struct Args {
     /// The broker [default: amqp://guest:guest@$AMQP_HOST:$AMQP_PORT/%2f].
     #[arg(long, env = "BENCH_AMQP_URL")]
     amqp_url: Option<String>,
+    /// The broker between the services: RabbitMQ, or Kafka (the broker of
+    /// KAFKA_BROKERS, else one scripts/kafka-broker.sh starts), on topics of
+    /// the run's own. Run it once with each to compare the two.
+    #[arg(long, env = "BENCH_TRANSPORT", value_enum, default_value_t = Transport::Rabbitmq)]
+    transport: Transport,
     /// order-service's port [default: a free one].
     #[arg(long, env = "BENCH_API_PORT")]
     api_port: Option<u16>,
@@ -282,10 +287,16 @@ async fn bench(args: &Args, services: &mut Vec<Service>) -> anyhow::Result<bool>
     // exist; the services declare the queues afresh.
     let queue = format!("{}.inventory.order-placed", args.prefix);
     let dead_letter_queue = format!("{queue}.dead");
-    delete_queues(&amqp_url, &[&queue, &dead_letter_queue]).await?;
+    let kafka_brokers = match args.transport {
+        Transport::Rabbitmq => {
+            delete_queues(&amqp_url, &[&queue, &dead_letter_queue]).await?;
+            None
+        }
+        Transport::Kafka => Some(crate::kafka::brokers().await?),
+    };
 
     println!("== starting the services (RUST_LOG={})", args.rust_log);
-    let env = vec![
+    let mut env = vec![
         ("DATABASE_URL".to_owned(), database_url.clone()),
         ("AMQP_URL".to_owned(), amqp_url.clone()),
         ("EXCHANGE".to_owned(), format!("{}.orders", args.prefix)),
@@ -294,6 +305,11 @@ async fn bench(args: &Args, services: &mut Vec<Service>) -> anyhow::Result<bool>
         ("DEAD_LETTER_QUEUE".to_owned(), dead_letter_queue.clone()),
         ("RUST_LOG".to_owned(), args.rust_log.clone()),
     ];
+    if let Some(brokers) = &kafka_brokers {
+        let prefix = crate::kafka::run_prefix(&args.prefix);
+        println!("   on Kafka: brokers {brokers}, topic {prefix}order");
+        env.extend(crate::kafka::service_env(brokers, &prefix));
+    }
     // The consumer starts second, so the two do not race to create the database.
     for (name, port) in [("order-service", api_port), ("inventory-consumer", consumer_port)] {
         let mut service = Service::new(name, &bin_dir, port, env.clone(), &log_dir);
@@ -309,9 +325,23 @@ async fn bench(args: &Args, services: &mut Vec<Service>) -> anyhow::Result<bool>
     let api_url = services[0].url.clone();
     let service_pids = [services[0].pid(), services[1].pid()].map(|pid| pid.map(|pid| pid as i32));
 
-    let rabbit_pid =
-        amqp_port(&amqp_url).and_then(|port| cpu::rabbitmq_pid(port, &Processes::read().ok()?));
-    match rabbit_pid {
+    let rabbit_pid = match &kafka_brokers {
+        None => amqp_port(&amqp_url)
+            .and_then(|port| cpu::listening_pid(port, "beam.smp", &Processes::read().ok()?)),
+        Some(brokers) => {
+            let pid = brokers
+                .split(',')
+                .next()
+                .and_then(|broker| broker.rsplit_once(':')?.1.parse().ok())
+                .and_then(|port| cpu::listening_pid(port, "tansu", &Processes::read().ok()?));
+            match pid {
+                Some(pid) => println!("   Kafka broker CPU: tansu pid {pid} and its process tree"),
+                None => println!("   Kafka broker CPU: not measured (no local tansu found)"),
+            }
+            pid
+        }
+    };
+    match rabbit_pid.filter(|_| kafka_brokers.is_none()) {
         Some(pid) => {
             let node = command("rabbitmqctl", &["-q", "--timeout", "10", "eval", "node()."])
                 .await
@@ -322,6 +352,7 @@ async fn bench(args: &Args, services: &mut Vec<Service>) -> anyhow::Result<bool>
                  and its process tree"
             );
         }
+        None if kafka_brokers.is_some() => {}
         None => {
             println!("   RabbitMQ CPU: not measured (no local beam.smp found for the AMQP port)")
         }
@@ -392,6 +423,10 @@ async fn bench(args: &Args, services: &mut Vec<Service>) -> anyhow::Result<bool>
         machine,
         hot_percent,
         other_transactions: other_after - other_before,
+        broker: match args.transport {
+            Transport::Rabbitmq => "rabbitmq",
+            Transport::Kafka => "kafka broker",
+        },
     };
     let system = System::new(run, ceiling.pgbench.tps, clock)?;
     for line in system.lines(&ceiling, clock.cores) {

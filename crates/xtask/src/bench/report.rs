@@ -149,8 +149,10 @@ pub struct ClosedRun {
     pub orders: u64,
     pub concurrency: u64,
     pub report: StressReport,
-    /// Tick deltas of postgres, rabbitmq, order-service and inventory-consumer.
+    /// Tick deltas of postgres, the broker, order-service and inventory-consumer.
     pub component_ticks: [Option<i64>; 4],
+    /// The broker's name in the report: `rabbitmq` or `kafka broker`.
+    pub broker: &'static str,
     /// The stress test's own, as reaped.
     pub load_ticks: i64,
     pub machine: MachineTicks,
@@ -165,6 +167,7 @@ pub struct ClosedRun {
 #[derive(Debug, Clone, PartialEq)]
 pub struct CpuPerOrder {
     pub postgres: Option<f64>,
+    /// The broker's (RabbitMQ's, or the Kafka broker's: see `ClosedRun::broker`).
     pub rabbitmq: Option<f64>,
     pub order_service: Option<f64>,
     pub inventory_consumer: Option<f64>,
@@ -274,7 +277,7 @@ impl System {
             ),
             "  CPU per order".to_owned(),
             row("  postgres", &ms(cpu.postgres), "ms"),
-            row("  rabbitmq", &ms(cpu.rabbitmq), "ms"),
+            row(&format!("  {}", self.run.broker), &ms(cpu.rabbitmq), "ms"),
             row("  order-service", &ms(cpu.order_service), "ms"),
             row("  inventory-consumer", &ms(cpu.inventory_consumer), "ms"),
             row("  load generator (stress-test)", &ms(Some(cpu.load_generator)), "ms"),
@@ -398,7 +401,7 @@ pub fn result_json(meta: &Meta, ceiling: &Ceiling, system: &System, open: &Open)
         "e2e_lag_ms": { "p50": report.e2e_lag_ms.p50, "p99": report.e2e_lag_ms.p99 },
         "cpu_ms_per_order": {
             "postgres": cpu.postgres,
-            "rabbitmq": cpu.rabbitmq,
+            (run.broker.replace(' ', "_")): cpu.rabbitmq,
             "order_service": cpu.order_service,
             "inventory_consumer": cpu.inventory_consumer,
             "load_generator": cpu.load_generator,
@@ -481,6 +484,7 @@ tps = 2277.912345 (without initial connection time)
             machine: MachineTicks { busy: 1550, total: 1550 },
             hot_percent: Some("99.5".to_owned()),
             other_transactions: 3,
+            broker: "rabbitmq",
         };
         System::new(run, ceiling().pgbench.tps, CLOCK).unwrap()
     }
