@@ -7,6 +7,8 @@
 #
 #   scripts/bench-e2e.sh                     # 20000 orders; pgbench 16 clients, 20 s
 #   scripts/bench-e2e.sh --orders 5000 --seconds 10 --no-build   # a quick look
+#   scripts/bench-e2e.sh --transport kafka   # the same on Kafka (KAFKA_BROKERS, else
+#                                            # a broker scripts/kafka-broker.sh starts)
 #
 # `scripts/bench-e2e.sh --help` lists the options (each also a BENCH_* variable).
 set -euo pipefail
