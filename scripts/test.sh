@@ -33,10 +33,13 @@ echo "== docker-compose config"
 # Validated here, and run for real by scripts/compose-smoke.sh below.
 if command -v docker-compose >/dev/null 2>&1; then
     docker-compose -f docker-compose.yml config -q
+    for profile in tools observability kafka; do
+        docker-compose -f docker-compose.yml --profile "$profile" config -q
+    done
     docker-compose -f docker-compose.yml -f docker-compose.cluster.yml config -q
     docker-compose -f docker-compose.yml -f docker-compose.smoke.yml config -q
     docker-compose -f docker-compose.yml -f docker-compose.smoke-cluster.yml config -q
-    echo "docker-compose.yml, its cluster and the smoke test's overrides are valid"
+    echo "docker-compose.yml (each profile), its cluster and the smoke test's overrides are valid"
 else
     echo "!! SKIPPED: docker-compose is not installed (apt-get install docker-compose);" \
         "the Compose files were NOT validated" >&2
