@@ -377,6 +377,8 @@ async fn a_stored_offset_outside_the_log_moves_to_its_start(db: PgPool) {
         .await
         .expect("text");
     assert!(metrics.contains("inventory_kafka_offset_resets_total 1\n"), "{metrics}");
+    // The order decided on Kafka counts in the end-to-end lag, as on RabbitMQ.
+    assert!(metrics.contains("inventory_e2e_lag_seconds_count 1\n"), "{metrics}");
 
     consumer.stop().await;
     topics.delete().await;
