@@ -16,6 +16,6 @@ cd "$(dirname "$0")/.."
 # shellcheck source-path=SCRIPTDIR/..
 source scripts/services.sh
 case " $* " in *" -h "* | *" --help "*) exec cargo xtask bench-e2e --help ;; esac
-ensure_services
+ensure_services_for "$@"
 export PG_HOST PG_PORT AMQP_HOST AMQP_PORT
 exec cargo xtask bench-e2e "$@"

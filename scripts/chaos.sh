@@ -27,19 +27,15 @@ source scripts/services.sh
 case " $* " in
     *" -h "* | *" --help "*) exec cargo xtask chaos --help ;;
 esac
-case " $* " in
-    *" --transport kafka "* | *" --transport=kafka "*)
-        # Its own Kafka broker; RabbitMQ is left alone.
-        needs=(pg_ctlcluster)
-        ;;
-    *) needs=(rabbitmqctl pg_ctlcluster) ;;
-esac
+# On Kafka it runs a broker of its own; RabbitMQ is left alone.
+needs=(rabbitmqctl pg_ctlcluster)
+if wants_kafka "$@"; then needs=(pg_ctlcluster); fi
 for program in "${needs[@]}"; do
     if ! command -v "$program" >/dev/null; then
         echo "error: chaos.sh restarts the local services: it needs ${needs[*]}" >&2
         exit 1
     fi
 done
-ensure_services
+ensure_services_for "$@"
 export PG_HOST PG_PORT AMQP_HOST AMQP_PORT
 exec cargo xtask chaos "$@"

@@ -12,6 +12,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/services.sh
-case " $* " in *" -h "* | *" --help "*) ;; *) ensure_services ;; esac
+case " $* " in *" -h "* | *" --help "*) ;; *) ensure_services_for "$@" ;; esac
 export PG_HOST PG_PORT AMQP_HOST AMQP_PORT
 exec cargo xtask demo "$@"

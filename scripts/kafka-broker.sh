@@ -37,7 +37,7 @@ PID_FILE=$RUN_DIR/kafka-broker.pid
 LOG_FILE=$RUN_DIR/kafka-broker.log
 READY_TIMEOUT=20
 TANSU_VERSION=0.6.0
-TANSU_CACHE=${TANSU_CACHE:-$HOME/.cache/outbox/tansu-$TANSU_VERSION-libsql}
+TANSU_CACHE=${TANSU_CACHE:-${HOME:-/root}/.cache/outbox/tansu-$TANSU_VERSION-libsql}
 DURABLE_DIR=$RUN_DIR/kafka-broker
 
 say() { echo "kafka-broker: $*" >&2; }
@@ -103,7 +103,7 @@ durable_binary() {
         cargo install --quiet --locked tansu --version "$TANSU_VERSION" --features libsql \
             --root "$TANSU_CACHE" >&2 || fail "cannot build tansu (cargo install tansu --features libsql)"
     fi
-    echo "$bin"
+    realpath "$bin"
 }
 
 free_port() {
@@ -116,6 +116,10 @@ accepts() { # port
 
 start() {
     local bin port pid i storage=memory://tansu/ workdir=.
+    case "${1:-}" in
+    "" | --durable) ;;
+    *) fail "unknown option $1 (start takes --durable or nothing)" ;;
+    esac
     if [ "${1:-}" = --durable ]; then
         bin=$(durable_binary)
         mkdir -p "$DURABLE_DIR"
@@ -166,7 +170,11 @@ case "${1:-}" in
 start) start "${2:-}" ;;
 stop) stop ;;
 binary)
-    if [ "${2:-}" = --durable ]; then durable_binary; else tansu_binary; fi
+    case "${2:-}" in
+    "") tansu_binary ;;
+    --durable) durable_binary ;;
+    *) fail "unknown option $2 (binary takes --durable or nothing)" ;;
+    esac
     ;;
 *)
     sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//' >&2

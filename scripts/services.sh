@@ -75,6 +75,19 @@ ensure_rabbitmq() {
     fi
 }
 
+# Whether the arguments ask for the Kafka transport (`--transport kafka`).
+wants_kafka() {
+    case " $* " in
+    *" --transport kafka "* | *" --transport=kafka "*) return 0 ;;
+    *) return 1 ;;
+    esac
+}
+
+# Postgres, and RabbitMQ unless the arguments ask for Kafka.
+ensure_services_for() {
+    if wants_kafka "$@"; then ensure_postgres; else ensure_services; fi
+}
+
 ensure_services() {
     ensure_postgres && ensure_rabbitmq
 }

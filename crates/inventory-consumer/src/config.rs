@@ -109,6 +109,15 @@ pub struct KafkaConfig {
     /// and KAFKA_REPLICATION_FACTOR, for the topics it creates.
     #[command(flatten)]
     pub topics: service_kit::kafka::TopicSettings,
+
+    /// The longest a fetch waits when its partition has no new record (`50ms`,
+    /// `500ms`). Kafka answers as soon as a record arrives, so there a longer
+    /// wait only saves idle fetches (each idle partition costs one a wait);
+    /// some Kafka-protocol brokers (tansu) hold every fetch for the whole wait,
+    /// which then adds up to it to the lag.
+    #[arg(long, env = "KAFKA_FETCH_WAIT", default_value = "50ms",
+          value_parser = humantime::parse_duration)]
+    pub kafka_fetch_wait: std::time::Duration,
 }
 
 impl KafkaConfig {

@@ -144,14 +144,17 @@ async fn replay(state: &HttpState, selection: &Selection) -> Response {
         && done.replayed == 0
         && done.failed == 0
     {
-        let message = format!("no message with id {id:?} is in the dead-letter queue");
+        let message =
+            format!("no message with id {id:?} is in {:?}", state.dead_letters.dead_letters());
         return error(StatusCode::NOT_FOUND, "dead_letter_not_found", &message);
     }
     if done.failed > 0 {
         let message = format!(
-            "{} message(s) replayed; the broker did not confirm {} more, which stay in the \
-             dead-letter queue: retry",
-            done.replayed, done.failed
+            "{} message(s) replayed; the broker did not confirm {} more, which stay in {:?}: \
+             retry",
+            done.replayed,
+            done.failed,
+            state.dead_letters.dead_letters()
         );
         return error(StatusCode::SERVICE_UNAVAILABLE, "replay_incomplete", &message);
     }

@@ -191,7 +191,11 @@ async fn steps(demo: &Demo, started: &mut Vec<Service>) -> anyhow::Result<()> {
     }
 
     println!("== services");
-    for (name, address) in [("Postgres", &demo.local.pg), ("RabbitMQ", &demo.local.amqp)] {
+    let needed: &[(&str, &String)] = match demo.transport {
+        Transport::Rabbitmq => &[("Postgres", &demo.local.pg), ("RabbitMQ", &demo.local.amqp)],
+        Transport::Kafka => &[("Postgres", &demo.local.pg)],
+    };
+    for (name, address) in needed {
         if tokio::net::TcpStream::connect(address.as_str()).await.is_err() {
             bail!("{name} is not reachable on {address} (scripts/demo.sh starts it)");
         }

@@ -43,6 +43,9 @@ const FETCH_WAIT_MS: i32 = 100;
 const FETCH_MAX_BYTES: i32 = 4 * 1024 * 1024;
 /// How long the broker has to take each produce of a replay.
 const PRODUCE_DEADLINE: Duration = Duration::from_secs(10);
+/// Letters sent back per produce (a produce is one record batch, which the
+/// broker refuses above its `max.message.bytes`).
+const REPLAY_CHUNK: usize = 100;
 
 /// The headers a letter carries about its death, dropped by a replay.
 const DEATH_ONLY: [&str; 4] =
@@ -152,24 +155,37 @@ pub async fn replay(config: &KafkaConfig, selection: &Selection) -> anyhow::Resu
         by_partition.entry(partition).or_default().push(letter);
     }
     let mut done = Replayed { replayed: 0, failed: 0 };
-    for (partition, letters) in by_partition {
+    let mut chunks: Vec<(i32, &[&RecordAndOffset])> = Vec::new();
+    for (partition, letters) in &by_partition {
+        chunks.extend(letters.chunks(REPLAY_CHUNK).map(|chunk| (*partition, chunk)));
+    }
+    for (partition, chunk) in chunks {
+        if done.failed > 0 {
+            // After the first refusal nothing more is tried: it all stays.
+            done.failed += chunk.len();
+            continue;
+        }
         let events = client
             .partition_client(config.topic(), partition, UnknownTopicHandling::Error)
             .await
             .with_context(|| format!("no client for {}/{partition}", config.topic()))?;
-        let records = letters.iter().map(|letter| revived(&letter.record)).collect();
+        let records = chunk.iter().map(|letter| revived(&letter.record)).collect();
         if let Err(error) = produce(&events, records).await {
             tracing::warn!(error = format!("{error:#}"), partition, "a replay was not taken");
-            done.failed += letters.len();
-            break;
+            done.failed += chunk.len();
+            continue;
         }
-        let markers = letters.iter().map(|letter| marker(letter.offset)).collect();
-        produce(&dead_letters, markers).await.context(
-            "the events are back on their topic, but the dead-letter topic did not take their \
-             markers: they are listed still, and a second replay sends them again (the consumer \
-             applies each once)",
-        )?;
-        done.replayed += letters.len();
+        let markers = chunk.iter().map(|letter| marker(letter.offset)).collect();
+        if let Err(error) = produce(&dead_letters, markers).await {
+            anyhow::bail!(
+                "{} letter(s) replayed; {} more are back on their topic, but the dead-letter \
+                 topic did not take their markers ({error:#}): they are listed still, and a \
+                 second replay sends them again (the consumer applies each once)",
+                done.replayed,
+                chunk.len()
+            );
+        }
+        done.replayed += chunk.len();
     }
     Ok(done)
 }
