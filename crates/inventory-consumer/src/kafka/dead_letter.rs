@@ -22,6 +22,7 @@ use chrono::{DateTime, Utc};
 use rskafka::client::partition::{Compression, OffsetAt, PartitionClient, UnknownTopicHandling};
 use rskafka::record::{Record, RecordAndOffset};
 
+use super::header as text;
 use crate::config::KafkaConfig;
 use crate::dead_letter::{DeadLetter, REASON_HEADER, Replayed, Selection};
 
@@ -241,10 +242,6 @@ async fn produce(partition: &PartitionClient, records: Vec<Record>) -> anyhow::R
         Ok(produced) => produced.map(drop).map_err(anyhow::Error::from),
         Err(_) => anyhow::bail!("no answer from Kafka within {PRODUCE_DEADLINE:?}"),
     }
-}
-
-fn text<'a>(record: &'a Record, name: &str) -> Option<&'a str> {
-    record.headers.get(name).and_then(|value| std::str::from_utf8(value).ok())
 }
 
 #[cfg(test)]

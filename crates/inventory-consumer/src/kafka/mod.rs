@@ -581,8 +581,8 @@ impl PartitionWorker {
                 earliest, skipped = earliest - from,
                 "the records from the stored offset on were deleted before they were applied \
                  (retention shorter than the consumer's outage): going on from the earliest \
-                 offset; their orders stay PENDING until their events are published again \
-                 (order-service reconcile lists them)");
+                 offset; their orders stay PENDING (order-service reconcile lists them) \
+                 until their events are published again by hand");
         } else {
             tracing::error!(topic = %self.topic, partition = self.partition, stored = from,
                 earliest, latest,

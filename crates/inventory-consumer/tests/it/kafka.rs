@@ -118,6 +118,20 @@ async fn place_orders(api: &TestApi, count: usize) {
     }
 }
 
+/// A record as the relay writes one: its message id and event type as
+/// headers, the event as its value.
+fn event_record(message_id: &str, kind: &str, key: Option<String>, value: Vec<u8>) -> Record {
+    Record {
+        key: key.map(String::into_bytes),
+        value: Some(value),
+        headers: [("message_id", message_id), ("type", kind)]
+            .into_iter()
+            .map(|(name, value)| (name.to_owned(), value.as_bytes().to_vec()))
+            .collect(),
+        timestamp: chrono::Utc::now(),
+    }
+}
+
 async fn pending_orders(db: &PgPool) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM orders WHERE status = 'PENDING'")
         .fetch_one(db)
@@ -197,15 +211,7 @@ async fn a_poison_record_goes_to_the_dead_letter_topic_and_its_partition_moves_o
 
     let good = messages_for_missing_orders(1);
     create_orders(&db, &good).await;
-    let record = |id: &str, kind: &str, value: Vec<u8>| Record {
-        key: None,
-        value: Some(value),
-        headers: [("message_id", id), ("type", kind)]
-            .into_iter()
-            .map(|(name, value)| (name.to_owned(), value.as_bytes().to_vec()))
-            .collect(),
-        timestamp: chrono::Utc::now(),
-    };
+    let record = |id: &str, kind: &str, value: Vec<u8>| event_record(id, kind, None, value);
     let poison_id = Uuid::now_v7().to_string();
     let partition = topics
         .client
@@ -269,15 +275,12 @@ async fn a_kafka_dead_letter_is_listed_replayed_to_its_partition_and_applied(db:
         .partition_client(format!("{}order", topics.prefix), 2, UnknownTopicHandling::Retry)
         .await
         .expect("partition");
-    let record = Record {
-        key: Some(early[0].event.order_id().to_string().into_bytes()),
-        value: Some(serde_json::to_vec(&early[0].event).expect("json")),
-        headers: [("message_id", id.as_str()), ("type", "OrderPlaced")]
-            .into_iter()
-            .map(|(name, value)| (name.to_owned(), value.as_bytes().to_vec()))
-            .collect(),
-        timestamp: chrono::Utc::now(),
-    };
+    let record = event_record(
+        &id,
+        "OrderPlaced",
+        Some(early[0].event.order_id().to_string()),
+        serde_json::to_vec(&early[0].event).expect("json"),
+    );
     partition.produce(vec![record], Compression::NoCompression).await.expect("produced");
     let dead = eventually(WITHIN, || async { consumer.metrics.count("poison") == 1 });
     assert!(dead.await, "the record for a missing order was dead-lettered");
@@ -348,15 +351,12 @@ async fn a_stored_offset_outside_the_log_moves_to_its_start(db: PgPool) {
         .partition_client(topic.clone(), 0, UnknownTopicHandling::Retry)
         .await
         .expect("partition");
-    let record = Record {
-        key: None,
-        value: Some(serde_json::to_vec(&messages[0].event).expect("json")),
-        headers: [("message_id", messages[0].id.to_string()), ("type", "OrderPlaced".to_owned())]
-            .into_iter()
-            .map(|(name, value)| (name.to_owned(), value.into_bytes()))
-            .collect(),
-        timestamp: chrono::Utc::now(),
-    };
+    let record = event_record(
+        &messages[0].id.to_string(),
+        "OrderPlaced",
+        None,
+        serde_json::to_vec(&messages[0].event).expect("json"),
+    );
     partition.produce(vec![record], Compression::NoCompression).await.expect("produced");
 
     let order = messages[0].event.order_id();
