@@ -96,8 +96,8 @@ pub async fn apply_batch_waited(
 ) -> sqlx::Result<Vec<Outcome>> {
     // Row locks are `FOR NO KEY UPDATE`, the lock an UPDATE that leaves the key
     // alone takes. `FOR UPDATE` would also conflict with the `FOR KEY SHARE` locks
-    // that order-service's foreign-key checks take on `inventory` while inserting
-    // order lines, and the two would deadlock under load.
+    // that foreign-key checks take (an Idempotency-Key's or a cancel's, on its
+    // order), and make those writes wait for a batch or deadlock with it.
     //
     // 1. Lock the orders. This also serialises two deliveries of one message:
     //    the second waits here until the first commits.

@@ -103,17 +103,20 @@ pub enum Command {
     ///    lines of its COMPLETED orders; names every SKU that is off, and by
     ///    how much.
     ///
-    /// 5. outbox: no dead event; pending events are counted, and one pending
+    /// 5. order lines: each names an order that exists and a SKU of the
+    ///    catalogue (the write checks both; no foreign key does).
+    ///
+    /// 6. outbox: no dead event; pending events are counted, and one pending
     ///    for longer than --pending-after fails (the relay is stuck or down).
     ///
-    /// 6. idempotency keys: each names an order that exists, and the answer
+    /// 7. idempotency keys: each names an order that exists, and the answer
     ///    stored for its retries is a 201 with that order's id, customer and
     ///    total.
     ///
-    /// 7. cancels: every order whose cancel was accepted longer than
+    /// 8. cancels: every order whose cancel was accepted longer than
     ///    --pending-after ago is CANCELLED (the consumer applied it).
     ///
-    /// 8. event order: no cancel was applied before its order's OrderPlaced
+    /// 9. event order: no cancel was applied before its order's OrderPlaced
     ///    (orders.cancelled_from, the status each cancel found, is never
     ///    PENDING): each order's events were applied in the order written.
     #[command(verbatim_doc_comment)]

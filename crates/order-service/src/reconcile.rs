@@ -2,7 +2,8 @@
 //! outbox lost nothing. Every order is decided or young; every decision names
 //! the message that made it, and that message was recorded by the consumer;
 //! the stock of each SKU equals what it received minus what COMPLETED orders
-//! took; the outbox holds no dead or stuck event; every Idempotency-Key names
+//! took, and every order line names an existing order and a SKU of the
+//! catalogue; the outbox holds no dead or stuck event; every Idempotency-Key names
 //! its order, and the answer stored for its retries is that order's; every
 //! order whose cancel was accepted long enough ago is CANCELLED, and no cancel
 //! was applied before its order's OrderPlaced.
@@ -69,6 +70,14 @@ pub struct Report {
 
     pub skus: i64,
     pub skus_off: Vec<SkuOff>,
+
+    pub lines: i64,
+    /// Lines whose order does not exist.
+    pub lines_without_order: i64,
+    /// Lines whose SKU is not in the catalogue.
+    pub lines_unknown_sku: i64,
+    /// (order, sku) of lines failing either.
+    pub lines_off_examples: Vec<(Uuid, String)>,
 
     pub outbox_pending: i64,
     /// Pending events older than `pending_after`.
@@ -267,7 +276,38 @@ pub async fn check(conn: &mut PgConnection, args: &ReconcileArgs) -> anyhow::Res
     .map(|(sku, available, expected)| SkuOff { sku, available, expected })
     .collect();
 
-    // Check 5: the outbox is a queue, small when the relay keeps up.
+    // Check 5: every line names its order and a SKU of the catalogue. No
+    // foreign key says so (their per-line checks were the write's largest
+    // cost): the write prices each line from the catalogue and writes it after
+    // its order, in one transaction, and catalogue rows are never deleted.
+    const LINE_OFF: &str = "o.id IS NULL OR i.sku IS NULL";
+    let (lines, lines_without_order, lines_unknown_sku): (i64, i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE o.id IS NULL),
+                count(*) FILTER (WHERE i.sku IS NULL)
+         FROM order_lines AS l
+         LEFT JOIN orders AS o ON o.id = l.order_id
+         LEFT JOIN inventory AS i ON i.sku = l.sku",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .context("cannot count the order lines")?;
+    let lines_off_examples = if lines_without_order + lines_unknown_sku > 0 {
+        sqlx::query_as(&format!(
+            "SELECT l.order_id, l.sku FROM order_lines AS l
+             LEFT JOIN orders AS o ON o.id = l.order_id
+             LEFT JOIN inventory AS i ON i.sku = l.sku
+             WHERE {LINE_OFF}
+             ORDER BY l.order_id, l.sku LIMIT $1"
+        ))
+        .bind(EXAMPLES)
+        .fetch_all(&mut *tx)
+        .await
+        .context("cannot list the order lines without their order or SKU")?
+    } else {
+        Vec::new()
+    };
+
+    // Check 6: the outbox is a queue, small when the relay keeps up.
     let (outbox_pending, outbox_pending_overdue, outbox_dead, oldest): (
         i64,
         i64,
@@ -285,7 +325,7 @@ pub async fn check(conn: &mut PgConnection, args: &ReconcileArgs) -> anyhow::Res
     .await
     .context("cannot count the outbox")?;
 
-    // Check 6: every key names its order, and the answer stored for its
+    // Check 7: every key names its order, and the answer stored for its
     // retries is that order's (a 201, or the 202 of a cancel). A writer that stored one order's answer against
     // another's key (a batch's arrays out of step) would tell a retrying client
     // of an order that is not theirs; the foreign key cannot see that. A key
@@ -332,7 +372,7 @@ pub async fn check(conn: &mut PgConnection, args: &ReconcileArgs) -> anyhow::Res
     } else {
         Vec::new()
     };
-    // Check 7: a cancel accepted long enough ago has been applied: its order is
+    // Check 8: a cancel accepted long enough ago has been applied: its order is
     // CANCELLED (and, by check 4, holds no stock). A database from before
     // cancels existed has no such table, and nothing to check.
     let (cancels, cancels_stuck, cancels_stuck_examples) =
@@ -369,7 +409,7 @@ pub async fn check(conn: &mut PgConnection, args: &ReconcileArgs) -> anyhow::Res
         } else {
             (0, 0, Vec::new())
         };
-    // Check 8: each order's events were applied in the order they were written:
+    // Check 9: each order's events were applied in the order they were written:
     // no cancel was applied before its order's OrderPlaced. The consumer records
     // the status each cancel found; a database from before that has no column.
     let (cancels_applied, cancels_out_of_order, cancels_out_of_order_examples) =
@@ -425,6 +465,10 @@ pub async fn check(conn: &mut PgConnection, args: &ReconcileArgs) -> anyhow::Res
         message_missing_examples,
         skus,
         skus_off,
+        lines,
+        lines_without_order,
+        lines_unknown_sku,
+        lines_off_examples,
         outbox_pending,
         outbox_pending_overdue,
         outbox_oldest_pending: oldest.map(seconds),
@@ -570,6 +614,22 @@ impl Report {
                 .collect(),
         });
 
+        checks.push(Check {
+            name: "order lines",
+            ok: self.lines_without_order == 0 && self.lines_unknown_sku == 0,
+            summary: format!(
+                "{} lines, {} without their order, {} naming a SKU not in the catalogue",
+                self.lines, self.lines_without_order, self.lines_unknown_sku
+            ),
+            details: self
+                .lines_off_examples
+                .iter()
+                .map(|(order, sku)| {
+                    format!("the line of order {order} for {sku:?} lacks its order or its SKU")
+                })
+                .collect(),
+        });
+
         let oldest = self
             .outbox_oldest_pending
             .map(|age| format!(" (oldest {})", human(age)))
@@ -710,6 +770,9 @@ impl Report {
                 "expected": off.expected,
                 "difference": off.difference(),
             })).collect::<Vec<_>>(),
+            "lines": self.lines,
+            "lines_without_order": self.lines_without_order,
+            "lines_unknown_sku": self.lines_unknown_sku,
             "outbox_pending": self.outbox_pending,
             "outbox_pending_overdue": self.outbox_pending_overdue,
             "outbox_oldest_pending_seconds": self.outbox_oldest_pending.map(|age| age.as_secs_f64()),

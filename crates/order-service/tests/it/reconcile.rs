@@ -168,12 +168,12 @@ async fn a_healthy_database_passes_every_check(db: PgPool) {
     assert_eq!(report.outbox_dead, 0, "{text}");
     assert_eq!(report.keys, 2, "{text}");
     let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines.len(), 9, "one line per check and the verdict: {text}");
+    assert_eq!(lines.len(), 10, "one line per check and the verdict: {text}");
     assert!(
-        lines[..8].iter().all(|line| line.split_whitespace().any(|word| word == "ok")),
+        lines[..9].iter().all(|line| line.split_whitespace().any(|word| word == "ok")),
         "{text}"
     );
-    assert_eq!(lines[8], "reconcile: ok");
+    assert_eq!(lines[9], "reconcile: ok");
 
     let json = report.json();
     assert_eq!(json["ok"], true, "{json}");
@@ -184,6 +184,8 @@ async fn a_healthy_database_passes_every_check(db: PgPool) {
         "message_missing",
         "outbox_dead",
         "keys_without_order",
+        "lines_without_order",
+        "lines_unknown_sku",
     ] {
         assert_eq!(json[count], 0, "{count}: {json}");
     }
@@ -363,6 +365,80 @@ async fn an_outbox_event_pending_too_long_fails(db: PgPool) {
 }
 
 #[sqlx::test(migrator = "service_kit::MIGRATOR")]
+async fn an_order_line_without_its_order_or_its_sku_fails(db: PgPool) {
+    let state = healthy(db).await;
+    let db = &state.app.db;
+    let report = check(db).await;
+    assert!(report.ok(), "{}", report.text());
+    assert_eq!((report.lines, report.lines_without_order, report.lines_unknown_sku), (6, 0, 0));
+
+    // No foreign key stops either (the write checks both), so a bug or a
+    // hand-made row could leave them; reconcile finds them.
+    let ghost = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO order_lines (order_id, sku, quantity, unit_price_cents)
+         VALUES ($1, 'SKU-001', 1, 100), ($2, 'SKU-999', 1, 100)",
+    )
+    .bind(ghost)
+    .bind(state.young)
+    .execute(db)
+    .await
+    .expect("lines");
+
+    let report = check(db).await;
+
+    assert_eq!(failed(&report), ["order lines"], "{}", report.text());
+    assert_eq!((report.lines, report.lines_without_order, report.lines_unknown_sku), (8, 1, 1));
+    let mut expected = vec![(ghost, "SKU-001".to_owned()), (state.young, "SKU-999".to_owned())];
+    expected.sort();
+    assert_eq!(report.lines_off_examples, expected);
+    let text = report.text();
+    assert!(text.contains("8 lines, 1 without their order, 1 naming a SKU not in the catalogue"));
+    assert!(text.contains(&format!("the line of order {ghost} for \"SKU-001\"")), "{text}");
+    let json = report.json();
+    assert_eq!(
+        (json["lines_without_order"].clone(), json["lines_unknown_sku"].clone()),
+        (json!(1), json!(1))
+    );
+}
+
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
+async fn catalogue_rows_are_never_deleted_and_an_order_takes_its_lines_with_it(db: PgPool) {
+    let state = healthy(db).await;
+    let db = &state.app.db;
+    for statement in [
+        "DELETE FROM inventory WHERE sku = 'SKU-025'",
+        "UPDATE inventory SET sku = 'SKU-925' WHERE sku = 'SKU-025'",
+        "TRUNCATE inventory CASCADE",
+    ] {
+        let error = sqlx::query(statement).execute(db).await.expect_err(statement);
+        let error = error.as_database_error().expect("a database error");
+        assert_eq!(error.code().as_deref(), Some("23001"), "{statement}: {error}");
+        assert!(error.message().contains("inventory rows are never"), "{error}");
+    }
+    // A restock or a price change is an update like any other.
+    sqlx::query("UPDATE inventory SET available = 0, price_cents = 1 WHERE sku = 'SKU-025'")
+        .execute(db)
+        .await
+        .expect("an update that keeps the sku");
+
+    let lines = |order: Uuid| {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM order_lines WHERE order_id = $1")
+            .bind(order)
+            .fetch_one(db)
+    };
+    assert_eq!(lines(state.completed).await.expect("lines"), 1);
+    sqlx::query("DELETE FROM orders WHERE id = ANY($1)")
+        .bind([state.completed, state.rejected])
+        .execute(db)
+        .await
+        .expect("orders deleted");
+    assert_eq!(lines(state.completed).await.expect("lines"), 0);
+    assert_eq!(lines(state.rejected).await.expect("lines"), 0);
+    assert_eq!(lines(state.young).await.expect("lines"), 1, "other orders keep their lines");
+}
+
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn a_key_whose_order_is_gone_fails(db: PgPool) {
     let state = healthy(db).await;
     let db = &state.app.db;
@@ -396,6 +472,7 @@ async fn a_key_whose_order_is_gone_fails(db: PgPool) {
         .expect("replica role");
     execute_in(&mut tx, "DELETE FROM outbox WHERE aggregate_id = $1::text", state.young).await;
     execute_in(&mut tx, "DELETE FROM orders WHERE id = $1", state.young).await;
+    execute_in(&mut tx, "DELETE FROM order_lines WHERE order_id = $1", state.young).await;
     tx.commit().await.expect("commit");
 
     let report = check(db).await;
