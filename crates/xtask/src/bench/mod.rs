@@ -46,7 +46,7 @@ use sqlx::{Connection, PgConnection};
 
 use crate::process::{Local, Service, Transport, bin_dir, command, free_port, until_signal};
 use cpu::{Clock, MachineTicks, Processes, delta, reaped_ticks};
-use report::{Ceiling, ClosedRun, Meta, Open, Pgbench, StressReport, System};
+use report::{Ceiling, ClosedRun, Meta, Open, Pgbench, PipelineCeiling, StressReport, System};
 
 pub use parts::{PassThrough, QueueTypesArgs, consumer, queue_types, relay};
 
@@ -134,6 +134,18 @@ pub struct Args {
     /// be measured as the services' CPU).
     #[arg(long, env = "BENCH_RUST_LOG", default_value = "warn")]
     rust_log: String,
+    /// The pipeline ceiling's script, run after the single-order ceiling: the
+    /// yardstick of the throughput goal (the whole pipeline's database work,
+    /// batched, on a frozen schema). A missing script is said and skipped.
+    #[arg(
+        long,
+        env = "BENCH_PIPELINE_CEILING",
+        default_value = "../shared/perf/pipeline-ceiling.sh"
+    )]
+    pipeline_ceiling: PathBuf,
+    /// Its pgbench client counts (the best counts).
+    #[arg(long, env = "BENCH_PIPELINE_CLIENTS", default_value = "4 8")]
+    pipeline_clients: String,
     /// pgbench [default: on the PATH, else the newest /usr/lib/postgresql/*/bin/pgbench].
     #[arg(long, env = "PGBENCH")]
     pgbench: Option<PathBuf>,
@@ -277,6 +289,7 @@ async fn bench(args: &Args, services: &mut Vec<Service>) -> anyhow::Result<bool>
         clock,
     );
     println!("{}", ceiling.line(clock.cores));
+    let pipeline = pipeline_ceiling(args, &local, &log_dir).await?;
 
     // --- the whole system ----------------------------------------------------
     println!("== fresh database and queues");
@@ -428,8 +441,8 @@ async fn bench(args: &Args, services: &mut Vec<Service>) -> anyhow::Result<bool>
             Transport::Kafka => "kafka broker",
         },
     };
-    let system = System::new(run, ceiling.pgbench.tps, clock)?;
-    for line in system.lines(&ceiling, clock.cores) {
+    let system = System::new(run, ceiling.pgbench.tps, pipeline.orders_per_second, clock)?;
+    for line in system.lines(&ceiling, &pipeline, clock.cores) {
         println!("{line}");
     }
 
@@ -475,13 +488,57 @@ async fn bench(args: &Args, services: &mut Vec<Service>) -> anyhow::Result<bool>
         cores: clock.cores,
     };
     let result_file = log_dir.join("result.json");
-    let result = report::result_json(&meta, &ceiling, &system, &open);
+    let result = report::result_json(&meta, &ceiling, &pipeline, &system, &open);
     std::fs::write(&result_file, serde_json::to_string_pretty(&result)? + "\n")?;
     println!("   result: {}", result_file.display());
     if open.status != 0 {
         bail!("the open-loop run failed (stress-test status {})", open.status);
     }
     Ok(true)
+}
+
+/// Runs the pipeline ceiling's script against the local Postgres, showing its
+/// lines; says so, and measures nothing, when the script is not there.
+async fn pipeline_ceiling(
+    args: &Args,
+    local: &Local,
+    log_dir: &Path,
+) -> anyhow::Result<PipelineCeiling> {
+    let script = &args.pipeline_ceiling;
+    let command = format!("{} {}", script.display(), args.pipeline_clients);
+    if !script.is_file() {
+        println!(
+            "== pipeline ceiling: NOT MEASURED, no {} (set BENCH_PIPELINE_CEILING to its path)",
+            script.display()
+        );
+        return Ok(PipelineCeiling {
+            command: format!("no {}", script.display()),
+            orders_per_second: None,
+        });
+    }
+    println!("== pipeline ceiling: {command}");
+    let (host, port) = local.pg.rsplit_once(':').unwrap_or((&local.pg, "5432"));
+    let output = tokio::process::Command::new("bash")
+        .arg(script)
+        .args(args.pipeline_clients.split_whitespace())
+        .env("PGHOST", host)
+        .env("PGPORT", port)
+        .env("PGUSER", "postgres")
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .with_context(|| format!("cannot run {}", script.display()))?;
+    let out = String::from_utf8_lossy(&output.stdout);
+    std::fs::write(log_dir.join("pipeline-ceiling.out"), &*out)?;
+    for line in out.lines() {
+        println!("   {line}");
+    }
+    let orders_per_second = PipelineCeiling::parse(&out);
+    if !output.status.success() || orders_per_second.is_none() {
+        eprint!("{}", String::from_utf8_lossy(&output.stderr));
+        bail!("{command} failed (status {})", status_code(output.status));
+    }
+    Ok(PipelineCeiling { command, orders_per_second })
 }
 
 /// The stress test against the services, each run reporting to

@@ -143,6 +143,32 @@ impl Ceiling {
     }
 }
 
+/// The pipeline ceiling: what Postgres alone does of the whole pipeline,
+/// batched as the system batches it (`../shared/perf/pipeline-ceiling.sh`:
+/// the group-commit write, the relay's claim and delete, the consumer's
+/// effect, on a frozen schema), the best of its client counts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PipelineCeiling {
+    /// The script and its client counts, as run.
+    pub command: String,
+    /// `None` when it was not run (no script) or printed no figure.
+    pub orders_per_second: Option<f64>,
+}
+
+impl PipelineCeiling {
+    /// The script's last line: `pipeline_ceiling=<orders/s>`.
+    pub fn parse(output: &str) -> Option<f64> {
+        output
+            .lines()
+            .rev()
+            .find_map(|line| line.trim().strip_prefix("pipeline_ceiling=")?.parse().ok())
+            .filter(|&ops: &f64| ops > 0.0)
+    }
+}
+
+/// The issue's goal for the whole system against the pipeline ceiling.
+pub const PIPELINE_GOAL: f64 = 0.40;
+
 /// What the closed-loop run measured, before any arithmetic.
 #[derive(Debug, Clone)]
 pub struct ClosedRun {
@@ -186,6 +212,8 @@ pub struct System {
     pub orders_per_second: f64,
     /// Against the ceiling's tps.
     pub over_ceiling: f64,
+    /// Against the pipeline ceiling's orders/s, when it was measured.
+    pub over_pipeline: Option<f64>,
     pub cpu: CpuPerOrder,
     pub machine_busy_percent: i64,
     /// The cores the other processes kept busy.
@@ -193,7 +221,12 @@ pub struct System {
 }
 
 impl System {
-    pub fn new(run: ClosedRun, ceiling_tps: f64, clock: Clock) -> anyhow::Result<Self> {
+    pub fn new(
+        run: ClosedRun,
+        ceiling_tps: f64,
+        pipeline_ceiling: Option<f64>,
+        clock: Clock,
+    ) -> anyhow::Result<Self> {
         let report = &run.report;
         let Some(converge) = report.converge_seconds else {
             anyhow::bail!("the closed-loop report lacks converge_seconds")
@@ -223,6 +256,7 @@ impl System {
         Ok(Self {
             orders_per_second,
             over_ceiling: fixed(orders_per_second / ceiling_tps, 2),
+            over_pipeline: pipeline_ceiling.map(|ops| fixed(orders_per_second / ops, 2)),
             cpu: CpuPerOrder {
                 postgres,
                 rabbitmq,
@@ -239,7 +273,12 @@ impl System {
     }
 
     /// The `== result` table.
-    pub fn lines(&self, ceiling: &Ceiling, cores: usize) -> Vec<String> {
+    pub fn lines(
+        &self,
+        ceiling: &Ceiling,
+        pipeline: &PipelineCeiling,
+        cores: usize,
+    ) -> Vec<String> {
         let report = &self.run.report;
         let cpu = &self.cpu;
         let ms = |value: Option<f64>| dash_fixed(value, 3);
@@ -265,6 +304,22 @@ impl System {
                 ),
             ),
             row("system / ceiling", &format!("{:.2}x", self.over_ceiling), ""),
+            row(
+                "pipeline ceiling (best of its client counts)",
+                &dash(pipeline.orders_per_second.map(|ops| format!("{ops:.0}"))),
+                &format!("orders/s  ({})", pipeline.command),
+            ),
+            row(
+                "system / pipeline ceiling",
+                &dash(self.over_pipeline.map(|ratio| format!("{ratio:.2}x"))),
+                &match self.over_pipeline {
+                    Some(ratio) if ratio >= PIPELINE_GOAL => {
+                        format!("(goal >= {PIPELINE_GOAL:.2}x: met)")
+                    }
+                    Some(_) => format!("(goal >= {PIPELINE_GOAL:.2}x: missed)"),
+                    None => "(not measured)".to_owned(),
+                },
+            ),
             row(
                 "HTTP latency p50 / p99",
                 &format!("{} / {}", report.latency_ms.p50, report.latency_ms.p99),
@@ -375,7 +430,13 @@ pub struct Meta {
 }
 
 /// `result.json`, the keys as scripts/bench-e2e.sh always wrote them.
-pub fn result_json(meta: &Meta, ceiling: &Ceiling, system: &System, open: &Open) -> Value {
+pub fn result_json(
+    meta: &Meta,
+    ceiling: &Ceiling,
+    pipeline: &PipelineCeiling,
+    system: &System,
+    open: &Open,
+) -> Value {
     let run = &system.run;
     let report = &run.report;
     let cpu = &system.cpu;
@@ -397,6 +458,9 @@ pub fn result_json(meta: &Meta, ceiling: &Ceiling, system: &System, open: &Open)
         "converge_seconds": report.converge_seconds,
         "system_orders_per_second": fixed(system.orders_per_second, 1),
         "system_over_ceiling": system.over_ceiling,
+        "pipeline_ceiling_command": pipeline.command,
+        "pipeline_ceiling_orders_per_second": pipeline.orders_per_second,
+        "system_over_pipeline_ceiling": system.over_pipeline,
         "latency_ms": { "p50": report.latency_ms.p50, "p99": report.latency_ms.p99 },
         "e2e_lag_ms": { "p50": report.e2e_lag_ms.p50, "p99": report.e2e_lag_ms.p99 },
         "cpu_ms_per_order": {
@@ -486,7 +550,24 @@ tps = 2277.912345 (without initial connection time)
             other_transactions: 3,
             broker: "rabbitmq",
         };
-        System::new(run, ceiling().pgbench.tps, CLOCK).unwrap()
+        System::new(run, ceiling().pgbench.tps, Some(12482.0), CLOCK).unwrap()
+    }
+
+    fn pipeline() -> PipelineCeiling {
+        PipelineCeiling {
+            command: "../shared/perf/pipeline-ceiling.sh 4 8".to_owned(),
+            orders_per_second: Some(12482.0),
+        }
+    }
+
+    #[test]
+    fn the_pipeline_ceiling_is_its_scripts_last_line() {
+        let output = "clients=4 batch=64 tps=114.69 orders/s=7340 busy_cores=1.67\n\
+                      clients=8 batch=64 tps=195.04 orders/s=12482 busy_cores=1.90\n\
+                      pipeline_ceiling=12482\n";
+        assert_eq!(PipelineCeiling::parse(output), Some(12482.0));
+        assert_eq!(PipelineCeiling::parse("pipeline_ceiling=0\n"), None);
+        assert_eq!(PipelineCeiling::parse("psql: error: connection refused\n"), None);
     }
 
     #[test]
@@ -560,6 +641,8 @@ tps = 2277.912345 (without initial connection time)
             "  ceiling (pgbench, frozen 1-order txn, 16 clients)              2277.9 tps  (postgres CPU 0.628 ms a transaction; other processes 0.17 cores)",
             "  system (20000 orders, 32 in flight)                            2580.6 orders/s  (20000 in 7.72 s + 0.03 s to decide the last)",
             "  system / ceiling                                                1.13x",
+            "  pipeline ceiling (best of its client counts)                    12482 orders/s  (../shared/perf/pipeline-ceiling.sh 4 8)",
+            "  system / pipeline ceiling                                       0.21x (goal >= 0.40x: missed)",
             "  HTTP latency p50 / p99                                12.095 / 24.207 ms",
             "  e2e lag p50 / p99                                     20.751 / 57.759 ms",
             "  CPU per order",
@@ -572,7 +655,14 @@ tps = 2277.912345 (without initial connection time)
             "    other processes on the machine (not counted)                  0.041 ms  (0.11 cores; the machine 100% busy of 2)",
             "  orders status updates that were HOT                              99.5 %",
         ];
-        assert_eq!(system().lines(&ceiling(), 2), expected);
+        assert_eq!(system().lines(&ceiling(), &pipeline(), 2), expected);
+        let mut fast = system();
+        fast.over_pipeline = Some(0.4);
+        assert!(fast.lines(&ceiling(), &pipeline(), 2).contains(&row(
+            "system / pipeline ceiling",
+            "0.40x",
+            "(goal >= 0.40x: met)"
+        )));
     }
 
     #[test]
@@ -582,10 +672,20 @@ tps = 2277.912345 (without initial connection time)
         system.run.hot_percent = None;
         system.run.other_transactions = 11;
         system.run.report.e2e_lag_ms = Lag { p50: None, p99: None };
-        let system = System::new(system.run, 2277.9, CLOCK).unwrap();
+        let system = System::new(system.run, 2277.9, None, CLOCK).unwrap();
         assert_eq!(system.cpu.rabbitmq, None);
         assert_eq!(system.cpu.total, 0.554); // the rest still adds up
-        let lines = system.lines(&ceiling(), 2);
+        let unmeasured = PipelineCeiling {
+            command: "no ../shared/perf/pipeline-ceiling.sh".to_owned(),
+            orders_per_second: None,
+        };
+        let lines = system.lines(&ceiling(), &unmeasured, 2);
+        assert!(lines.contains(&row(
+            "pipeline ceiling (best of its client counts)",
+            "-",
+            "orders/s  (no ../shared/perf/pipeline-ceiling.sh)"
+        )));
+        assert!(lines.contains(&row("system / pipeline ceiling", "-", "(not measured)")));
         assert!(lines.contains(&row("e2e lag p50 / p99", "- / -", "ms")));
         assert!(lines.contains(&row("  rabbitmq", "-", "ms")));
         assert!(lines.contains(&row("orders status updates that were HOT", "-", "%")));
@@ -600,9 +700,9 @@ tps = 2277.912345 (without initial connection time)
     fn a_run_that_accepted_nothing_or_did_not_wait_has_no_figures() {
         let mut run = system().run;
         run.report = report(0, None);
-        assert!(System::new(run.clone(), 100.0, CLOCK).is_err());
+        assert!(System::new(run.clone(), 100.0, None, CLOCK).is_err());
         run.report = StressReport { converge_seconds: None, ..report(10, None) };
-        assert!(System::new(run, 100.0, CLOCK).is_err());
+        assert!(System::new(run, 100.0, None, CLOCK).is_err());
     }
 
     #[test]
@@ -650,10 +750,12 @@ tps = 2277.912345 (without initial connection time)
             cores: 2,
         };
         let open = Open { rate: 1290, seconds: 20, concurrency: 64, report: None, status: 1 };
-        let json = result_json(&meta, &ceiling(), &system(), &open);
+        let json = result_json(&meta, &ceiling(), &pipeline(), &system(), &open);
         assert_eq!(json["ceiling_tps"], json!(2277.912345));
         assert_eq!(json["system_orders_per_second"], json!(2580.6));
         assert_eq!(json["system_over_ceiling"], json!(1.13));
+        assert_eq!(json["pipeline_ceiling_orders_per_second"], json!(12482.0));
+        assert_eq!(json["system_over_pipeline_ceiling"], json!(0.21));
         assert_eq!(json["cpu_ms_per_order"]["total"], json!(0.734));
         assert_eq!(json["machine_busy_percent"].to_string(), "100");
         assert_eq!(json["orders_hot_update_percent"], json!(99.5));
@@ -678,6 +780,9 @@ tps = 2277.912345 (without initial connection time)
             "converge_seconds",
             "system_orders_per_second",
             "system_over_ceiling",
+            "pipeline_ceiling_command",
+            "pipeline_ceiling_orders_per_second",
+            "system_over_pipeline_ceiling",
             "latency_ms",
             "e2e_lag_ms",
             "cpu_ms_per_order",
