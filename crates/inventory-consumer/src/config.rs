@@ -37,9 +37,13 @@ pub struct Config {
     #[arg(long, env = "CONSUMER_NAME", default_value = "inventory")]
     pub consumer_name: String,
 
-    /// Workers consuming the queue, each on its own channel. Two let one batch's
-    /// transaction overlap the next batch's broker round trips.
-    #[arg(long, env = "CONCURRENCY", default_value_t = 2)]
+    /// Workers consuming the queue, each on its own channel with its own
+    /// prefetch and batches. One is fastest when batches share their SKUs (a
+    /// few best sellers, the usual case): two then queue for each other's
+    /// stock row locks, each with half the batch, at about 15 % more CPU an
+    /// order (docs/benchmarks.md). Raise it when the database is far away and
+    /// orders seldom share SKUs, so that one batch's round trips overlap another's.
+    #[arg(long, env = "CONCURRENCY", default_value_t = 1)]
     pub concurrency: usize,
 
     /// Unacknowledged messages the broker may send each worker ahead of its acks

@@ -139,6 +139,9 @@ pub async fn run(args: Args) -> anyhow::Result<bool> {
                     ("INVENTORY_QUEUE", QUEUE.to_owned()),
                     ("DEAD_LETTER_EXCHANGE", DEAD_LETTER_EXCHANGE.to_owned()),
                     ("DEAD_LETTER_QUEUE", DEAD_LETTER_QUEUE.to_owned()),
+                    // Two workers on the one queue, so that their batches race
+                    // for the same orders and stock (the default is one).
+                    ("CONCURRENCY", "2".to_owned()),
                 ]
                 .map(|(name, value)| (name.to_owned(), value)),
             );
