@@ -46,7 +46,10 @@ use sqlx::{Connection, PgConnection};
 
 use crate::process::{Local, Service, Transport, bin_dir, command, free_port, until_signal};
 use cpu::{Clock, MachineTicks, Processes, delta, reaped_ticks};
-use report::{Ceiling, ClosedRun, Meta, Open, Pgbench, PipelineCeiling, StressReport, System};
+use report::{
+    BatchSizes, Batches, Ceiling, ClosedRun, Meta, Open, Pgbench, PipelineCeiling, StressReport,
+    System,
+};
 
 pub use parts::{PassThrough, QueueTypesArgs, consumer, queue_types, relay};
 
@@ -402,12 +405,15 @@ async fn bench(args: &Args, services: &mut Vec<Service>) -> anyhow::Result<bool>
     let other_before: i64 = sqlx::query_scalar(&other_sql).fetch_one(&mut db).await.unwrap_or(0);
     let machine_before = MachineTicks::read()?;
     let roots = [pg_pid, rabbit_pid, service_pids[0], service_pids[1]];
+    let metrics_urls = [services[0].url.clone(), services[1].url.clone()];
+    let batches_before = batch_sizes(&metrics_urls).await;
     let before = Processes::read()?;
     let (closed, load_ticks) = stress
         .run("closed", &["--orders", &args.orders.to_string(), "--concurrency", &concurrency])
         .await?;
     let after = Processes::read()?;
     let machine = machine_before.until(MachineTicks::read()?);
+    let batches_after = batch_sizes(&metrics_urls).await;
     let other_after: i64 = sqlx::query_scalar(&other_sql).fetch_one(&mut db).await.unwrap_or(0);
     if !closed.success() {
         bail!("the closed-loop run failed (stress-test status {})", status_code(closed));
@@ -436,6 +442,11 @@ async fn bench(args: &Args, services: &mut Vec<Service>) -> anyhow::Result<bool>
         machine,
         hot_percent,
         other_transactions: other_after - other_before,
+        batches: BatchSizes {
+            write: since(&batches_after[0], &batches_before[0]),
+            relay: since(&batches_after[1], &batches_before[1]),
+            consumer: since(&batches_after[2], &batches_before[2]),
+        },
         broker: match args.transport {
             Transport::Rabbitmq => "rabbitmq",
             Transport::Kafka => "kafka broker",
@@ -495,6 +506,33 @@ async fn bench(args: &Args, services: &mut Vec<Service>) -> anyhow::Result<bool>
         bail!("the open-loop run failed (stress-test status {})", open.status);
     }
     Ok(true)
+}
+
+/// The three batch-size histograms ([`BatchSizes::METRICS`]) from
+/// order-service's and the consumer's `/metrics`; `None` for one not read.
+async fn batch_sizes(urls: &[String; 2]) -> [Option<Batches>; 3] {
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().ok();
+    let mut texts = Vec::with_capacity(2);
+    for url in urls {
+        let text = match &client {
+            Some(client) => match client.get(format!("{url}/metrics")).send().await {
+                Ok(response) => response.text().await.unwrap_or_default(),
+                Err(_) => String::new(),
+            },
+            None => String::new(),
+        };
+        texts.push(text);
+    }
+    let [write, relay, consumer] = BatchSizes::METRICS;
+    [
+        Batches::parse(&texts[0], write),
+        Batches::parse(&texts[0], relay),
+        Batches::parse(&texts[1], consumer),
+    ]
+}
+
+fn since(after: &Option<Batches>, before: &Option<Batches>) -> Option<Batches> {
+    Some(after.as_ref()?.since(before.as_ref()?))
 }
 
 /// Runs the pipeline ceiling's script against the local Postgres, showing its

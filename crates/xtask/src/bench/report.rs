@@ -169,6 +169,112 @@ impl PipelineCeiling {
 /// The issue's goal for the whole system against the pipeline ceiling.
 pub const PIPELINE_GOAL: f64 = 0.40;
 
+/// A batch-size histogram of one of the services' metrics (Prometheus text),
+/// cumulative as exposed: `(le, count)` per bucket, `+Inf` last.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Batches {
+    pub buckets: Vec<(f64, u64)>,
+    pub count: u64,
+    pub sum: f64,
+}
+
+impl Batches {
+    /// `metric`'s histogram in `text`; `None` when it is not there.
+    pub fn parse(text: &str, metric: &str) -> Option<Self> {
+        let mut batches = Self::default();
+        let (bucket, sum, count) = (
+            format!("{metric}_bucket{{le=\""),
+            format!("{metric}_sum "),
+            format!("{metric}_count "),
+        );
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix(&bucket) {
+                let (le, value) = rest.split_once("\"} ")?;
+                let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+                batches.buckets.push((le, value.trim().parse().ok()?));
+            } else if let Some(value) = line.strip_prefix(&sum) {
+                batches.sum = value.trim().parse().ok()?;
+            } else if let Some(value) = line.strip_prefix(&count) {
+                batches.count = value.trim().parse().ok()?;
+            }
+        }
+        (!batches.buckets.is_empty()).then_some(batches)
+    }
+
+    /// What was observed between `before` and `self`.
+    pub fn since(&self, before: &Self) -> Self {
+        let earlier =
+            |le: f64| before.buckets.iter().find(|(other, _)| *other == le).map_or(0, |(_, n)| *n);
+        Self {
+            buckets: self
+                .buckets
+                .iter()
+                .map(|&(le, n)| (le, n.saturating_sub(earlier(le))))
+                .collect(),
+            count: self.count.saturating_sub(before.count),
+            sum: self.sum - before.sum,
+        }
+    }
+
+    /// `31.6 mean of 1266  | <=16 5% | <=32 40% | <=64 55%`: the mean, the
+    /// number of batches, and each bucket's share of them (empty ones left out).
+    pub fn line(&self) -> String {
+        if self.count == 0 {
+            return "- (no batch)".to_owned();
+        }
+        let mut line = format!("{:.1} mean of {}", self.sum / self.count as f64, self.count);
+        let mut below = 0;
+        for &(le, cumulative) in &self.buckets {
+            let n = cumulative.saturating_sub(below);
+            below = cumulative.max(below);
+            if n == 0 {
+                continue;
+            }
+            let share = 100.0 * n as f64 / self.count as f64;
+            let bound = if le.is_infinite() { "more".to_owned() } else { format!("<={le}") };
+            line.push_str(&format!(" | {bound} {share:.0}%"));
+        }
+        line
+    }
+}
+
+/// The batch sizes the closed-loop run reached: the writer's, the relay's and
+/// the consumer's (`None` for one whose metrics could not be read).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BatchSizes {
+    pub write: Option<Batches>,
+    pub relay: Option<Batches>,
+    pub consumer: Option<Batches>,
+}
+
+impl BatchSizes {
+    /// The metrics: order-service's writer and relay, the consumer's.
+    pub const METRICS: [&str; 3] =
+        ["order_write_batch_size", "outbox_relay_batch_size", "inventory_batch_size"];
+
+    pub fn lines(&self) -> Vec<String> {
+        let line =
+            |batches: &Option<Batches>| batches.as_ref().map_or("-".to_owned(), Batches::line);
+        vec![
+            "  batch sizes reached (mean, batches, share of batches by size)".to_owned(),
+            format!("    write, orders a transaction      {}", line(&self.write)),
+            format!("    relay, events a claim            {}", line(&self.relay)),
+            format!("    consumer, messages a transaction {}", line(&self.consumer)),
+        ]
+    }
+
+    /// For result.json: each one's mean and count.
+    pub fn json(&self) -> Value {
+        let one = |batches: &Option<Batches>| {
+            batches
+                .as_ref()
+                .filter(|b| b.count > 0)
+                .map(|b| json!({ "mean": fixed(b.sum / b.count as f64, 1), "batches": b.count }))
+        };
+        json!({ "write": one(&self.write), "relay": one(&self.relay), "consumer": one(&self.consumer) })
+    }
+}
+
 /// What the closed-loop run measured, before any arithmetic.
 #[derive(Debug, Clone)]
 pub struct ClosedRun {
@@ -186,6 +292,8 @@ pub struct ClosedRun {
     pub hot_percent: Option<String>,
     /// Transactions committed in other databases meanwhile.
     pub other_transactions: i64,
+    /// The batch sizes reached.
+    pub batches: BatchSizes,
 }
 
 /// CPU ms per order of each component; `None` for one whose process was not
@@ -347,6 +455,7 @@ impl System {
             ),
             row("orders status updates that were HOT", &dash(self.run.hot_percent.as_deref()), "%"),
         ];
+        lines.extend(self.run.batches.lines());
         if self.run.other_transactions > 10 {
             lines.push(format!(
                 "  note: other databases committed {} transactions during the run; \
@@ -476,6 +585,7 @@ pub fn result_json(
         "other_processes_cores": system.other_cores,
         "other_database_transactions": run.other_transactions,
         "orders_hot_update_percent": run.hot_percent.as_deref().and_then(|p| p.parse::<f64>().ok()),
+        "batch_sizes": run.batches.json(),
         "open_loop": {
             "rate": open.rate,
             "seconds": open.seconds,
@@ -549,6 +659,7 @@ tps = 2277.912345 (without initial connection time)
             hot_percent: Some("99.5".to_owned()),
             other_transactions: 3,
             broker: "rabbitmq",
+            batches: BatchSizes::default(),
         };
         System::new(run, ceiling().pgbench.tps, Some(12482.0), CLOCK).unwrap()
     }
@@ -558,6 +669,48 @@ tps = 2277.912345 (without initial connection time)
             command: "../shared/perf/pipeline-ceiling.sh 4 8".to_owned(),
             orders_per_second: Some(12482.0),
         }
+    }
+
+    const METRICS_BEFORE: &str = "\
+# HELP order_write_batch_size Orders written per database transaction (group commit).
+# TYPE order_write_batch_size histogram
+order_write_batch_size_sum 10.0
+order_write_batch_size_count 10
+order_write_batch_size_bucket{le=\"1.0\"} 10
+order_write_batch_size_bucket{le=\"2.0\"} 10
+order_write_batch_size_bucket{le=\"4.0\"} 10
+order_write_batch_size_bucket{le=\"+Inf\"} 10
+# EOF
+";
+    const METRICS_AFTER: &str = "\
+order_write_batch_size_sum 40.0
+order_write_batch_size_count 20
+order_write_batch_size_bucket{le=\"1.0\"} 12
+order_write_batch_size_bucket{le=\"2.0\"} 14
+order_write_batch_size_bucket{le=\"4.0\"} 19
+order_write_batch_size_bucket{le=\"+Inf\"} 20
+";
+
+    #[test]
+    fn batch_sizes_are_what_the_run_added_to_the_histograms() {
+        let before = Batches::parse(METRICS_BEFORE, "order_write_batch_size").unwrap();
+        assert_eq!(before.count, 10);
+        assert_eq!(before.buckets.last(), Some(&(f64::INFINITY, 10)));
+        assert_eq!(Batches::parse(METRICS_BEFORE, "inventory_batch_size"), None);
+        let run = Batches::parse(METRICS_AFTER, "order_write_batch_size").unwrap().since(&before);
+        // 10 batches of 30 orders: 2 of 1, 2 of 2, 5 of up to 4, 1 larger.
+        assert_eq!((run.count, run.sum), (10, 30.0));
+        assert_eq!(run.line(), "3.0 mean of 10 | <=1 20% | <=2 20% | <=4 50% | more 10%");
+        assert_eq!(Batches::default().line(), "- (no batch)");
+        let sizes = BatchSizes { write: Some(run), ..BatchSizes::default() };
+        assert_eq!(
+            sizes.lines()[1],
+            "    write, orders a transaction      3.0 mean of 10 | <=1 20% | <=2 20% | <=4 50% | more 10%"
+        );
+        assert_eq!(
+            sizes.json(),
+            json!({"write": {"mean": 3.0, "batches": 10}, "relay": null, "consumer": null})
+        );
     }
 
     #[test]
@@ -654,6 +807,10 @@ tps = 2277.912345 (without initial connection time)
             "    total                                                         0.734 ms",
             "    other processes on the machine (not counted)                  0.041 ms  (0.11 cores; the machine 100% busy of 2)",
             "  orders status updates that were HOT                              99.5 %",
+            "  batch sizes reached (mean, batches, share of batches by size)",
+            "    write, orders a transaction      -",
+            "    relay, events a claim            -",
+            "    consumer, messages a transaction -",
         ];
         assert_eq!(system().lines(&ceiling(), &pipeline(), 2), expected);
         let mut fast = system();
@@ -790,6 +947,7 @@ tps = 2277.912345 (without initial connection time)
             "other_processes_cores",
             "other_database_transactions",
             "orders_hot_update_percent",
+            "batch_sizes",
             "open_loop",
         ];
         keys.sort_unstable();
