@@ -29,8 +29,15 @@ END
 $$;
 
 CREATE TRIGGER inventory_rows_stay
-    BEFORE DELETE OR UPDATE OF sku ON inventory
+    BEFORE DELETE ON inventory
     FOR EACH ROW EXECUTE FUNCTION inventory_rows_stay();
+
+-- Only a real rename: an UPDATE that sets sku to itself (an ORM writing every
+-- column, an upsert) is let through.
+CREATE TRIGGER inventory_skus_stay
+    BEFORE UPDATE OF sku ON inventory
+    FOR EACH ROW WHEN (OLD.sku IS DISTINCT FROM NEW.sku)
+    EXECUTE FUNCTION inventory_rows_stay();
 
 CREATE TRIGGER inventory_not_truncated
     BEFORE TRUNCATE ON inventory

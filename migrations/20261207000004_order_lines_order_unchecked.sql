@@ -5,7 +5,8 @@
 -- What it guaranteed still holds: every line's order exists. Lines are
 -- written by order-service alone, in the statement after their orders', in the
 -- same transaction, and deleting an order still deletes its lines, by the
--- trigger below instead of ON DELETE CASCADE. `order-service reconcile` checks
+-- triggers below instead of ON DELETE CASCADE (a DELETE, and a TRUNCATE of
+-- orders, which the other foreign keys let through only with CASCADE). `order-service reconcile` checks
 -- it from outside (check "order lines").
 --
 -- Locks: `orders` first, then `order_lines`, the order in which both the
@@ -28,3 +29,14 @@ CREATE TRIGGER order_lines_go_with_their_order
     AFTER DELETE ON orders
     REFERENCING OLD TABLE AS gone
     FOR EACH STATEMENT EXECUTE FUNCTION order_lines_go_with_their_order();
+
+CREATE FUNCTION order_lines_truncated_with_orders() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    TRUNCATE order_lines;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER order_lines_truncated_with_orders
+    AFTER TRUNCATE ON orders
+    FOR EACH STATEMENT EXECUTE FUNCTION order_lines_truncated_with_orders();

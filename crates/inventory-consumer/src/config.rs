@@ -40,8 +40,8 @@ pub struct Config {
     /// Workers consuming the queue, each on its own channel with its own
     /// prefetch and batches. One is fastest when batches share their SKUs (a
     /// few best sellers, the usual case): two then queue for each other's
-    /// stock row locks, each with half the batch, at about 15 % more CPU an
-    /// order (docs/benchmarks.md). Raise it when the database is far away and
+    /// stock row locks, each with half the batch, and cost more CPU an order
+    /// (up to 45 % more in four pairs of runs: docs/benchmarks.md). Raise it when the database is far away and
     /// orders seldom share SKUs, so that one batch's round trips overlap another's.
     #[arg(long, env = "CONCURRENCY", default_value_t = 1)]
     pub concurrency: usize,

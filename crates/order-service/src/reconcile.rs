@@ -76,8 +76,9 @@ pub struct Report {
     pub lines_without_order: i64,
     /// Lines whose SKU is not in the catalogue.
     pub lines_unknown_sku: i64,
-    /// (order, sku) of lines failing either.
-    pub lines_off_examples: Vec<(Uuid, String)>,
+    /// (order, sku, the order is missing, the SKU is missing) of lines failing
+    /// either.
+    pub lines_off_examples: Vec<(Uuid, String, bool, bool)>,
 
     pub outbox_pending: i64,
     /// Pending events older than `pending_after`.
@@ -293,7 +294,7 @@ pub async fn check(conn: &mut PgConnection, args: &ReconcileArgs) -> anyhow::Res
     .context("cannot count the order lines")?;
     let lines_off_examples = if lines_without_order + lines_unknown_sku > 0 {
         sqlx::query_as(&format!(
-            "SELECT l.order_id, l.sku FROM order_lines AS l
+            "SELECT l.order_id, l.sku, o.id IS NULL, i.sku IS NULL FROM order_lines AS l
              LEFT JOIN orders AS o ON o.id = l.order_id
              LEFT JOIN inventory AS i ON i.sku = l.sku
              WHERE {LINE_OFF}
@@ -624,8 +625,13 @@ impl Report {
             details: self
                 .lines_off_examples
                 .iter()
-                .map(|(order, sku)| {
-                    format!("the line of order {order} for {sku:?} lacks its order or its SKU")
+                .map(|(order, sku, no_order, no_sku)| {
+                    let why = match (no_order, no_sku) {
+                        (true, true) => "no such order, and the SKU is not in the catalogue",
+                        (true, false) => "no such order",
+                        _ => "the SKU is not in the catalogue",
+                    };
+                    format!("the line of order {order} for {sku:?}: {why}")
                 })
                 .collect(),
         });

@@ -389,12 +389,25 @@ async fn an_order_line_without_its_order_or_its_sku_fails(db: PgPool) {
 
     assert_eq!(failed(&report), ["order lines"], "{}", report.text());
     assert_eq!((report.lines, report.lines_without_order, report.lines_unknown_sku), (8, 1, 1));
-    let mut expected = vec![(ghost, "SKU-001".to_owned()), (state.young, "SKU-999".to_owned())];
+    let mut expected = vec![
+        (ghost, "SKU-001".to_owned(), true, false),
+        (state.young, "SKU-999".to_owned(), false, true),
+    ];
     expected.sort();
     assert_eq!(report.lines_off_examples, expected);
     let text = report.text();
     assert!(text.contains("8 lines, 1 without their order, 1 naming a SKU not in the catalogue"));
-    assert!(text.contains(&format!("the line of order {ghost} for \"SKU-001\"")), "{text}");
+    assert!(
+        text.contains(&format!("the line of order {ghost} for \"SKU-001\": no such order")),
+        "{text}"
+    );
+    let young = state.young;
+    assert!(
+        text.contains(&format!(
+            "the line of order {young} for \"SKU-999\": the SKU is not in the catalogue"
+        )),
+        "{text}"
+    );
     let json = report.json();
     assert_eq!(
         (json["lines_without_order"].clone(), json["lines_unknown_sku"].clone()),
@@ -416,11 +429,14 @@ async fn catalogue_rows_are_never_deleted_and_an_order_takes_its_lines_with_it(d
         assert_eq!(error.code().as_deref(), Some("23001"), "{statement}: {error}");
         assert!(error.message().contains("inventory rows are never"), "{error}");
     }
-    // A restock or a price change is an update like any other.
-    sqlx::query("UPDATE inventory SET available = 0, price_cents = 1 WHERE sku = 'SKU-025'")
-        .execute(db)
-        .await
-        .expect("an update that keeps the sku");
+    // A restock or a price change is an update like any other, and so is one
+    // that sets the sku to itself (an ORM writing every column).
+    sqlx::query(
+        "UPDATE inventory SET available = 0, price_cents = 1, sku = sku WHERE sku = 'SKU-025'",
+    )
+    .execute(db)
+    .await
+    .expect("an update that keeps the sku");
 
     let lines = |order: Uuid| {
         sqlx::query_scalar::<_, i64>("SELECT count(*) FROM order_lines WHERE order_id = $1")
@@ -436,6 +452,13 @@ async fn catalogue_rows_are_never_deleted_and_an_order_takes_its_lines_with_it(d
     assert_eq!(lines(state.completed).await.expect("lines"), 0);
     assert_eq!(lines(state.rejected).await.expect("lines"), 0);
     assert_eq!(lines(state.young).await.expect("lines"), 1, "other orders keep their lines");
+
+    // TRUNCATE orders CASCADE (the other foreign keys refuse it without)
+    // takes every line with it.
+    sqlx::query("TRUNCATE orders CASCADE").execute(db).await.expect("truncated");
+    let left: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM order_lines").fetch_one(db).await.expect("lines");
+    assert_eq!(left, 0);
 }
 
 #[sqlx::test(migrator = "service_kit::MIGRATOR")]

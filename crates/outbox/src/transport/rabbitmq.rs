@@ -154,9 +154,12 @@ impl RabbitMq {
 ///   [`Outcome::Unknown`] and the publisher is replaced. A lost connection
 ///   leaves them [`Outcome::Unknown`].
 ///
-/// Nothing is sent while the broker blocks the connection (a memory or disk
-/// alarm: [`Publisher::is_blocked`]), and sending has the confirm timeout as its
-/// deadline too: a connection blocked mid-batch fails the batch as a stall.
+/// No batch is started while the broker blocks the connection (a memory or
+/// disk alarm: [`Publisher::is_blocked`]), and sending has the confirm timeout
+/// as its deadline too: a connection blocked mid-batch fails the batch as a
+/// stall. Its messages, already handed to the connection, may then still go
+/// out at `connection.unblocked`, before the batch is published again: each
+/// comes twice, which the consumer's dedupe absorbs (at least once, as ever).
 pub struct RabbitMqPublisher {
     connection: Connection,
     /// The current channel; replaced when the broker closes it.
@@ -198,10 +201,10 @@ impl Publisher for RabbitMqPublisher {
         let sending = async {
             // A publish hands its frames to the connection at its first poll,
             // then waits until they are written. Polling every publish once, in
-            // order, queues the whole batch (in order: the order on the wire and
-            // of the delivery tags) before the first write: the connection's I/O
-            // thread writes it in a few system calls instead of waking up, and
-            // waking this task, once a message.
+            // order, queues the whole batch at once (in order: the order on the
+            // wire and of the delivery tags), so the connection's I/O thread
+            // writes it in a few system calls instead of waking up, and waking
+            // this task, once a message.
             let mut publishes: Vec<_> = sendable
                 .iter()
                 .map(|&index| Box::pin(future::maybe_done(self.send(&channel, &events[index]))))

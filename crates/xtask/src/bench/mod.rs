@@ -137,9 +137,10 @@ pub struct Args {
     /// be measured as the services' CPU).
     #[arg(long, env = "BENCH_RUST_LOG", default_value = "warn")]
     rust_log: String,
-    /// The pipeline ceiling's script, run after the single-order ceiling: the
-    /// yardstick of the throughput goal (the whole pipeline's database work,
-    /// batched, on a frozen schema). A missing script is said and skipped.
+    /// The pipeline ceiling's script, run after the single-order ceiling on the
+    /// ceiling's server: the yardstick of the throughput goal (the whole
+    /// pipeline's database work, batched, on a frozen schema). A missing script
+    /// is said and skipped; one that fails stops the run.
     #[arg(
         long,
         env = "BENCH_PIPELINE_CEILING",
@@ -292,7 +293,7 @@ async fn bench(args: &Args, services: &mut Vec<Service>) -> anyhow::Result<bool>
         clock,
     );
     println!("{}", ceiling.line(clock.cores));
-    let pipeline = pipeline_ceiling(args, &local, &log_dir).await?;
+    let pipeline = pipeline_ceiling(args, &ceiling_url, &log_dir).await?;
 
     // --- the whole system ----------------------------------------------------
     println!("== fresh database and queues");
@@ -539,7 +540,7 @@ fn since(after: &Option<Batches>, before: &Option<Batches>) -> Option<Batches> {
 /// lines; says so, and measures nothing, when the script is not there.
 async fn pipeline_ceiling(
     args: &Args,
-    local: &Local,
+    server_url: &str,
     log_dir: &Path,
 ) -> anyhow::Result<PipelineCeiling> {
     let script = &args.pipeline_ceiling;
@@ -555,13 +556,10 @@ async fn pipeline_ceiling(
         });
     }
     println!("== pipeline ceiling: {command}");
-    let (host, port) = local.pg.rsplit_once(':').unwrap_or((&local.pg, "5432"));
     let output = tokio::process::Command::new("bash")
         .arg(script)
         .args(args.pipeline_clients.split_whitespace())
-        .env("PGHOST", host)
-        .env("PGPORT", port)
-        .env("PGUSER", "postgres")
+        .envs(libpq_env(server_url)?)
         .stdin(Stdio::null())
         .output()
         .await
@@ -577,6 +575,30 @@ async fn pipeline_ceiling(
         bail!("{command} failed (status {})", status_code(output.status));
     }
     Ok(PipelineCeiling { command, orders_per_second })
+}
+
+/// The libpq variables (`PGHOST`, `PGPORT`, `PGUSER`, `PGPASSWORD`) that reach
+/// the server of `url`, for the scripts that take no URL.
+fn libpq_env(url: &str) -> anyhow::Result<Vec<(&'static str, String)>> {
+    use std::str::FromStr;
+    if !url.starts_with("postgres://") && !url.starts_with("postgresql://") {
+        bail!("not a Postgres URL: {url}");
+    }
+    let options = sqlx::postgres::PgConnectOptions::from_str(url)
+        .with_context(|| format!("not a Postgres URL: {url}"))?;
+    let mut env = vec![
+        ("PGHOST", options.get_host().to_owned()),
+        ("PGPORT", options.get_port().to_string()),
+        ("PGUSER", options.get_username().to_owned()),
+    ];
+    // `user:password@` between the scheme and the host, percent-encoding aside.
+    let password = url
+        .split_once("://")
+        .and_then(|(_, rest)| rest.split_once('@'))
+        .and_then(|(user_info, _)| user_info.split_once(':'))
+        .map(|(_, password)| password.to_owned());
+    env.extend(password.map(|password| ("PGPASSWORD", password)));
+    Ok(env)
 }
 
 /// The stress test against the services, each run reporting to
@@ -749,6 +771,24 @@ mod tests {
         assert!(database_name("postgres://h/bad\"name").is_err());
         assert!(database_name("postgres://h/").is_err());
         assert_eq!(admin_url(url), "postgres://postgres:postgres@127.0.0.1:5432/postgres");
+    }
+
+    #[test]
+    fn the_pipeline_ceiling_reaches_the_server_of_the_ceiling_url() {
+        let env =
+            libpq_env("postgres://bench:secret@db.internal:5433/outbox_bench_ceiling").unwrap();
+        assert_eq!(
+            env,
+            [
+                ("PGHOST", "db.internal".to_owned()),
+                ("PGPORT", "5433".to_owned()),
+                ("PGUSER", "bench".to_owned()),
+                ("PGPASSWORD", "secret".to_owned()),
+            ]
+        );
+        let local = libpq_env("postgres://postgres@127.0.0.1/x").unwrap();
+        assert_eq!(local.len(), 3, "no password: {local:?}");
+        assert!(libpq_env("mysql://x").is_err());
     }
 
     #[test]
