@@ -188,24 +188,21 @@ pub struct Batches {
 impl Batches {
     /// `metric`'s histogram in `text`; `None` when it is not there.
     pub fn parse(text: &str, metric: &str) -> Option<Self> {
-        let mut batches = Self::default();
-        let (bucket, sum, count) = (
-            format!("{metric}_bucket{{le=\""),
-            format!("{metric}_sum "),
-            format!("{metric}_count "),
-        );
-        for line in text.lines() {
-            if let Some(rest) = line.strip_prefix(&bucket) {
-                let (le, value) = rest.split_once("\"} ")?;
-                let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
-                batches.buckets.push((le, value.trim().parse().ok()?));
-            } else if let Some(value) = line.strip_prefix(&sum) {
-                batches.sum = value.trim().parse().ok()?;
-            } else if let Some(value) = line.strip_prefix(&count) {
-                batches.count = value.trim().parse().ok()?;
-            }
-        }
-        (!batches.buckets.is_empty()).then_some(batches)
+        let bucket = format!("{metric}_bucket{{le=\"");
+        let buckets = text
+            .lines()
+            .filter_map(|line| {
+                let (le, _) = line.strip_prefix(&bucket)?.split_once('"')?;
+                let bound = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+                let count = test_support::sample(line, &format!("{bucket}{le}\"}}"))?;
+                Some((bound, count as u64))
+            })
+            .collect::<Vec<_>>();
+        (!buckets.is_empty()).then(|| Self {
+            buckets,
+            count: test_support::sample(text, &format!("{metric}_count")).unwrap_or(0.0) as u64,
+            sum: test_support::sample(text, &format!("{metric}_sum")).unwrap_or(0.0),
+        })
     }
 
     /// What was observed between `before` and `self`.
