@@ -281,7 +281,6 @@ pub async fn check(conn: &mut PgConnection, args: &ReconcileArgs) -> anyhow::Res
     // foreign key says so (their per-line checks were the write's largest
     // cost): the write prices each line from the catalogue and writes it after
     // its order, in one transaction, and catalogue rows are never deleted.
-    const LINE_OFF: &str = "o.id IS NULL OR i.sku IS NULL";
     let (lines, lines_without_order, lines_unknown_sku): (i64, i64, i64) = sqlx::query_as(
         "SELECT count(*), count(*) FILTER (WHERE o.id IS NULL),
                 count(*) FILTER (WHERE i.sku IS NULL)
@@ -293,13 +292,13 @@ pub async fn check(conn: &mut PgConnection, args: &ReconcileArgs) -> anyhow::Res
     .await
     .context("cannot count the order lines")?;
     let lines_off_examples = if lines_without_order + lines_unknown_sku > 0 {
-        sqlx::query_as(&format!(
+        sqlx::query_as(
             "SELECT l.order_id, l.sku, o.id IS NULL, i.sku IS NULL FROM order_lines AS l
              LEFT JOIN orders AS o ON o.id = l.order_id
              LEFT JOIN inventory AS i ON i.sku = l.sku
-             WHERE {LINE_OFF}
-             ORDER BY l.order_id, l.sku LIMIT $1"
-        ))
+             WHERE o.id IS NULL OR i.sku IS NULL
+             ORDER BY l.order_id, l.sku LIMIT $1",
+        )
         .bind(EXAMPLES)
         .fetch_all(&mut *tx)
         .await
