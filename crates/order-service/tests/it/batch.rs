@@ -250,3 +250,58 @@ async fn concurrent_requests_share_transactions_and_get_their_own_answers(db: Pg
     let transactions = value("order_write_batch_size_count");
     assert!(transactions <= 4.0, "13 orders in {transactions} transactions: not batched");
 }
+
+/// The writers take turns: while one stages its batch, the orders that arrive
+/// wait for it to send its `COMMIT` and then all go into the next writer's
+/// batch, instead of a free writer taking the first of them alone.
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
+async fn a_free_writer_waits_for_the_staging_one_to_commit(db: PgPool) {
+    let app = spawn_with_args(db, &["--relay-workers", "0", "--write-concurrency", "2"]).await;
+    let mut lock = app.db.begin().await.expect("begin");
+    sqlx::query("LOCK TABLE inventory IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .expect("lock");
+    let order = |n: usize| json!({"customer_id": format!("c-{n}"), "items": [{"sku": "SKU-001", "quantity": 1}]});
+
+    // The first writer's batch of one waits at its price lookup.
+    let orders: Vec<Value> = (0..=10).map(order).collect();
+    let app = &app;
+    let first = app.post_order(&orders[0]);
+    let rest = async {
+        let waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'";
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while sqlx::query_scalar::<_, i64>(waiting).fetch_one(&app.db).await.expect("waiting") == 0
+        {
+            assert!(tokio::time::Instant::now() < deadline, "the first batch never waited");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let sending = futures_util::future::join_all(orders[1..].iter().zip(1..).map(
+            |(body, n)| async move {
+                // One after another, so that a free writer would take the first alone.
+                tokio::time::sleep(Duration::from_millis(20) * n).await;
+                app.post_order(body).await
+            },
+        ));
+        let release = async {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            lock.commit().await.expect("unlock");
+        };
+        tokio::join!(sending, release).0
+    };
+    let (first, rest) = tokio::join!(first, rest);
+    for response in std::iter::once(first).chain(rest) {
+        assert_eq!(response.status().as_u16(), 201);
+    }
+
+    let metrics = app.metrics().await;
+    let value = |name: &str| -> f64 {
+        test_support::sample(&metrics, name).unwrap_or_else(|| panic!("{name} in {metrics}"))
+    };
+    assert_eq!(value("order_write_batch_size_sum"), 11.0);
+    assert_eq!(
+        value("order_write_batch_size_count"),
+        2.0,
+        "the first order, then the ten that queued behind it: {metrics}"
+    );
+}
