@@ -5,7 +5,7 @@
 # `cargo xtask bench-e2e` (crates/xtask/src/bench/), run after making sure the
 # local Postgres and RabbitMQ run; the table also goes to .run/bench-e2e/result.json.
 #
-#   scripts/bench-e2e.sh                     # 20000 orders; pgbench 16 clients, 20 s
+#   scripts/bench-e2e.sh                     # 20000 orders at 32, then 128 in flight; pgbench 16 clients, 20 s
 #   scripts/bench-e2e.sh --orders 5000 --seconds 10 --no-build   # a quick look
 #   scripts/bench-e2e.sh --transport kafka   # the same on Kafka (KAFKA_BROKERS, else
 #                                            # a broker scripts/kafka-broker.sh starts)

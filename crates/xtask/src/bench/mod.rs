@@ -10,9 +10,11 @@
 //!    runs. Neither file is ever updated, so later versions of the system are
 //!    measured against the same ceiling. Shown with Postgres's CPU time a
 //!    transaction and the cores other processes kept busy meanwhile.
-//! 3. The whole system: order-service and inventory-consumer (release builds)
-//!    on a fresh database and broker names of their own (prefix `bench`), a
-//!    warm-up, then the closed-loop stress test (`--orders`, `--concurrency`),
+//! 3. The whole system, at each `--concurrency` in turn (32 and 128 requests in
+//!    flight unless told), steps 3 to 6 each time, their files in
+//!    .run/bench-e2e/in-flight-<n>/: order-service and inventory-consumer
+//!    (release builds) on a fresh database and broker names of their own
+//!    (prefix `bench`), a warm-up, then the closed-loop stress test (`--orders`),
 //!    waiting until the consumer has decided every order. The services log at
 //!    `warn`, so that writing logs does not show in their CPU figures.
 //! 4. CPU time per order ([`cpu`]), between a reading just before the run and
@@ -24,8 +26,10 @@
 //!    machine's busy time: the figures are only as quiet as the machine.
 //! 5. The table ([`report`]), also written to .run/bench-e2e/result.json.
 //! 6. An open-loop run at half the system's orders/s (`--open-seconds`), at
-//!    most twice `--concurrency` in flight: its latency and e2e lag. The goal:
+//!    most twice the concurrency in flight: its latency and e2e lag. The goal:
 //!    e2e lag p99 under 50 ms at half the peak.
+//! 7. With more than one concurrency, a summary: each one's orders/s against
+//!    the pipeline ceiling, CPU per order and open-loop lag, with the goals.
 //!
 //! Fails when a step fails: the build, pgbench, a service that does not become
 //! ready or exits, a stress-test run that fails (a request not answered 2xx,
@@ -64,14 +68,16 @@ pub struct Args {
         value_parser = clap::value_parser!(u64).range(1..)
     )]
     orders: u64,
-    /// Requests the stress test keeps in flight.
+    /// Requests the stress test keeps in flight: a run of the whole system
+    /// (fresh database and queues, closed loop, open loop) for each, in turn.
     #[arg(
         long,
         env = "BENCH_CONCURRENCY",
-        default_value_t = 32,
+        value_delimiter = ',',
+        default_value = "32,128",
         value_parser = clap::value_parser!(u64).range(1..)
     )]
-    concurrency: u64,
+    concurrency: Vec<u64>,
     /// pgbench clients of the ceiling.
     #[arg(
         long,
@@ -162,18 +168,7 @@ pub async fn run(args: Args) -> anyhow::Result<bool> {
     std::env::set_current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))?;
     let mut services = Vec::new();
     let outcome = until_signal(bench(&args, &mut services)).await;
-    if !services.is_empty() {
-        let names: Vec<&str> = services.iter().map(Service::name).collect();
-        println!("== stopping {}", names.join(" "));
-        let mut logs = Vec::new();
-        for service in &mut services {
-            if !service.stop(Duration::from_secs(15)).await {
-                eprintln!("   {} did not stop within 15 s; killed it", service.name());
-            }
-            logs.push(service.log().display().to_string());
-        }
-        println!("   logs: {}", logs.join(" "));
-    }
+    stop_services(&mut services).await;
     outcome
 }
 
@@ -193,8 +188,6 @@ async fn bench(args: &Args, services: &mut Vec<Service>) -> anyhow::Result<bool>
         None => find_pgbench()
             .context("pgbench is needed (it comes with Postgres); set PGBENCH to its path")?,
     };
-    let api_port = port(args.api_port, "BENCH_API_PORT")?;
-    let consumer_port = port(args.consumer_port, "BENCH_CONSUMER_PORT")?;
     let clock = Clock::read().context("/proc is needed to measure CPU time")?;
     let log_dir = PathBuf::from(LOG_DIR);
     let bin_dir = bin_dir("release");
@@ -223,7 +216,14 @@ async fn bench(args: &Args, services: &mut Vec<Service>) -> anyhow::Result<bool>
     std::fs::create_dir_all(&log_dir)?;
     for file in std::fs::read_dir(&log_dir)? {
         let path = file?.path();
-        if path.extension().is_some_and(|ext| {
+        if path
+            .file_name()
+            .and_then(|name| name.to_str())
+            .is_some_and(|name| name.starts_with("in-flight-"))
+            && path.is_dir()
+        {
+            std::fs::remove_dir_all(&path)?;
+        } else if path.extension().is_some_and(|ext| {
             ["json", "err", "cpu", "out", "log"].map(Into::into).contains(&ext.to_owned())
         }) {
             std::fs::remove_file(path)?;
@@ -295,22 +295,160 @@ async fn bench(args: &Args, services: &mut Vec<Service>) -> anyhow::Result<bool>
     println!("{}", ceiling.line(clock.cores));
     let pipeline = pipeline_ceiling(args, &ceiling_url, &log_dir).await?;
 
-    // --- the whole system ----------------------------------------------------
-    println!("== fresh database and queues");
-    drop_database(&mut admin, &database).await?;
+    // --- the whole system, at each concurrency ------------------------------
+    let kafka_brokers = match args.transport {
+        Transport::Rabbitmq => None,
+        Transport::Kafka => Some(crate::kafka::brokers().await?),
+    };
+    let broker_pid = broker_pid(&amqp_url, kafka_brokers.as_deref()).await;
+    let setup = Setup {
+        args,
+        database_url,
+        database,
+        amqp_url,
+        kafka_brokers,
+        bin_dir,
+        clock,
+        pg_pid,
+        broker_pid,
+        ceiling: &ceiling,
+        pipeline: &pipeline,
+    };
+    let mut runs = Vec::with_capacity(args.concurrency.len());
+    for &concurrency in &args.concurrency {
+        let run_dir = log_dir.join(format!("in-flight-{concurrency}"));
+        std::fs::create_dir_all(&run_dir)?;
+        let run = system_run(&setup, &mut admin, concurrency, &run_dir, services).await;
+        stop_services(services).await;
+        runs.push(run?);
+    }
     admin.close().await?;
+    if runs.len() > 1 {
+        for line in report::summary(&runs) {
+            println!("{line}");
+        }
+    }
+
+    let meta = Meta {
+        commit: command("git", &["rev-parse", "--short", "HEAD"])
+            .await
+            .map(|commit| commit.trim().to_owned())
+            .unwrap_or_default(),
+        dirty: command("git", &["status", "--porcelain", "--untracked-files=no"])
+            .await
+            .is_ok_and(|status| !status.trim().is_empty()),
+        date: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        cores: clock.cores,
+    };
+    let result_file = log_dir.join("result.json");
+    let result = report::result_json(&meta, &ceiling, &pipeline, &runs);
+    std::fs::write(&result_file, serde_json::to_string_pretty(&result)? + "\n")?;
+    println!("   result: {}", result_file.display());
+    for (system, open) in &runs {
+        if open.status != 0 {
+            bail!(
+                "the open-loop run at {} in flight failed (stress-test status {})",
+                system.run.concurrency,
+                open.status
+            );
+        }
+    }
+    Ok(true)
+}
+
+/// What every run of the whole system shares.
+struct Setup<'a> {
+    args: &'a Args,
+    database_url: String,
+    database: String,
+    amqp_url: String,
+    /// On Kafka, its brokers.
+    kafka_brokers: Option<String>,
+    bin_dir: PathBuf,
+    clock: Clock,
+    pg_pid: Option<i32>,
+    broker_pid: Option<i32>,
+    ceiling: &'a Ceiling,
+    pipeline: &'a PipelineCeiling,
+}
+
+/// The broker's process, whose tree's CPU time is the broker's: RabbitMQ's
+/// beam.smp listening on the AMQP port, or the Kafka broker's tansu.
+async fn broker_pid(amqp_url: &str, kafka_brokers: Option<&str>) -> Option<i32> {
+    let Some(brokers) = kafka_brokers else {
+        let pid = amqp_port(amqp_url)
+            .and_then(|port| cpu::listening_pid(port, "beam.smp", &Processes::read().ok()?));
+        match pid {
+            Some(pid) => {
+                let node = command("rabbitmqctl", &["-q", "--timeout", "10", "eval", "node()."])
+                    .await
+                    .map(|node| format!("; the default node is {}", node.trim().replace('\'', "")))
+                    .unwrap_or_default();
+                println!(
+                    "   RabbitMQ CPU: beam.smp pid {pid} (the one listening on the AMQP port{node}) \
+                     and its process tree"
+                );
+            }
+            None => {
+                println!(
+                    "   RabbitMQ CPU: not measured (no local beam.smp found for the AMQP port)"
+                )
+            }
+        }
+        return pid;
+    };
+    let pid = brokers
+        .split(',')
+        .next()
+        .and_then(|broker| broker.rsplit_once(':')?.1.parse().ok())
+        .and_then(|port| cpu::listening_pid(port, "tansu", &Processes::read().ok()?));
+    match pid {
+        Some(pid) => println!("   Kafka broker CPU: tansu pid {pid} and its process tree"),
+        None => println!("   Kafka broker CPU: not measured (no local tansu found)"),
+    }
+    pid
+}
+
+/// Stops the services, saying where their logs are.
+async fn stop_services(services: &mut Vec<Service>) {
+    if services.is_empty() {
+        return;
+    }
+    let names: Vec<&str> = services.iter().map(Service::name).collect();
+    println!("== stopping {}", names.join(" "));
+    let mut logs = Vec::new();
+    for mut service in services.drain(..) {
+        if !service.stop(Duration::from_secs(15)).await {
+            eprintln!("   {} did not stop within 15 s; killed it", service.name());
+        }
+        logs.push(service.log().display().to_string());
+    }
+    println!("   logs: {}", logs.join(" "));
+}
+
+/// The whole system at `concurrency` requests in flight, on a fresh database
+/// and queues: the services started (into `services`, which the caller
+/// stops), a warm-up, the closed loop with its CPU per order, then the open
+/// loop at half its orders/s. Its files go to `log_dir`.
+async fn system_run(
+    setup: &Setup<'_>,
+    admin: &mut PgConnection,
+    concurrency: u64,
+    log_dir: &Path,
+    services: &mut Vec<Service>,
+) -> anyhow::Result<(System, Open)> {
+    let Setup { args, database_url, database, amqp_url, clock, .. } = setup;
+    let clock = *clock;
+    println!("== {concurrency} in flight: fresh database and queues");
+    drop_database(admin, database).await?;
     println!("   dropped {database}; the services create and migrate it at start-up");
     // Messages an interrupted run left behind would name orders that no longer
     // exist; the services declare the queues afresh.
     let queue = format!("{}.inventory.order-placed", args.prefix);
     let dead_letter_queue = format!("{queue}.dead");
-    let kafka_brokers = match args.transport {
-        Transport::Rabbitmq => {
-            delete_queues(&amqp_url, &[&queue, &dead_letter_queue]).await?;
-            None
-        }
-        Transport::Kafka => Some(crate::kafka::brokers().await?),
-    };
+    if setup.kafka_brokers.is_none() {
+        delete_queues(amqp_url, &[&queue, &dead_letter_queue]).await?;
+    }
 
     println!("== starting the services (RUST_LOG={})", args.rust_log);
     let mut env = vec![
@@ -322,14 +460,16 @@ async fn bench(args: &Args, services: &mut Vec<Service>) -> anyhow::Result<bool>
         ("DEAD_LETTER_QUEUE".to_owned(), dead_letter_queue.clone()),
         ("RUST_LOG".to_owned(), args.rust_log.clone()),
     ];
-    if let Some(brokers) = &kafka_brokers {
+    if let Some(brokers) = &setup.kafka_brokers {
         let prefix = crate::kafka::run_prefix(&args.prefix);
         println!("   on Kafka: brokers {brokers}, topic {prefix}order");
         env.extend(crate::kafka::service_env(brokers, &prefix));
     }
+    let ports =
+        [port(args.api_port, "BENCH_API_PORT")?, port(args.consumer_port, "BENCH_CONSUMER_PORT")?];
     // The consumer starts second, so the two do not race to create the database.
-    for (name, port) in [("order-service", api_port), ("inventory-consumer", consumer_port)] {
-        let mut service = Service::new(name, &bin_dir, port, env.clone(), &log_dir);
+    for (name, port) in ["order-service", "inventory-consumer"].into_iter().zip(ports) {
+        let mut service = Service::new(name, &setup.bin_dir, port, env.clone(), log_dir);
         service.start_announced()?;
         services.push(service);
         let service = services.last_mut().expect("just pushed");
@@ -339,62 +479,25 @@ async fn bench(args: &Args, services: &mut Vec<Service>) -> anyhow::Result<bool>
         }
         println!("   {name} is ready");
     }
-    let api_url = services[0].url.clone();
     let service_pids = [services[0].pid(), services[1].pid()].map(|pid| pid.map(|pid| pid as i32));
 
-    let rabbit_pid = match &kafka_brokers {
-        None => amqp_port(&amqp_url)
-            .and_then(|port| cpu::listening_pid(port, "beam.smp", &Processes::read().ok()?)),
-        Some(brokers) => {
-            let pid = brokers
-                .split(',')
-                .next()
-                .and_then(|broker| broker.rsplit_once(':')?.1.parse().ok())
-                .and_then(|port| cpu::listening_pid(port, "tansu", &Processes::read().ok()?));
-            match pid {
-                Some(pid) => println!("   Kafka broker CPU: tansu pid {pid} and its process tree"),
-                None => println!("   Kafka broker CPU: not measured (no local tansu found)"),
-            }
-            pid
-        }
-    };
-    match rabbit_pid.filter(|_| kafka_brokers.is_none()) {
-        Some(pid) => {
-            let node = command("rabbitmqctl", &["-q", "--timeout", "10", "eval", "node()."])
-                .await
-                .map(|node| format!("; the default node is {}", node.trim().replace('\'', "")))
-                .unwrap_or_default();
-            println!(
-                "   RabbitMQ CPU: beam.smp pid {pid} (the one listening on the AMQP port{node}) \
-                 and its process tree"
-            );
-        }
-        None if kafka_brokers.is_some() => {}
-        None => {
-            println!("   RabbitMQ CPU: not measured (no local beam.smp found for the AMQP port)")
-        }
-    }
-
     let stress = Stress {
-        bin: bin_dir.join("stress-test"),
-        api_url,
+        bin: setup.bin_dir.join("stress-test"),
+        api_url: services[0].url.clone(),
         database_url: database_url.clone(),
-        log_dir: log_dir.clone(),
+        log_dir: log_dir.to_owned(),
     };
-    let concurrency = args.concurrency.to_string();
-    println!("== warm-up: {} orders, {} in flight", args.warmup_orders, args.concurrency);
+    let in_flight = concurrency.to_string();
+    println!("== warm-up: {} orders, {concurrency} in flight", args.warmup_orders);
     let (warmup, _) = stress
-        .run(
-            "warmup",
-            &["--orders", &args.warmup_orders.to_string(), "--concurrency", &concurrency],
-        )
+        .run("warmup", &["--orders", &args.warmup_orders.to_string(), "--concurrency", &in_flight])
         .await?;
     if !warmup.success() {
         bail!("the warm-up run failed");
     }
     check_alive(services)?;
 
-    let mut db = PgConnection::connect(&database_url).await?;
+    let mut db = PgConnection::connect(database_url).await?;
     // Transactions committed in other databases during the run: their
     // Postgres CPU is in the postmaster's tree too.
     let other_sql = format!(
@@ -402,15 +505,15 @@ async fn bench(args: &Args, services: &mut Vec<Service>) -> anyhow::Result<bool>
          WHERE datname IS DISTINCT FROM '{database}'"
     );
     sqlx::raw_sql("CHECKPOINT").execute(&mut db).await?;
-    println!("== closed loop: {} orders, {} in flight", args.orders, args.concurrency);
+    println!("== closed loop: {} orders, {concurrency} in flight", args.orders);
     let other_before: i64 = sqlx::query_scalar(&other_sql).fetch_one(&mut db).await.unwrap_or(0);
     let machine_before = MachineTicks::read()?;
-    let roots = [pg_pid, rabbit_pid, service_pids[0], service_pids[1]];
+    let roots = [setup.pg_pid, setup.broker_pid, service_pids[0], service_pids[1]];
     let metrics_urls = [services[0].url.clone(), services[1].url.clone()];
     let batches_before = batch_sizes(&metrics_urls).await;
     let before = Processes::read()?;
     let (closed, load_ticks) = stress
-        .run("closed", &["--orders", &args.orders.to_string(), "--concurrency", &concurrency])
+        .run("closed", &["--orders", &args.orders.to_string(), "--concurrency", &in_flight])
         .await?;
     let after = Processes::read()?;
     let machine = machine_before.until(MachineTicks::read()?);
@@ -436,7 +539,7 @@ async fn bench(args: &Args, services: &mut Vec<Service>) -> anyhow::Result<bool>
     db.close().await?;
     let run = ClosedRun {
         orders: args.orders,
-        concurrency: args.concurrency,
+        concurrency,
         report,
         component_ticks: roots.map(|root| delta(before.tree_ticks(root), after.tree_ticks(root))),
         load_ticks,
@@ -453,8 +556,9 @@ async fn bench(args: &Args, services: &mut Vec<Service>) -> anyhow::Result<bool>
             Transport::Kafka => "kafka broker",
         },
     };
-    let system = System::new(run, ceiling.pgbench.tps, pipeline.orders_per_second, clock)?;
-    for line in system.lines(&ceiling, &pipeline, clock.cores) {
+    let system =
+        System::new(run, setup.ceiling.pgbench.tps, setup.pipeline.orders_per_second, clock)?;
+    for line in system.lines(setup.ceiling, setup.pipeline, clock.cores) {
         println!("{line}");
     }
 
@@ -462,7 +566,7 @@ async fn bench(args: &Args, services: &mut Vec<Service>) -> anyhow::Result<bool>
     let mut open = Open {
         rate: Open::rate_for(system.orders_per_second),
         seconds: args.open_seconds,
-        concurrency: args.concurrency * 2,
+        concurrency: concurrency * 2,
         report: None,
         status: 0,
     };
@@ -487,26 +591,7 @@ async fn bench(args: &Args, services: &mut Vec<Service>) -> anyhow::Result<bool>
     for line in open.lines() {
         println!("{line}");
     }
-
-    let meta = Meta {
-        commit: command("git", &["rev-parse", "--short", "HEAD"])
-            .await
-            .map(|commit| commit.trim().to_owned())
-            .unwrap_or_default(),
-        dirty: command("git", &["status", "--porcelain", "--untracked-files=no"])
-            .await
-            .is_ok_and(|status| !status.trim().is_empty()),
-        date: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
-        cores: clock.cores,
-    };
-    let result_file = log_dir.join("result.json");
-    let result = report::result_json(&meta, &ceiling, &pipeline, &system, &open);
-    std::fs::write(&result_file, serde_json::to_string_pretty(&result)? + "\n")?;
-    println!("   result: {}", result_file.display());
-    if open.status != 0 {
-        bail!("the open-loop run failed (stress-test status {})", open.status);
-    }
-    Ok(true)
+    Ok((system, open))
 }
 
 /// The three batch-size histograms ([`BatchSizes::METRICS`]) from

@@ -176,6 +176,52 @@ pub fn pipeline_goal(concurrency: u64) -> Option<f64> {
     }
 }
 
+/// The goal for the whole system's CPU time per order at `concurrency`
+/// requests in flight: 0.30 ms from 128, none below.
+pub fn cpu_goal(concurrency: u64) -> Option<f64> {
+    (concurrency >= 128).then_some(0.30)
+}
+
+/// The last table of a run at several concurrencies: each one's orders/s,
+/// against the pipeline ceiling, CPU per order and open-loop lag, with the goals.
+pub fn summary(runs: &[(System, Open)]) -> Vec<String> {
+    let verdict = |met: bool| if met { "met" } else { "missed" };
+    let mut lines = vec![
+        "== summary".to_owned(),
+        format!(
+            "  {:>9}  {:>9}  {:<26}  {:<26}  {}",
+            "in flight",
+            "orders/s",
+            "/ pipeline ceiling",
+            "CPU ms an order",
+            "open-loop e2e lag p99"
+        ),
+    ];
+    for (system, open) in runs {
+        let concurrency = system.run.concurrency;
+        let ratio = match (system.over_pipeline, pipeline_goal(concurrency)) {
+            (Some(ratio), Some(goal)) => {
+                format!("{ratio:.2}x (>= {goal:.2}x: {})", verdict(ratio >= goal))
+            }
+            (Some(ratio), None) => format!("{ratio:.2}x"),
+            (None, _) => "not measured".to_owned(),
+        };
+        let total = system.cpu.total;
+        let cpu = match cpu_goal(concurrency) {
+            Some(goal) => format!("{total:.3} (<= {goal:.2}: {})", verdict(total <= goal)),
+            None => format!("{total:.3}"),
+        };
+        let lag = open.report.as_ref().and_then(|report| report.e2e_lag_ms.p99);
+        lines.push(format!(
+            "  {concurrency:>9}  {:>9.1}  {ratio:<26}  {cpu:<26}  {} ms (< 50 ms: {})",
+            system.orders_per_second,
+            dash(lag),
+            open.goal()
+        ));
+    }
+    lines
+}
+
 /// A batch-size histogram of one of the services' metrics (Prometheus text),
 /// cumulative as exposed: `(le, count)` per bucket, `+Inf` last.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -449,7 +495,15 @@ impl System {
             row("  order-service", &ms(cpu.order_service), "ms"),
             row("  inventory-consumer", &ms(cpu.inventory_consumer), "ms"),
             row("  load generator (stress-test)", &ms(Some(cpu.load_generator)), "ms"),
-            row("  total", &ms(Some(cpu.total)), "ms"),
+            row(
+                "  total",
+                &ms(Some(cpu.total)),
+                &match cpu_goal(self.run.concurrency) {
+                    Some(goal) if cpu.total <= goal => format!("ms  (goal <= {goal:.2} ms: met)"),
+                    Some(goal) => format!("ms  (goal <= {goal:.2} ms: missed)"),
+                    None => "ms".to_owned(),
+                },
+            ),
             row(
                 "  other processes on the machine (not counted)",
                 &ms(Some(cpu.other_processes)),
@@ -548,13 +602,8 @@ pub fn result_json(
     meta: &Meta,
     ceiling: &Ceiling,
     pipeline: &PipelineCeiling,
-    system: &System,
-    open: &Open,
+    runs: &[(System, Open)],
 ) -> Value {
-    let run = &system.run;
-    let report = &run.report;
-    let cpu = &system.cpu;
-    let open_report = open.report.as_ref();
     json!({
         "commit": meta.commit,
         "dirty": meta.dirty,
@@ -565,6 +614,19 @@ pub fn result_json(
         "ceiling_other_processes_cores": ceiling.other_cores,
         "pgbench_clients": ceiling.clients,
         "pgbench_seconds": ceiling.seconds,
+        "pipeline_ceiling_command": pipeline.command,
+        "pipeline_ceiling_orders_per_second": pipeline.orders_per_second,
+        "runs": runs.iter().map(|(system, open)| run_json(system, open)).collect::<Vec<_>>(),
+    })
+}
+
+/// One concurrency's figures in result.json.
+fn run_json(system: &System, open: &Open) -> Value {
+    let run = &system.run;
+    let report = &run.report;
+    let cpu = &system.cpu;
+    let open_report = open.report.as_ref();
+    json!({
         "orders": run.orders,
         "concurrency": run.concurrency,
         "ok": report.ok,
@@ -572,9 +634,8 @@ pub fn result_json(
         "converge_seconds": report.converge_seconds,
         "system_orders_per_second": fixed(system.orders_per_second, 1),
         "system_over_ceiling": system.over_ceiling,
-        "pipeline_ceiling_command": pipeline.command,
-        "pipeline_ceiling_orders_per_second": pipeline.orders_per_second,
         "system_over_pipeline_ceiling": system.over_pipeline,
+        "pipeline_goal": pipeline_goal(run.concurrency),
         "latency_ms": { "p50": report.latency_ms.p50, "p99": report.latency_ms.p99 },
         "e2e_lag_ms": { "p50": report.e2e_lag_ms.p50, "p99": report.e2e_lag_ms.p99 },
         "cpu_ms_per_order": {
@@ -921,51 +982,94 @@ order_write_batch_size_bucket{le=\"+Inf\"} 20
             cores: 2,
         };
         let open = Open { rate: 1290, seconds: 20, concurrency: 64, report: None, status: 1 };
-        let json = result_json(&meta, &ceiling(), &pipeline(), &system(), &open);
+        let json = result_json(&meta, &ceiling(), &pipeline(), &[(system(), open)]);
         assert_eq!(json["ceiling_tps"], json!(2277.912345));
-        assert_eq!(json["system_orders_per_second"], json!(2580.6));
-        assert_eq!(json["system_over_ceiling"], json!(1.13));
         assert_eq!(json["pipeline_ceiling_orders_per_second"], json!(12482.0));
-        assert_eq!(json["system_over_pipeline_ceiling"], json!(0.21));
-        assert_eq!(json["cpu_ms_per_order"]["total"], json!(0.734));
-        assert_eq!(json["machine_busy_percent"].to_string(), "100");
-        assert_eq!(json["orders_hot_update_percent"], json!(99.5));
-        assert_eq!(json["open_loop"]["ok"], Value::Null);
-        assert_eq!(json["open_loop"]["goal_lag_p99_under_50ms"], json!("unknown"));
-        assert_eq!(json["open_loop"]["stress_test_status"], json!(1));
-        let mut keys: Vec<&str> = json.as_object().unwrap().keys().map(String::as_str).collect();
-        let mut script_keys = vec![
-            "commit",
-            "dirty",
-            "date",
-            "cores",
-            "ceiling_tps",
-            "ceiling_postgres_cpu_ms_per_transaction",
-            "ceiling_other_processes_cores",
-            "pgbench_clients",
-            "pgbench_seconds",
-            "orders",
-            "concurrency",
-            "ok",
-            "elapsed_seconds",
-            "converge_seconds",
-            "system_orders_per_second",
-            "system_over_ceiling",
-            "pipeline_ceiling_command",
-            "pipeline_ceiling_orders_per_second",
-            "system_over_pipeline_ceiling",
-            "latency_ms",
-            "e2e_lag_ms",
-            "cpu_ms_per_order",
-            "machine_busy_percent",
-            "other_processes_cores",
-            "other_database_transactions",
-            "orders_hot_update_percent",
-            "batch_sizes",
-            "open_loop",
-        ];
-        keys.sort_unstable();
-        script_keys.sort_unstable();
-        assert_eq!(keys, script_keys);
+        let run = &json["runs"][0];
+        assert_eq!(run["concurrency"], json!(32));
+        assert_eq!(run["system_orders_per_second"], json!(2580.6));
+        assert_eq!(run["system_over_ceiling"], json!(1.13));
+        assert_eq!(run["system_over_pipeline_ceiling"], json!(0.21));
+        assert_eq!(run["pipeline_goal"], json!(0.25));
+        assert_eq!(run["cpu_ms_per_order"]["total"], json!(0.734));
+        assert_eq!(run["machine_busy_percent"].to_string(), "100");
+        assert_eq!(run["orders_hot_update_percent"], json!(99.5));
+        assert_eq!(run["open_loop"]["ok"], Value::Null);
+        assert_eq!(run["open_loop"]["goal_lag_p99_under_50ms"], json!("unknown"));
+        assert_eq!(run["open_loop"]["stress_test_status"], json!(1));
+        let keys_of = |value: &Value| {
+            let mut keys: Vec<String> = value.as_object().unwrap().keys().cloned().collect();
+            keys.sort_unstable();
+            keys
+        };
+        let sorted = |keys: &[&str]| {
+            let mut keys: Vec<String> = keys.iter().map(|key| (*key).to_owned()).collect();
+            keys.sort_unstable();
+            keys
+        };
+        assert_eq!(
+            keys_of(&json),
+            sorted(&[
+                "commit",
+                "dirty",
+                "date",
+                "cores",
+                "ceiling_tps",
+                "ceiling_postgres_cpu_ms_per_transaction",
+                "ceiling_other_processes_cores",
+                "pgbench_clients",
+                "pgbench_seconds",
+                "pipeline_ceiling_command",
+                "pipeline_ceiling_orders_per_second",
+                "runs",
+            ])
+        );
+        assert_eq!(
+            keys_of(run),
+            sorted(&[
+                "orders",
+                "concurrency",
+                "ok",
+                "elapsed_seconds",
+                "converge_seconds",
+                "system_orders_per_second",
+                "system_over_ceiling",
+                "system_over_pipeline_ceiling",
+                "pipeline_goal",
+                "latency_ms",
+                "e2e_lag_ms",
+                "cpu_ms_per_order",
+                "machine_busy_percent",
+                "other_processes_cores",
+                "other_database_transactions",
+                "orders_hot_update_percent",
+                "batch_sizes",
+                "open_loop",
+            ])
+        );
+    }
+
+    #[test]
+    fn the_summary_has_a_row_for_each_concurrency_with_its_goals() {
+        let at_32 = system();
+        let mut at_128 = system();
+        at_128.run.concurrency = 128;
+        at_128.over_pipeline = Some(0.41);
+        let open = |p99: f64| Open {
+            rate: 1290,
+            seconds: 20,
+            concurrency: 64,
+            report: Some(report(20000, Some(p99))),
+            status: 0,
+        };
+        let lines = summary(&[(at_32, open(23.5)), (at_128, open(57.759))]);
+        assert_eq!(lines.len(), 4, "{lines:#?}");
+        assert!(lines[2].trim_start().starts_with("32"), "{}", lines[2]);
+        assert!(lines[2].contains("0.21x (>= 0.25x: missed)"), "{}", lines[2]);
+        assert!(lines[2].contains("0.734  "), "no CPU goal below 128: {}", lines[2]);
+        assert!(lines[2].ends_with("23.5 ms (< 50 ms: met)"), "{}", lines[2]);
+        assert!(lines[3].contains("0.41x (>= 0.40x: met)"), "{}", lines[3]);
+        assert!(lines[3].contains("0.734 (<= 0.30: missed)"), "{}", lines[3]);
+        assert!(lines[3].ends_with("57.759 ms (< 50 ms: missed)"), "{}", lines[3]);
     }
 }
