@@ -16,7 +16,10 @@
 //! being staged at a time, and a writer that is free does not take the one order
 //! that has just arrived while another writer is still staging (which, with the
 //! writers taking the queue as soon as they were free, made a quarter of the
-//! transactions single orders even at 128 requests in flight).
+//! transactions single orders even at 128 requests in flight). A batch that
+//! cannot be staged (the database does not answer) keeps the other writers
+//! waiting, up to COMMIT_DEADLINE: they could not have written either. With
+//! `WRITE_BATCH_MAX=1` there are no turns: the writers write side by side.
 //!
 //! Each order still commits atomically with its lines, its event and its
 //! Idempotency-Key, and what concerns one request is answered for it alone:
@@ -274,7 +277,9 @@ impl WriterTask {
             }
             let (orders, answers): (Vec<NewOrder>, Vec<_>) =
                 jobs.drain(..).map(|job| (job.order, job.answer)).unzip();
-            let mut turn = Turn(Some(queue));
+            // Batches of one (WRITE_BATCH_MAX=1) are written side by side, as
+            // many as WRITE_CONCURRENCY: there is no batch to fill.
+            let mut turn = Turn((self.config.max_batch > 1).then_some(queue));
             let results =
                 write_in_turn(&self.db, &orders, self.config.write, &self.metrics, &mut turn).await;
             turn.pass();

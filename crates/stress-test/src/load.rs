@@ -483,6 +483,8 @@ fn sku(number: u32) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn the_orders_url_is_parsed_once_with_or_without_a_trailing_slash() {
         for url in ["http://127.0.0.1:8080", "http://127.0.0.1:8080/"] {
@@ -491,8 +493,6 @@ mod tests {
         let error = orders_url("127.0.0.1:8080").unwrap_err().to_string();
         assert!(error.contains("is not a URL"), "{error}");
     }
-
-    use super::*;
 
     #[test]
     fn orders_use_distinct_catalogue_skus() {

@@ -269,7 +269,8 @@ async fn a_free_writer_waits_for_the_staging_one_to_commit(db: PgPool) {
     let app = &app;
     let first = app.post_order(&orders[0]);
     let rest = async {
-        let waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'";
+        let waiting = "SELECT count(*) FROM pg_stat_activity \
+                       WHERE wait_event_type = 'Lock' AND datname = current_database()";
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while sqlx::query_scalar::<_, i64>(waiting).fetch_one(&app.db).await.expect("waiting") == 0
         {
@@ -284,7 +285,8 @@ async fn a_free_writer_waits_for_the_staging_one_to_commit(db: PgPool) {
             },
         ));
         let release = async {
-            tokio::time::sleep(Duration::from_millis(400)).await;
+            // Well after the last is sent (200 ms), even on a busy machine.
+            tokio::time::sleep(Duration::from_millis(1500)).await;
             lock.commit().await.expect("unlock");
         };
         tokio::join!(sending, release).0
@@ -304,4 +306,40 @@ async fn a_free_writer_waits_for_the_staging_one_to_commit(db: PgPool) {
         2.0,
         "the first order, then the ten that queued behind it: {metrics}"
     );
+}
+
+/// Without batches (`WRITE_BATCH_MAX=1`) the writers take no turns: each
+/// writes its order while the others write theirs.
+#[sqlx::test(migrator = "service_kit::MIGRATOR")]
+async fn single_order_writers_write_side_by_side(db: PgPool) {
+    let args = ["--relay-workers", "0", "--write-batch-max", "1", "--write-concurrency", "3"];
+    let app = spawn_with_args(db, &args).await;
+    let mut lock = app.db.begin().await.expect("begin");
+    sqlx::query("LOCK TABLE inventory IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .expect("lock");
+    let orders: Vec<Value> = (0..3)
+        .map(|n| json!({"customer_id": format!("c-{n}"), "items": [{"sku": "SKU-001", "quantity": 1}]}))
+        .collect();
+    let app = &app;
+    let sending = futures_util::future::join_all(orders.iter().map(|body| app.post_order(body)));
+    let release = async {
+        // All three transactions wait at their price lookup at once.
+        let waiting = "SELECT count(*) FROM pg_stat_activity \
+                       WHERE wait_event_type = 'Lock' AND datname = current_database()";
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while sqlx::query_scalar::<_, i64>(waiting).fetch_one(&app.db).await.expect("waiting") < 3 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the three writers never waited together"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        lock.commit().await.expect("unlock");
+    };
+    let (responses, ()) = tokio::join!(sending, release);
+    for response in responses {
+        assert_eq!(response.status().as_u16(), 201);
+    }
 }
