@@ -183,19 +183,47 @@ async fn a_failure_mid_batch_lands_on_its_order_alone(db: PgPool) {
     assert_eq!(poison, 0, "nothing of the refused order is left");
 }
 
+/// Holds `LOCK TABLE inventory` until the transaction returned is committed:
+/// a batch then waits at its price lookup.
+async fn lock_inventory(db: &PgPool) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut lock = db.begin().await.expect("begin");
+    sqlx::query("LOCK TABLE inventory IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .expect("lock");
+    lock
+}
+
+/// Returns once `count` of this database's backends wait for a lock.
+async fn until_waiting_for_locks(db: &PgPool, count: i64) {
+    let waiting = "SELECT count(*) FROM pg_stat_activity \
+                   WHERE wait_event_type = 'Lock' AND datname = current_database()";
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while sqlx::query_scalar::<_, i64>(waiting).fetch_one(db).await.expect("waiting") < count {
+        assert!(tokio::time::Instant::now() < deadline, "{count} writers never waited together");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// An order of one SKU-001, from customer `c-<n>`.
+fn one_line_order(n: usize) -> Value {
+    json!({"customer_id": format!("c-{n}"), "items": [{"sku": "SKU-001", "quantity": 1}]})
+}
+
+/// The value of sample `name` in a `/metrics` text.
+fn metric(metrics: &str, name: &str) -> f64 {
+    test_support::sample(metrics, name).unwrap_or_else(|| panic!("{name} in {metrics}"))
+}
+
 /// Over HTTP: requests that queue while the writer is busy share its next
 /// transaction, and each gets its own answer.
 #[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn concurrent_requests_share_transactions_and_get_their_own_answers(db: PgPool) {
     let app = spawn_with_args(db, &["--relay-workers", "0", "--write-concurrency", "1"]).await;
     // Hold the writer's first transaction at its price lookup, so the others queue.
-    let mut lock = app.db.begin().await.expect("begin");
-    sqlx::query("LOCK TABLE inventory IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut *lock)
-        .await
-        .expect("lock");
+    let lock = lock_inventory(&app.db).await;
 
-    let good = |n: usize| json!({"customer_id": format!("c-{n}"), "items": [{"sku": "SKU-001", "quantity": 1}]});
+    let good = one_line_order;
     let unknown = json!({"customer_id": "u", "items": [{"sku": "SKU-404", "quantity": 1}]});
     let keyed = good(100);
     let mut requests = Vec::new();
@@ -243,9 +271,7 @@ async fn concurrent_requests_share_transactions_and_get_their_own_answers(db: Pg
     events_match_orders(&app.db).await;
 
     let metrics = app.metrics().await;
-    let value = |name: &str| -> f64 {
-        test_support::sample(&metrics, name).unwrap_or_else(|| panic!("{name} in {metrics}"))
-    };
+    let value = |name: &str| metric(&metrics, name);
     assert_eq!(value("order_write_batch_size_sum"), 13.0, "every placed order counted once");
     let transactions = value("order_write_batch_size_count");
     assert!(transactions <= 4.0, "13 orders in {transactions} transactions: not batched");
@@ -257,26 +283,14 @@ async fn concurrent_requests_share_transactions_and_get_their_own_answers(db: Pg
 #[sqlx::test(migrator = "service_kit::MIGRATOR")]
 async fn a_free_writer_waits_for_the_staging_one_to_commit(db: PgPool) {
     let app = spawn_with_args(db, &["--relay-workers", "0", "--write-concurrency", "2"]).await;
-    let mut lock = app.db.begin().await.expect("begin");
-    sqlx::query("LOCK TABLE inventory IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut *lock)
-        .await
-        .expect("lock");
-    let order = |n: usize| json!({"customer_id": format!("c-{n}"), "items": [{"sku": "SKU-001", "quantity": 1}]});
+    let lock = lock_inventory(&app.db).await;
 
     // The first writer's batch of one waits at its price lookup.
-    let orders: Vec<Value> = (0..=10).map(order).collect();
+    let orders: Vec<Value> = (0..=10).map(one_line_order).collect();
     let app = &app;
     let first = app.post_order(&orders[0]);
     let rest = async {
-        let waiting = "SELECT count(*) FROM pg_stat_activity \
-                       WHERE wait_event_type = 'Lock' AND datname = current_database()";
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while sqlx::query_scalar::<_, i64>(waiting).fetch_one(&app.db).await.expect("waiting") == 0
-        {
-            assert!(tokio::time::Instant::now() < deadline, "the first batch never waited");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        until_waiting_for_locks(&app.db, 1).await;
         let sending = futures_util::future::join_all(orders[1..].iter().zip(1..).map(
             |(body, n)| async move {
                 // One after another, so that a free writer would take the first alone.
@@ -297,9 +311,7 @@ async fn a_free_writer_waits_for_the_staging_one_to_commit(db: PgPool) {
     }
 
     let metrics = app.metrics().await;
-    let value = |name: &str| -> f64 {
-        test_support::sample(&metrics, name).unwrap_or_else(|| panic!("{name} in {metrics}"))
-    };
+    let value = |name: &str| metric(&metrics, name);
     assert_eq!(value("order_write_batch_size_sum"), 11.0);
     assert_eq!(
         value("order_write_batch_size_count"),
@@ -314,28 +326,13 @@ async fn a_free_writer_waits_for_the_staging_one_to_commit(db: PgPool) {
 async fn single_order_writers_write_side_by_side(db: PgPool) {
     let args = ["--relay-workers", "0", "--write-batch-max", "1", "--write-concurrency", "3"];
     let app = spawn_with_args(db, &args).await;
-    let mut lock = app.db.begin().await.expect("begin");
-    sqlx::query("LOCK TABLE inventory IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut *lock)
-        .await
-        .expect("lock");
-    let orders: Vec<Value> = (0..3)
-        .map(|n| json!({"customer_id": format!("c-{n}"), "items": [{"sku": "SKU-001", "quantity": 1}]}))
-        .collect();
+    let lock = lock_inventory(&app.db).await;
+    let orders: Vec<Value> = (0..3).map(one_line_order).collect();
     let app = &app;
     let sending = futures_util::future::join_all(orders.iter().map(|body| app.post_order(body)));
     let release = async {
         // All three transactions wait at their price lookup at once.
-        let waiting = "SELECT count(*) FROM pg_stat_activity \
-                       WHERE wait_event_type = 'Lock' AND datname = current_database()";
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while sqlx::query_scalar::<_, i64>(waiting).fetch_one(&app.db).await.expect("waiting") < 3 {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the three writers never waited together"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        until_waiting_for_locks(&app.db, 3).await;
         lock.commit().await.expect("unlock");
     };
     let (responses, ()) = tokio::join!(sending, release);
