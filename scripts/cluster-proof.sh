@@ -12,4 +12,4 @@ source scripts/services.sh
 case " $* " in *" -h "* | *" --help "*) exec cargo xtask cluster-proof --help ;; esac
 ensure_postgres
 export PG_HOST PG_PORT
-exec cargo xtask cluster-proof "$@"
+exec "${xtask[@]}" cluster-proof "$@"

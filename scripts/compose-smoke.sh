@@ -11,4 +11,6 @@
 # Usage: scripts/compose-smoke.sh [--orders N]   (orders per stack, default 20)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec cargo xtask compose-smoke "$@"
+# shellcheck source-path=SCRIPTDIR/..
+source scripts/services.sh
+exec "${xtask[@]}" compose-smoke "$@"

@@ -12,4 +12,4 @@ cd "$(dirname "$0")/.."
 source scripts/services.sh
 ensure_postgres
 export PG_HOST PG_PORT
-exec cargo xtask fuzz-api "$@"
+exec "${xtask[@]}" fuzz-api "$@"

@@ -8,6 +8,16 @@ PG_PORT=${PG_PORT:-5432}
 AMQP_HOST=${AMQP_HOST:-127.0.0.1}
 AMQP_PORT=${AMQP_PORT:-5672}
 
+# How the scripts run `cargo xtask`: through cargo, which builds it first, or,
+# with OUTBOX_PREBUILT=1 (scripts/test.sh, which has built the workspace with
+# the tests' features), the binary as it is: another `cargo run` would resolve
+# other features and compile the workspace a second time.
+if [ "${OUTBOX_PREBUILT:-}" = 1 ]; then
+    xtask=("${CARGO_TARGET_DIR:-target}/debug/xtask")
+else
+    xtask=(cargo xtask)
+fi
+
 port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
 
 wait_for_port() { # name host port seconds

@@ -116,6 +116,13 @@ status=0
 cargo test --workspace --locked --no-fail-fast --features outbox/kafka -- "$@" 2>&1 | tee "$log" || status=$?
 scripts/kafka-broker.sh stop
 took "cargo test (building the tests included)"
+# The binaries the checks below run, built with the tests' features (the
+# tests built most of them): `cargo xtask` and the checks' own `cargo build`
+# would resolve other features and compile the workspace again.
+cargo build --workspace --all-targets --locked --features outbox/kafka
+export OUTBOX_PREBUILT=1
+source scripts/services.sh # again: "${xtask[@]}" is now that binary
+took "cargo build of the binaries the checks run"
 
 # The checks that run whole processes: each counts as one test in the summary.
 checks_passed=0
@@ -135,7 +142,7 @@ check() { # name, command...
 }
 # The docs: README_zh.md has README.md's headings and code blocks, and every
 # relative link of the READMEs and docs/*.md names a file (and a heading) that exists.
-check "docs: README_zh mirrors README, links resolve (cargo xtask check-docs)" cargo xtask check-docs
+check "docs: README_zh mirrors README, links resolve (cargo xtask check-docs)" "${xtask[@]}" check-docs
 check "API fuzzing (scripts/fuzz-api.sh)" scripts/fuzz-api.sh
 # docker-compose.yml run for real: with the machine's engine and the official
 # images where a registry answers, else (here) a private engine and stand-in

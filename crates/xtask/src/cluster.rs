@@ -164,12 +164,7 @@ async fn prove(
 ) -> anyhow::Result<bool> {
     let local = Local::from_env();
     println!("== building ({})", args.profile);
-    let mut build = vec!["build", "--locked", "-q"];
-    if args.profile == "release" {
-        build.push("--release");
-    }
-    build.extend(["-p", "order-service", "-p", "inventory-consumer", "-p", "stress-test"]);
-    command("cargo", &build).await?;
+    crate::process::build_services(args.profile == "release", true).await?;
     let bin_dir = bin_dir(&args.profile);
 
     println!("== the cluster");

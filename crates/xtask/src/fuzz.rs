@@ -49,13 +49,7 @@ pub async fn run(args: Args) -> anyhow::Result<bool> {
     std::fs::create_dir_all(&run_dir)?;
     let schemathesis = install_schemathesis().await?;
 
-    let built = tokio::process::Command::new(std::env::var("CARGO").unwrap_or("cargo".into()))
-        .args(["build", "-q", "--locked", "-p", "order-service"])
-        .status()
-        .await?;
-    if !built.success() {
-        bail!("cargo build -p order-service failed ({built})");
-    }
+    crate::process::build_services(false, true).await?;
     let mut admin = PgConnection::connect(&local.database_url("postgres")).await?;
     sqlx::raw_sql("DROP DATABASE IF EXISTS outbox_fuzz WITH (FORCE)")
         .execute(&mut admin)
