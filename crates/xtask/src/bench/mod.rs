@@ -556,8 +556,7 @@ async fn system_run(
             Transport::Kafka => "kafka broker",
         },
     };
-    let system =
-        System::new(run, setup.ceiling.pgbench.tps, setup.pipeline.orders_per_second, clock)?;
+    let system = System::new(run, setup.ceiling.pgbench.tps, &setup.pipeline, clock)?;
     for line in system.lines(setup.ceiling, setup.pipeline, clock.cores) {
         println!("{line}");
     }
@@ -638,6 +637,7 @@ async fn pipeline_ceiling(
         return Ok(PipelineCeiling {
             command: format!("no {}", script.display()),
             orders_per_second: None,
+            cpu_ms_per_order: None,
         });
     }
     println!("== pipeline ceiling: {command}");
@@ -659,7 +659,8 @@ async fn pipeline_ceiling(
         eprint!("{}", String::from_utf8_lossy(&output.stderr));
         bail!("{command} failed (status {})", status_code(output.status));
     }
-    Ok(PipelineCeiling { command, orders_per_second })
+    let cpu_ms_per_order = PipelineCeiling::parse_cpu(&out);
+    Ok(PipelineCeiling { command, orders_per_second, cpu_ms_per_order })
 }
 
 /// The libpq variables (`PGHOST`, `PGPORT`, `PGUSER`, `PGPASSWORD`) that reach

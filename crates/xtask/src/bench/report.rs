@@ -153,6 +153,9 @@ pub struct PipelineCeiling {
     pub command: String,
     /// `None` when it was not run (no script) or printed no figure.
     pub orders_per_second: Option<f64>,
+    /// The whole machine's CPU time per order in the best run, in ms; `None`
+    /// when not measured.
+    pub cpu_ms_per_order: Option<f64>,
 }
 
 impl PipelineCeiling {
@@ -163,6 +166,19 @@ impl PipelineCeiling {
             .rev()
             .find_map(|line| line.trim().strip_prefix("pipeline_ceiling=")?.parse().ok())
             .filter(|&ops: &f64| ops > 0.0)
+    }
+
+    /// The machine's CPU ms an order of the run that made the ceiling: its
+    /// line's `busy_cores` over its `orders/s`.
+    pub fn parse_cpu(output: &str) -> Option<f64> {
+        let best = Self::parse(output)?;
+        output.lines().find_map(|line| {
+            let field = |name: &str| -> Option<f64> {
+                line.split_whitespace().find_map(|word| word.strip_prefix(name)?.parse().ok())
+            };
+            let orders_per_second = field("orders/s=")?;
+            (orders_per_second == best).then_some(field("busy_cores=")? * 1000.0 / best)
+        })
     }
 }
 
@@ -182,6 +198,17 @@ pub fn cpu_goal(concurrency: u64) -> Option<f64> {
     (concurrency >= 128).then_some(0.30)
 }
 
+/// The machine's CPU ms an order of the pipeline ceiling where the CPU goal was
+/// set (2026-12-06: 16,697 orders/s, 1.94 cores busy).
+const CPU_GOAL_PIPELINE_CPU_MS: f64 = 1.94 * 1000.0 / 16_697.0;
+
+/// [`cpu_goal`] as a ratio to the pipeline ceiling's own CPU an order, which
+/// moves with the machine as the system's does: 0.30 ms against the 0.116 ms
+/// of the ceiling where it was set, 2.58x.
+pub fn cpu_ratio_goal(concurrency: u64) -> Option<f64> {
+    cpu_goal(concurrency).map(|ms| fixed(ms / CPU_GOAL_PIPELINE_CPU_MS, 2))
+}
+
 /// The last table of a run at several concurrencies: each one's orders/s,
 /// against the pipeline ceiling, CPU per order and open-loop lag, with the goals.
 pub fn summary(runs: &[(System, Open)]) -> Vec<String> {
@@ -189,11 +216,12 @@ pub fn summary(runs: &[(System, Open)]) -> Vec<String> {
     let mut lines = vec![
         "== summary".to_owned(),
         format!(
-            "  {:>9}  {:>9}  {:<26}  {:<26}  {}",
+            "  {:>9}  {:>9}  {:<26}  {:<26}  {:<26}  {}",
             "in flight",
             "orders/s",
             "/ pipeline ceiling",
             "CPU ms an order",
+            "/ pipeline ceiling's CPU",
             "open-loop e2e lag p99"
         ),
     ];
@@ -211,9 +239,16 @@ pub fn summary(runs: &[(System, Open)]) -> Vec<String> {
             Some(goal) => format!("{total:.3} (<= {goal:.2}: {})", verdict(total <= goal)),
             None => format!("{total:.3}"),
         };
+        let cpu_ratio = match (system.cpu_over_pipeline, cpu_ratio_goal(concurrency)) {
+            (Some(ratio), Some(goal)) => {
+                format!("{ratio:.2}x (<= {goal:.2}x: {})", verdict(ratio <= goal))
+            }
+            (Some(ratio), None) => format!("{ratio:.2}x"),
+            (None, _) => "not measured".to_owned(),
+        };
         let lag = open.report.as_ref().and_then(|report| report.e2e_lag_ms.p99);
         lines.push(format!(
-            "  {concurrency:>9}  {:>9.1}  {ratio:<26}  {cpu:<26}  {} ms (< 50 ms: {})",
+            "  {concurrency:>9}  {:>9.1}  {ratio:<26}  {cpu:<26}  {cpu_ratio:<26}  {} ms (< 50 ms: {})",
             system.orders_per_second,
             dash(lag),
             open.goal()
@@ -373,6 +408,8 @@ pub struct System {
     /// Against the pipeline ceiling's orders/s, when it was measured.
     pub over_pipeline: Option<f64>,
     pub cpu: CpuPerOrder,
+    /// The total CPU an order against the pipeline ceiling's, when measured.
+    pub cpu_over_pipeline: Option<f64>,
     pub machine_busy_percent: i64,
     /// The cores the other processes kept busy.
     pub other_cores: f64,
@@ -382,7 +419,7 @@ impl System {
     pub fn new(
         run: ClosedRun,
         ceiling_tps: f64,
-        pipeline_ceiling: Option<f64>,
+        pipeline: &PipelineCeiling,
         clock: Clock,
     ) -> anyhow::Result<Self> {
         let report = &run.report;
@@ -414,7 +451,8 @@ impl System {
         Ok(Self {
             orders_per_second,
             over_ceiling: fixed(orders_per_second / ceiling_tps, 2),
-            over_pipeline: pipeline_ceiling.map(|ops| fixed(orders_per_second / ops, 2)),
+            over_pipeline: pipeline.orders_per_second.map(|ops| fixed(orders_per_second / ops, 2)),
+            cpu_over_pipeline: pipeline.cpu_ms_per_order.map(|ms| fixed(total / ms, 2)),
             cpu: CpuPerOrder {
                 postgres,
                 rabbitmq,
@@ -502,6 +540,24 @@ impl System {
                     Some(goal) if cpu.total <= goal => format!("ms  (goal <= {goal:.2} ms: met)"),
                     Some(goal) => format!("ms  (goal <= {goal:.2} ms: missed)"),
                     None => "ms".to_owned(),
+                },
+            ),
+            row(
+                "  total / the pipeline ceiling's",
+                &dash(self.cpu_over_pipeline.map(|ratio| format!("{ratio:.2}x"))),
+                &match (pipeline.cpu_ms_per_order, cpu_ratio_goal(self.run.concurrency)) {
+                    (Some(ms), goal) => format!(
+                        "(the ceiling's {ms:.3} ms an order{})",
+                        match (self.cpu_over_pipeline, goal) {
+                            (Some(ratio), Some(goal)) => format!(
+                                "; goal <= {goal:.2}x, the {:.2} ms goal on its machine: {}",
+                                cpu_goal(self.run.concurrency).unwrap_or_default(),
+                                if ratio <= goal { "met" } else { "missed" }
+                            ),
+                            _ => String::new(),
+                        }
+                    ),
+                    (None, _) => "(not measured)".to_owned(),
                 },
             ),
             row(
@@ -616,6 +672,7 @@ pub fn result_json(
         "pgbench_seconds": ceiling.seconds,
         "pipeline_ceiling_command": pipeline.command,
         "pipeline_ceiling_orders_per_second": pipeline.orders_per_second,
+        "pipeline_ceiling_cpu_ms_per_order": pipeline.cpu_ms_per_order,
         "runs": runs.iter().map(|(system, open)| run_json(system, open)).collect::<Vec<_>>(),
     })
 }
@@ -636,6 +693,8 @@ fn run_json(system: &System, open: &Open) -> Value {
         "system_over_ceiling": system.over_ceiling,
         "system_over_pipeline_ceiling": system.over_pipeline,
         "pipeline_goal": pipeline_goal(run.concurrency),
+        "cpu_over_pipeline_ceiling": system.cpu_over_pipeline,
+        "cpu_over_pipeline_ceiling_goal": cpu_ratio_goal(run.concurrency),
         "latency_ms": { "p50": report.latency_ms.p50, "p99": report.latency_ms.p99 },
         "e2e_lag_ms": { "p50": report.e2e_lag_ms.p50, "p99": report.e2e_lag_ms.p99 },
         "cpu_ms_per_order": {
@@ -727,13 +786,23 @@ tps = 2277.912345 (without initial connection time)
             broker: "rabbitmq",
             batches: BatchSizes::default(),
         };
-        System::new(run, ceiling().pgbench.tps, Some(12482.0), CLOCK).unwrap()
+        System::new(run, ceiling().pgbench.tps, &pipeline(), CLOCK).unwrap()
     }
 
     fn pipeline() -> PipelineCeiling {
         PipelineCeiling {
             command: "../shared/perf/pipeline-ceiling.sh 4 8".to_owned(),
             orders_per_second: Some(12482.0),
+            // 1.90 cores busy at 12482 orders/s.
+            cpu_ms_per_order: Some(0.1522),
+        }
+    }
+
+    fn unmeasured() -> PipelineCeiling {
+        PipelineCeiling {
+            command: "no ../shared/perf/pipeline-ceiling.sh".to_owned(),
+            orders_per_second: None,
+            cpu_ms_per_order: None,
         }
     }
 
@@ -795,6 +864,25 @@ order_write_batch_size_bucket{le=\"+Inf\"} 20
         assert_eq!(PipelineCeiling::parse(output), Some(12482.0));
         assert_eq!(PipelineCeiling::parse("pipeline_ceiling=0\n"), None);
         assert_eq!(PipelineCeiling::parse("psql: error: connection refused\n"), None);
+        // The CPU of the line that made the ceiling, not the first line's.
+        let cpu = PipelineCeiling::parse_cpu(output).unwrap();
+        assert!((cpu - 1.90 * 1000.0 / 12482.0).abs() < 1e-9, "{cpu}");
+        assert_eq!(
+            PipelineCeiling::parse_cpu("clients=4 orders/s=7340\npipeline_ceiling=7340\n"),
+            None
+        );
+        assert_eq!(PipelineCeiling::parse_cpu("busy_cores=1.9\n"), None);
+    }
+
+    #[test]
+    fn the_cpu_goal_scales_with_the_pipeline_ceilings_cpu() {
+        assert_eq!(cpu_goal(128), Some(0.30));
+        assert_eq!(cpu_goal(32), None);
+        // 0.30 ms against the 0.116 ms a pipeline order took where it was set.
+        assert_eq!(cpu_ratio_goal(128), Some(2.58));
+        assert_eq!(cpu_ratio_goal(32), None);
+        // 0.734 ms against the ceiling's 0.1522 ms.
+        assert_eq!(system().cpu_over_pipeline, Some(4.82));
     }
 
     #[test]
@@ -879,6 +967,7 @@ order_write_batch_size_bucket{le=\"+Inf\"} 20
             "    inventory-consumer                                            0.069 ms",
             "    load generator (stress-test)                                  0.044 ms",
             "    total                                                         0.734 ms",
+            "    total / the pipeline ceiling's                                4.82x (the ceiling's 0.152 ms an order)",
             "    other processes on the machine (not counted)                  0.041 ms  (0.11 cores; the machine 100% busy of 2)",
             "  orders status updates that were HOT                              99.5 %",
             "  batch sizes reached (mean, batches, share of batches by size)",
@@ -895,6 +984,12 @@ order_write_batch_size_bucket{le=\"+Inf\"} 20
             "0.40x",
             "(goal >= 0.40x: met)"
         )));
+        fast.cpu_over_pipeline = Some(2.5);
+        assert!(fast.lines(&ceiling(), &pipeline(), 2).contains(&row(
+            "  total / the pipeline ceiling's",
+            "2.50x",
+            "(the ceiling's 0.152 ms an order; goal <= 2.58x, the 0.30 ms goal on its machine: met)"
+        )));
     }
 
     #[test]
@@ -904,20 +999,18 @@ order_write_batch_size_bucket{le=\"+Inf\"} 20
         system.run.hot_percent = None;
         system.run.other_transactions = 11;
         system.run.report.e2e_lag_ms = Lag { p50: None, p99: None };
-        let system = System::new(system.run, 2277.9, None, CLOCK).unwrap();
+        let system = System::new(system.run, 2277.9, &unmeasured(), CLOCK).unwrap();
         assert_eq!(system.cpu.rabbitmq, None);
         assert_eq!(system.cpu.total, 0.554); // the rest still adds up
-        let unmeasured = PipelineCeiling {
-            command: "no ../shared/perf/pipeline-ceiling.sh".to_owned(),
-            orders_per_second: None,
-        };
-        let lines = system.lines(&ceiling(), &unmeasured, 2);
+        assert_eq!(system.cpu_over_pipeline, None);
+        let lines = system.lines(&ceiling(), &unmeasured(), 2);
         assert!(lines.contains(&row(
             "pipeline ceiling (best of its client counts)",
             "-",
             "orders/s  (no ../shared/perf/pipeline-ceiling.sh)"
         )));
         assert!(lines.contains(&row("system / pipeline ceiling", "-", "(not measured)")));
+        assert!(lines.contains(&row("  total / the pipeline ceiling's", "-", "(not measured)")));
         assert!(lines.contains(&row("e2e lag p50 / p99", "- / -", "ms")));
         assert!(lines.contains(&row("  rabbitmq", "-", "ms")));
         assert!(lines.contains(&row("orders status updates that were HOT", "-", "%")));
@@ -932,9 +1025,9 @@ order_write_batch_size_bucket{le=\"+Inf\"} 20
     fn a_run_that_accepted_nothing_or_did_not_wait_has_no_figures() {
         let mut run = system().run;
         run.report = report(0, None);
-        assert!(System::new(run.clone(), 100.0, None, CLOCK).is_err());
+        assert!(System::new(run.clone(), 100.0, &unmeasured(), CLOCK).is_err());
         run.report = StressReport { converge_seconds: None, ..report(10, None) };
-        assert!(System::new(run, 100.0, None, CLOCK).is_err());
+        assert!(System::new(run, 100.0, &unmeasured(), CLOCK).is_err());
     }
 
     #[test]
@@ -991,6 +1084,9 @@ order_write_batch_size_bucket{le=\"+Inf\"} 20
         assert_eq!(run["system_over_ceiling"], json!(1.13));
         assert_eq!(run["system_over_pipeline_ceiling"], json!(0.21));
         assert_eq!(run["pipeline_goal"], json!(0.25));
+        assert_eq!(run["cpu_over_pipeline_ceiling"], json!(4.82));
+        assert_eq!(run["cpu_over_pipeline_ceiling_goal"], Value::Null);
+        assert_eq!(json["pipeline_ceiling_cpu_ms_per_order"], json!(0.1522));
         assert_eq!(run["cpu_ms_per_order"]["total"], json!(0.734));
         assert_eq!(run["machine_busy_percent"].to_string(), "100");
         assert_eq!(run["orders_hot_update_percent"], json!(99.5));
@@ -1020,6 +1116,7 @@ order_write_batch_size_bucket{le=\"+Inf\"} 20
                 "pgbench_clients",
                 "pgbench_seconds",
                 "pipeline_ceiling_command",
+                "pipeline_ceiling_cpu_ms_per_order",
                 "pipeline_ceiling_orders_per_second",
                 "runs",
             ])
@@ -1036,6 +1133,8 @@ order_write_batch_size_bucket{le=\"+Inf\"} 20
                 "system_over_ceiling",
                 "system_over_pipeline_ceiling",
                 "pipeline_goal",
+                "cpu_over_pipeline_ceiling",
+                "cpu_over_pipeline_ceiling_goal",
                 "latency_ms",
                 "e2e_lag_ms",
                 "cpu_ms_per_order",
@@ -1055,6 +1154,9 @@ order_write_batch_size_bucket{le=\"+Inf\"} 20
         let mut at_128 = system();
         at_128.run.concurrency = 128;
         at_128.over_pipeline = Some(0.41);
+        let mut at_256 = system();
+        at_256.run.concurrency = 256;
+        at_256.cpu_over_pipeline = Some(2.3);
         let open = |p99: f64| Open {
             rate: 1290,
             seconds: 20,
@@ -1062,14 +1164,17 @@ order_write_batch_size_bucket{le=\"+Inf\"} 20
             report: Some(report(20000, Some(p99))),
             status: 0,
         };
-        let lines = summary(&[(at_32, open(23.5)), (at_128, open(57.759))]);
-        assert_eq!(lines.len(), 4, "{lines:#?}");
+        let lines = summary(&[(at_32, open(23.5)), (at_128, open(57.759)), (at_256, open(20.0))]);
+        assert_eq!(lines.len(), 5, "{lines:#?}");
         assert!(lines[2].trim_start().starts_with("32"), "{}", lines[2]);
         assert!(lines[2].contains("0.21x (>= 0.25x: missed)"), "{}", lines[2]);
         assert!(lines[2].contains("0.734  "), "no CPU goal below 128: {}", lines[2]);
+        assert!(lines[2].contains("4.82x  "), "no CPU goal below 128: {}", lines[2]);
         assert!(lines[2].ends_with("23.5 ms (< 50 ms: met)"), "{}", lines[2]);
         assert!(lines[3].contains("0.41x (>= 0.40x: met)"), "{}", lines[3]);
         assert!(lines[3].contains("0.734 (<= 0.30: missed)"), "{}", lines[3]);
+        assert!(lines[3].contains("4.82x (<= 2.58x: missed)"), "{}", lines[3]);
+        assert!(lines[4].contains("2.30x (<= 2.58x: met)"), "{}", lines[4]);
         assert!(lines[3].ends_with("57.759 ms (< 50 ms: missed)"), "{}", lines[3]);
     }
 }
