@@ -556,7 +556,7 @@ async fn system_run(
             Transport::Kafka => "kafka broker",
         },
     };
-    let system = System::new(run, setup.ceiling.pgbench.tps, &setup.pipeline, clock)?;
+    let system = System::new(run, setup.ceiling.pgbench.tps, setup.pipeline, clock)?;
     for line in system.lines(setup.ceiling, setup.pipeline, clock.cores) {
         println!("{line}");
     }
