@@ -51,8 +51,8 @@ use sqlx::{Connection, PgConnection};
 use crate::process::{Local, Service, Transport, bin_dir, command, free_port, until_signal};
 use cpu::{Clock, MachineTicks, Processes, delta, reaped_ticks};
 use report::{
-    BatchSizes, Batches, Ceiling, ClosedRun, Meta, Open, Pgbench, PipelineCeiling, StressReport,
-    System,
+    BatchSizes, Batches, Ceiling, ClosedRun, Failed, Meta, Open, Pgbench, PipelineCeiling,
+    StressReport, System,
 };
 
 pub use parts::{PassThrough, QueueTypesArgs, consumer, queue_types, relay};
@@ -315,12 +315,21 @@ async fn bench(args: &Args, services: &mut Vec<Service>) -> anyhow::Result<bool>
         pipeline: &pipeline,
     };
     let mut runs = Vec::with_capacity(args.concurrency.len());
+    // A run that fails ends the benchmark, but the runs before it still make
+    // their summary and result.json.
+    let mut failed = None;
     for &concurrency in &args.concurrency {
         let run_dir = log_dir.join(format!("in-flight-{concurrency}"));
         std::fs::create_dir_all(&run_dir)?;
         let run = system_run(&setup, &mut admin, concurrency, &run_dir, services).await;
         stop_services(services).await;
-        runs.push(run?);
+        match run {
+            Ok(run) => runs.push(run),
+            Err(error) => {
+                failed = Some(Failed { concurrency, error });
+                break;
+            }
+        }
     }
     admin.close().await?;
     if runs.len() > 1 {
@@ -341,9 +350,15 @@ async fn bench(args: &Args, services: &mut Vec<Service>) -> anyhow::Result<bool>
         cores: clock.cores,
     };
     let result_file = log_dir.join("result.json");
-    let result = report::result_json(&meta, &ceiling, &pipeline, &runs);
+    let result = report::result_json(&meta, &ceiling, &pipeline, &runs, failed.as_ref());
     std::fs::write(&result_file, serde_json::to_string_pretty(&result)? + "\n")?;
     println!("   result: {}", result_file.display());
+    if let Some(Failed { concurrency, error }) = failed {
+        return Err(error.context(format!(
+            "the run at {concurrency} in flight failed (result.json holds the {} before it)",
+            runs.len()
+        )));
+    }
     for (system, open) in &runs {
         if open.status != 0 {
             bail!(

@@ -653,12 +653,20 @@ pub struct Meta {
     pub cores: usize,
 }
 
-/// `result.json`, the keys as scripts/bench-e2e.sh always wrote them.
+/// A run of the whole system that failed, which ended the benchmark.
+pub struct Failed {
+    pub concurrency: u64,
+    pub error: anyhow::Error,
+}
+
+/// `result.json`, the keys as scripts/bench-e2e.sh always wrote them; `failed`
+/// when a run failed after `runs`.
 pub fn result_json(
     meta: &Meta,
     ceiling: &Ceiling,
     pipeline: &PipelineCeiling,
     runs: &[(System, Open)],
+    failed: Option<&Failed>,
 ) -> Value {
     json!({
         "commit": meta.commit,
@@ -674,6 +682,10 @@ pub fn result_json(
         "pipeline_ceiling_orders_per_second": pipeline.orders_per_second,
         "pipeline_ceiling_cpu_ms_per_order": pipeline.cpu_ms_per_order,
         "runs": runs.iter().map(|(system, open)| run_json(system, open)).collect::<Vec<_>>(),
+        "failed": failed.map(|failed| json!({
+            "concurrency": failed.concurrency,
+            "error": format!("{:#}", failed.error),
+        })),
     })
 }
 
@@ -1075,7 +1087,16 @@ order_write_batch_size_bucket{le=\"+Inf\"} 20
             cores: 2,
         };
         let open = Open { rate: 1290, seconds: 20, concurrency: 64, report: None, status: 1 };
-        let json = result_json(&meta, &ceiling(), &pipeline(), &[(system(), open)]);
+        let json = result_json(&meta, &ceiling(), &pipeline(), &[(system(), open.clone())], None);
+        assert_eq!(json["failed"], Value::Null);
+        let failed = Failed { concurrency: 128, error: anyhow::anyhow!("no order was accepted") };
+        let partial =
+            result_json(&meta, &ceiling(), &pipeline(), &[(system(), open)], Some(&failed));
+        assert_eq!(partial["runs"].as_array().map(Vec::len), Some(1));
+        assert_eq!(
+            partial["failed"],
+            json!({"concurrency": 128, "error": "no order was accepted"})
+        );
         assert_eq!(json["ceiling_tps"], json!(2277.912345));
         assert_eq!(json["pipeline_ceiling_orders_per_second"], json!(12482.0));
         let run = &json["runs"][0];
@@ -1119,6 +1140,7 @@ order_write_batch_size_bucket{le=\"+Inf\"} 20
                 "pipeline_ceiling_cpu_ms_per_order",
                 "pipeline_ceiling_orders_per_second",
                 "runs",
+                "failed",
             ])
         );
         assert_eq!(
