@@ -41,8 +41,8 @@ struct Args {
     /// Batch sizes to run, the first being the baseline.
     #[arg(long, value_delimiter = ',', default_value = "1,128")]
     batch_sizes: Vec<usize>,
-    /// Consumer workers (CONCURRENCY).
-    #[arg(long, default_value_t = 2)]
+    /// Consumer workers (CONCURRENCY); the consumer's default, one.
+    #[arg(long, default_value_t = 1)]
     concurrency: usize,
     /// Prefetch per worker.
     #[arg(long, default_value_t = 256)]
