@@ -468,6 +468,24 @@ impl System {
         })
     }
 
+    /// What follows the ratio of CPU an order to the pipeline ceiling's: the
+    /// ceiling's own, and the goal scaled to it with its verdict.
+    fn cpu_over_pipeline_note(&self, pipeline: &PipelineCeiling) -> String {
+        let Some(ceiling_ms) = pipeline.cpu_ms_per_order else {
+            return "(not measured)".to_owned();
+        };
+        let concurrency = self.run.concurrency;
+        let goal =
+            match (self.cpu_over_pipeline, cpu_ratio_goal(concurrency), cpu_goal(concurrency)) {
+                (Some(ratio), Some(goal), Some(goal_ms)) => format!(
+                    "; goal <= {goal:.2}x, the {goal_ms:.2} ms goal on its machine: {}",
+                    if ratio <= goal { "met" } else { "missed" }
+                ),
+                _ => String::new(),
+            };
+        format!("(the ceiling's {ceiling_ms:.3} ms an order{goal})")
+    }
+
     /// The `== result` table.
     pub fn lines(
         &self,
@@ -545,20 +563,7 @@ impl System {
             row(
                 "  total / the pipeline ceiling's",
                 &dash(self.cpu_over_pipeline.map(|ratio| format!("{ratio:.2}x"))),
-                &match (pipeline.cpu_ms_per_order, cpu_ratio_goal(self.run.concurrency)) {
-                    (Some(ms), goal) => format!(
-                        "(the ceiling's {ms:.3} ms an order{})",
-                        match (self.cpu_over_pipeline, goal) {
-                            (Some(ratio), Some(goal)) => format!(
-                                "; goal <= {goal:.2}x, the {:.2} ms goal on its machine: {}",
-                                cpu_goal(self.run.concurrency).unwrap_or_default(),
-                                if ratio <= goal { "met" } else { "missed" }
-                            ),
-                            _ => String::new(),
-                        }
-                    ),
-                    (None, _) => "(not measured)".to_owned(),
-                },
+                &self.cpu_over_pipeline_note(pipeline),
             ),
             row(
                 "  other processes on the machine (not counted)",
