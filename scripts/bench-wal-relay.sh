@@ -22,6 +22,7 @@
 # Needs the PostgreSQL server binaries (initdb, pg_ctl, pgbench, pg_recvlogical)
 # and ../shared/perf (PIPELINE_DIR) for the frozen schema and the polling script.
 set -euo pipefail
+shopt -s inherit_errexit # and in $(…), so that a failed step fails its run
 cd "$(dirname "$0")/.."
 case " $* " in *" -h "* | *" --help "*) sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;; esac
 
@@ -82,14 +83,28 @@ cpu() { awk '/^cpu / {print $2 + $3 + $4, $5 + $6}' /proc/stat; }
 # utime + stime of process $1, in ticks.
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
-# Runs pgbench with $1 and prints "orders/s ms-of-CPU-an-order seconds"; for the
-# WAL, the time and CPU until the walsender has sent all that was written count
-# too, and the line ends with the CPU an order of the walsender and of
-# pg_recvlogical.
+# The walsender's pid once pg_recvlogical streams, failing after 10 s.
+walsender() {
+    local pid
+    for _ in $(seq 1 200); do
+        pid=$(psql -Atd pipeline -c "SELECT pid FROM pg_stat_replication WHERE application_name = 'pg_recvlogical'")
+        [ -n "$pid" ] && { echo "$pid"; return; }
+        sleep 0.05
+    done
+    echo "bench-wal-relay: pg_recvlogical is not streaming ($scratch/recv.log):" >&2
+    cat "$scratch/recv.log" >&2
+    exit 1
+}
+
+# Runs pgbench with $1 and prints "orders/s ms-of-CPU-an-order seconds
+# walsender-ms pg_recvlogical-ms" (the last two 0 when polling). For the WAL
+# ($2 set), the time and CPU until the walsender has sent all that was written
+# count too; one that has not after 15 s fails the run, as its CPU would be
+# missing from the figures.
 run() {
     local script=$1 slot=${2:-} busy0 idle0 busy1 idle1 t0 t1 out tps target sender=0 s0=0 s1=0 r0=0 r1=0
     if [ -n "$slot" ]; then
-        sender=$(psql -Atd pipeline -c "SELECT pid FROM pg_stat_replication WHERE application_name = 'pg_recvlogical'")
+        sender=$(walsender)
         s0=$(ticks "$sender"); r0=$(ticks "$recv_pid")
     fi
     read -r busy0 idle0 < <(cpu)
@@ -97,10 +112,16 @@ run() {
     out=$(pgbench -n -M prepared -D batch="$BATCH" -f "$script" -c "$CLIENTS" -j 2 -T "$SECS" pipeline 2>&1)
     if [ -n "$slot" ]; then
         target=$(psql -Atd pipeline -c 'SELECT pg_current_wal_lsn()')
+        local sent=
         for _ in $(seq 1 300); do
-            [ "$(psql -Atd pipeline -c "SELECT sent_lsn >= '$target' FROM pg_stat_replication WHERE application_name = 'pg_recvlogical'")" = t ] && break
+            sent=$(psql -Atd pipeline -c "SELECT sent_lsn >= '$target' FROM pg_stat_replication WHERE pid = $sender")
+            [ "$sent" = t ] && break
             sleep 0.05
         done
+        if [ "$sent" != t ]; then
+            echo "bench-wal-relay: the walsender had not sent up to $target 15 s after the load" >&2
+            exit 1
+        fi
     fi
     t1=$(date +%s.%N)
     read -r busy1 idle1 < <(cpu)
@@ -120,7 +141,9 @@ print(f'{orders / secs:.0f} {($busy1 - $busy0) * 10 / orders:.4f} {secs:.1f} '
 poll_round() {
     start "$1"
     fresh_database
-    read -r ops ms secs _ < <(run "$PIPELINE_DIR/pipeline_batch.sql")
+    # Not `read < <(run …)`: a failed run must stop the script.
+    result=$(run "$PIPELINE_DIR/pipeline_batch.sql")
+    read -r ops ms secs _ <<<"$result"
     left=$(psql -Atd pipeline -c 'SELECT count(*) FROM outbox')
     printf '  %-12s %6s orders/s  %7s ms CPU an order  (%s s; outbox rows left %s)\n' "poll-$1" "$ops" "$ms" "$secs" "$left"
     stop
@@ -134,8 +157,8 @@ wal_round() {
     pg_recvlogical -d pipeline --slot outbox_relay --start -f /dev/null -F 1 -s 1 \
         -o proto_version=1 -o publication_names=outbox_relay -o messages=true 2>"$scratch/recv.log" &
     recv_pid=$!
-    sleep 1 # pg_recvlogical connects
-    read -r ops ms secs sender_ms recv_ms < <(run bench/wal-relay/pipeline_wal.sql outbox_relay)
+    result=$(run bench/wal-relay/pipeline_wal.sql outbox_relay)
+    read -r ops ms secs sender_ms recv_ms <<<"$result"
     lag=$(psql -Atd pipeline -c "SELECT pg_size_pretty(pg_current_wal_lsn() - confirmed_flush_lsn) FROM pg_replication_slots WHERE slot_name = 'outbox_relay'")
     kill "$recv_pid"; wait "$recv_pid" 2>/dev/null || true; recv_pid=
     printf '  %-12s %6s orders/s  %7s ms CPU an order  (%s s; walsender %s ms, pg_recvlogical %s ms an order; slot behind by %s at the end)\n' \
